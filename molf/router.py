@@ -1,0 +1,98 @@
+"""Router scores and the top-k decision, batched over every expert of every module.
+
+A score is a callable ``score(stats: RouterStats) -> Tensor[n_experts]`` (one value per expert, all
+modules at once, higher = more deserving of the update). It sees the Adam moments *after* this step's
+moment update, raw (not bias-corrected). Register new ones with ``register_score(name, fn)``.
+
+EPD, Expected Preconditioned Descent (paper Eq. 10, the default)::
+
+    S_e = (lr_e / N_e) * sum_{params of e} m^2 / (sqrt(v) + eps)
+
+the first-order loss reduction one Adam step of expert ``e`` would give, per parameter. It is not
+scale-invariant on purpose: the expert's current (scheduled) learning rate enters.
+
+PFN, Preconditioned Frobenius Norm (Eq. 11, ablation)::
+
+    S_e = sqrt(sum_{params of e} (m / (sqrt(v) + eps))^2) / sqrt(N_e)
+
+the size of the preconditioned direction alone, scale-invariant.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RouterStats:
+    """What a score sees. Lists are per parameter (only parameters with a gradient this step);
+    tensors indexed by expert cover every expert of every MoLF module, on the parameters' device."""
+
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    sqrt_exp_avg_sqs: list[torch.Tensor]   # sqrt(v), already computed for the update; do not modify
+    eps: list[float]                       # per parameter
+    lr: torch.Tensor                       # [E] the expert's current learning rate
+    numel: torch.Tensor                    # [E] N_e, scalar parameters in the expert (global under FSDP)
+    expert_names: list[str]                # [E] "fft", "lora0", ...
+    per_expert_sum: Callable[[list[torch.Tensor]], torch.Tensor]  # per-param 0-dim values -> [E] sums
+
+
+def epd(stats: RouterStats) -> torch.Tensor:
+    denom = torch._foreach_add(stats.sqrt_exp_avg_sqs, stats.eps)
+    ratio = torch._foreach_div(stats.exp_avgs, denom)        # m / (sqrt(v) + eps)
+    torch._foreach_mul_(ratio, stats.exp_avgs)               # m^2 / (sqrt(v) + eps) >= 0
+    sums = stats.per_expert_sum(torch._foreach_norm(ratio, 1))  # L1 norm of non-negatives = sum
+    return stats.lr / stats.numel * sums
+
+
+def pfn(stats: RouterStats) -> torch.Tensor:
+    denom = torch._foreach_add(stats.sqrt_exp_avg_sqs, stats.eps)
+    ratio = torch._foreach_div(stats.exp_avgs, denom)
+    norms = torch._foreach_norm(ratio, 2)
+    sums = stats.per_expert_sum(torch._foreach_mul(norms, norms))
+    return torch.sqrt(sums / stats.numel)
+
+
+SCORES: dict[str, Callable[[RouterStats], torch.Tensor]] = {"epd": epd, "pfn": pfn}
+
+
+def register_score(name: str, fn: Callable[[RouterStats], torch.Tensor]) -> None:
+    """Make ``fn`` available as ``MoLFAdamW(score=name)``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"score name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise ValueError(f"score {name!r} must be callable, got {fn!r}")
+    SCORES[name] = fn
+
+
+def resolve_score(score) -> Callable[[RouterStats], torch.Tensor]:
+    if callable(score):
+        return score
+    if isinstance(score, str) and score.lower() in SCORES:
+        return SCORES[score.lower()]
+    raise ValueError(f"unknown score {score!r}; use one of {sorted(SCORES)} or a callable "
+                     f"score(stats: RouterStats) -> Tensor[n_experts]")
+
+
+def decide(scores: torch.Tensor, valid: torch.Tensor, topk: torch.Tensor):
+    """Top-k per module, on the device, with no host sync.
+
+    scores  [M, K] expert scores of M modules (K = most experts in a module; padding anywhere invalid)
+    valid   [M, K] bool, which slots are real experts
+    topk    [M] or scalar, experts to update per module
+    Returns ``winners`` [M, K] bool and ``finite`` [M] bool. A module with any NaN/inf score among its
+    experts gets no winner at all (its update is skipped), so a NaN can never win. Ties go to the
+    lower expert index (the FFT expert first): a stable descending sort keeps index order among equals.
+    """
+    finite_or_pad = torch.isfinite(scores) | ~valid
+    finite = finite_or_pad.all(dim=1)
+    ranked = torch.where(valid & torch.isfinite(scores), scores, torch.full_like(scores, float("-inf")))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    topk = torch.as_tensor(topk, device=scores.device)
+    winners = (rank < topk.reshape(-1, 1)) & valid & finite.unsqueeze(1)
+    return winners, finite
