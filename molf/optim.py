@@ -27,8 +27,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from .router import RouterStats, decide, resolve_score
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local shard of a DTensor (FSDP2 parameters, grads, state); other tensors as they are."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _check_betas(betas) -> tuple[float, float]:
@@ -56,6 +62,8 @@ class MoLFAdamW(torch.optim.Optimizer):
     topk          experts updated per module (the paper: 1). Equal to the number of experts means a
                   dense update of every expert (the paper's "no routing" ablation).
     lr, weight_decay  defaults for groups that do not set them (``lr=None``: every group must).
+    process_group the group whose ranks each hold a shard of every expert (FSDP); score sums are
+                  all-reduced over it. Detected automatically for DTensor (FSDP2) parameters.
 
     After each ``step()``: ``last_decisions`` maps module name to the tuple of winning expert names
     (empty when the module was skipped), ``last_scores`` to ``{expert: score}``; ``win_counts`` holds
@@ -64,7 +72,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, score="epd", topk: int = 1, betas=(0.9, 0.999), eps: float = 1e-8,
-                 lr: float | None = None, weight_decay: float = 0.0):
+                 lr: float | None = None, weight_decay: float = 0.0, process_group=None):
         self.score_fn = resolve_score(score)
         self.score_name = score if isinstance(score, str) else getattr(score, "__name__", "custom")
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
@@ -81,6 +89,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         # None: apply decisions through masks on accelerators, by selection on the CPU. True/False force
         # one path (the tests check that both give the same result).
         self.masked_update: bool | None = None
+        # Sharded training (FSDP): each rank holds a shard of every expert, so the per-expert score sums
+        # are all-reduced over this group before deciding (None: the default group, when parameters
+        # are DTensors). Expert sizes N_e are global (DTensor.numel() is the full size).
+        self.process_group = process_group
 
     # ---------------------------------------------------------------- groups and validation
     def add_param_group(self, group: dict) -> None:
@@ -182,7 +194,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                     raise RuntimeError("MoLFAdamW does not support sparse gradients")
                 by_betas.setdefault(group["betas"], []).append(len(params))
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(_local(p.grad))
                 if is_molf:
                     k = group["param_expert"][i]
                     lrs.append(group["lr"] * group["expert_lr_scale"][k])
@@ -201,9 +213,11 @@ class MoLFAdamW(torch.optim.Optimizer):
                 st["step"] = torch.tensor(0.0)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        exp_avgs = [st["exp_avg"] for st in states]
-        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        self._sharded = any(hasattr(p, "to_local") for p in params)
+        exp_avgs = [_local(st["exp_avg"]) for st in states]
+        exp_avg_sqs = [_local(st["exp_avg_sq"]) for st in states]
         steps = [st["step"] for st in states]
+        local_params = [_local(p) for p in params]
 
         # 1. Universal moment tracking (all experts, every step), as torch's foreach AdamW does it.
         torch._foreach_add_(steps, 1.0)
@@ -220,7 +234,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         sqrt_v = torch._foreach_sqrt(exp_avg_sqs)
 
         # 2.-3. Score every expert of every module and pick the winners, batched, on the device.
-        device = params[0].device
+        device = local_params[0].device
         win_param = None
         if molf_expert:
             win_param = self._route(params, exp_avgs, exp_avg_sqs, sqrt_v, eps, lrs, molf_expert, device)
@@ -238,8 +252,8 @@ class MoLFAdamW(torch.optim.Optimizer):
                 keep = [i for i in range(len(params)) if i not in lost]
             decay = [i for i in keep if wds[i] != 0]
             if decay:
-                torch._foreach_mul_([params[i] for i in decay], [1 - lrs[i] * wds[i] for i in decay])
-            torch._foreach_addcdiv_([params[i] for i in keep], [exp_avgs[i] for i in keep],
+                torch._foreach_mul_([local_params[i] for i in decay], [1 - lrs[i] * wds[i] for i in decay])
+            torch._foreach_addcdiv_([local_params[i] for i in keep], [exp_avgs[i] for i in keep],
                                     [denoms[i] for i in keep], [step_sizes[i] for i in keep])
         else:  # accelerator: apply the decisions through masks, no host sync
             mask = torch.ones(len(params), device=device)
@@ -251,9 +265,9 @@ class MoLFAdamW(torch.optim.Optimizer):
                 factors = factors.pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
                     else factors.to(device)
                 factors = torch.where(mask[decay] > 0, factors, torch.ones_like(factors))
-                torch._foreach_mul_([params[i] for i in decay], list(factors.unbind()))
+                torch._foreach_mul_([local_params[i] for i in decay], list(factors.unbind()))
             torch._foreach_div_(denoms, list(mask_list))  # a loser's denominator becomes inf: no step
-            torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
+            torch._foreach_addcdiv_(local_params, exp_avgs, denoms, step_sizes)
         return loss
 
     def _route(self, params, exp_avgs, exp_avg_sqs, sqrt_v, eps, lrs, molf_expert, device):
@@ -273,7 +287,10 @@ class MoLFAdamW(torch.optim.Optimizer):
             # Deterministic segmented sum: scatter into an [E, P] zero matrix, then sum rows.
             padded = torch.zeros(E * P, dtype=torch.float32, device=device)
             padded[padded_slot_t] = torch.stack(values).float()
-            return padded.view(E, P).sum(dim=1)
+            sums = padded.view(E, P).sum(dim=1)
+            if self.process_group is not None or self._sharded:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
+            return sums
 
         stats = RouterStats(
             exp_avgs=[exp_avgs[i] for i in molf_expert],
