@@ -1,0 +1,504 @@
+"""One training runner for every method: ``run(TrainConfig(...)) -> Run``.
+
+Methods: ``fft`` (dense AdamW), ``lora`` (peft, rsLoRA, all linear layers but ``lm_head``), ``dora``
+(peft ``use_dora``), ``adalora`` (peft AdaLoRA), ``molf`` (FFT expert + LoRA experts, MoLFAdamW) and
+``molf_e`` (MoLF-Efficient: frozen base, two LoRA experts of different ranks). Every method sees the same
+data order, schedule, batch, seed and evaluation.
+
+A run directory holds
+    config.json        the resolved config
+    steps.csv          step, loss, lr, grad_norm (before clipping), step_time_s
+    grad_norms.csv     step, module, expert, grad_norm: every adapted linear module, every expert
+    routing.jsonl      (molf, molf_e) one line per step: winners and every expert's score, full precision
+    metrics.json       task metrics after training, times, peak memory, parameter and state sizes
+    checkpoint.pt      model, optimizer (with routing counters), scheduler, RNG and step: resume point
+    model/             the final merged model, a plain ``transformers`` checkpoint (+ tokenizer)
+``molf.runs.load(out_dir)`` reads it all back into pandas.
+
+Resuming: ``run(config)`` on a directory holding a checkpoint of the same config continues from it and
+ends identical to an uninterrupted run (the data order is a pure function of the seed and the step).
+``stop_after=N`` ends a call after N optimizer steps (a resumable chunk, e.g. to fit a session).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import models, runs, tasks
+from .layer import MoLFLinear
+from .model import merge, param_groups, wrap, wrapped_modules
+from .optim import MoLFAdamW
+from .router import SCORES
+
+METHODS = ("fft", "lora", "dora", "adalora", "molf", "molf_e")
+MOLF_METHODS = ("molf", "molf_e")
+PEFT_METHODS = ("lora", "dora", "adalora")
+SCHEDULES = ("cosine", "linear", "constant")
+
+# Which optional hyper-parameters each method takes; anything else given to it is an error.
+_ALLOWED = {
+    "fft": {"lr", "wd"},
+    "lora": {"lr", "wd", "ranks", "alphas", "dropout"},
+    "dora": {"lr", "wd", "ranks", "alphas", "dropout"},
+    "adalora": {"lr", "wd", "ranks", "alphas", "dropout"},
+    "molf": {"lr_fft", "lr_lora", "wd_fft", "wd_lora", "ranks", "alphas", "dropout", "score", "topk"},
+    "molf_e": {"lr_fft", "lr_lora", "wd_fft", "wd_lora", "ranks", "alphas", "dropout", "score", "topk",
+               "freeze_non_linear"},
+}
+# The paper's settings (MOLF_SPEC section 4), used where the config leaves a value as None.
+_DEFAULTS = {
+    "fft": {"lr": 5e-5, "wd": 0.1},
+    "lora": {"lr": 5e-4, "wd": 0.01, "ranks": (32,), "alphas": None, "dropout": 0.05},
+    "dora": {"lr": 5e-4, "wd": 0.01, "ranks": (32,), "alphas": None, "dropout": 0.05},
+    "adalora": {"lr": 5e-4, "wd": 0.01, "ranks": (32,), "alphas": None, "dropout": 0.05},
+    "molf": {"lr_fft": 5e-5, "lr_lora": 5e-5, "wd_fft": 0.1, "wd_lora": 0.01, "ranks": (128,),
+             "alphas": None, "dropout": 0.0, "score": "epd", "topk": 1},
+    "molf_e": {"lr_fft": 5e-5, "lr_lora": 5e-5, "wd_fft": 0.1, "wd_lora": 0.01, "ranks": (16, 128),
+               "alphas": None, "dropout": 0.0, "score": "epd", "topk": 1, "freeze_non_linear": False},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``None`` means "the method's paper default" (see ``_DEFAULTS``).
+
+    ``lr``/``wd`` are for single-optimizer methods (fft and the LoRA family); MoLF takes
+    ``lr_fft``/``lr_lora``/``wd_fft``/``wd_lora``. LoRA-family alphas default to round(2 sqrt(r)) (the
+    paper's LoRA baseline), MoLF's to 32. Giving an option the method does not use is an error.
+    """
+
+    model: str = "smollm2-135m"
+    task: str = "fact"
+    method: str = "molf"
+    steps: int | None = 100            # optimizer steps; or give epochs instead
+    epochs: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 128
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    lr: float | None = None
+    wd: float | None = None
+    lr_fft: float | None = None
+    lr_lora: float | None = None
+    wd_fft: float | None = None
+    wd_lora: float | None = None
+    ranks: tuple | None = None
+    alphas: tuple | None = None
+    dropout: float | None = None
+    score: str | None = None
+    topk: int | None = None
+    freeze_non_linear: bool | None = None
+    train_limit: int | None = None     # use the first N training rows
+    eval_split: str = "test"
+    eval_limit: int | None = 50
+    eval_batch_size: int = 16
+    out_dir: str = "runs/default"
+    save_every: int = 50               # checkpoint every N steps (and at the end); 0: only at the end
+    save_model: bool = True            # write the merged final model to out_dir/model
+    log_grad_norms: bool = True
+    log_routing: bool = True
+    device: str = "cpu"                # "cpu", "cuda", "auto"
+    dtype: str = "float32"             # "float32" or "bfloat16"
+    progress: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        """Validate and fill the method's defaults; raise ``ValueError`` before any training starts."""
+        _validate(self)
+        values = dataclasses.asdict(self)
+        for key, default in _DEFAULTS[self.method].items():
+            if values[key] is None:
+                values[key] = default
+        if values["ranks"] is not None:
+            values["ranks"] = tuple(values["ranks"])
+        if values["alphas"] is None and values["ranks"] is not None:
+            values["alphas"] = (tuple(32.0 for _ in values["ranks"]) if self.method in MOLF_METHODS
+                                else tuple(float(round(2 * math.sqrt(r))) for r in values["ranks"]))
+        if values["alphas"] is not None:
+            values["alphas"] = tuple(float(a) for a in values["alphas"])
+        return TrainConfig(**values)
+
+
+def _validate(c: TrainConfig) -> None:
+    if c.method not in METHODS:
+        raise ValueError(f"unknown method {c.method!r}; use one of {METHODS}")
+    if c.task not in tasks.TASKS:
+        raise ValueError(f"unknown task {c.task!r}; use one of {tasks.TASKS}")
+    given = {k for k in ("lr", "wd", "lr_fft", "lr_lora", "wd_fft", "wd_lora", "ranks", "alphas", "dropout",
+                         "score", "topk", "freeze_non_linear") if getattr(c, k) is not None}
+    extra = sorted(given - _ALLOWED[c.method])
+    if extra:
+        raise ValueError(f"method {c.method!r} does not take {extra}; it takes {sorted(_ALLOWED[c.method])}")
+    for name in ("lr", "lr_fft", "lr_lora"):
+        value = getattr(c, name)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    for name in ("wd", "wd_fft", "wd_lora"):
+        value = getattr(c, name)
+        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    for name in ("batch_size", "grad_accum", "seq_len"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if (c.steps is None) == (c.epochs is None):
+        raise ValueError(f"give exactly one of steps and epochs, got steps={c.steps!r}, epochs={c.epochs!r}")
+    if c.steps is not None and (isinstance(c.steps, bool) or not isinstance(c.steps, int) or c.steps < 1):
+        raise ValueError(f"steps must be an integer >= 1, got {c.steps!r}")
+    if c.epochs is not None and not (isinstance(c.epochs, (int, float)) and c.epochs > 0):
+        raise ValueError(f"epochs must be a number > 0, got {c.epochs!r}")
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {c.schedule!r}; use one of {SCHEDULES}")
+    if not 0 <= c.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {c.warmup_ratio!r}")
+    if c.max_grad_norm is not None and not c.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {c.max_grad_norm!r}")
+    if c.score is not None and c.score not in SCORES:
+        raise ValueError(f"unknown score {c.score!r}; use one of {sorted(SCORES)}")
+    if c.ranks is not None:
+        ranks = tuple(c.ranks) if isinstance(c.ranks, (list, tuple)) else (c.ranks,)
+        if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+            raise ValueError(f"ranks must be positive integers, got {c.ranks!r}")
+        if c.method in PEFT_METHODS and len(ranks) != 1:
+            raise ValueError(f"method {c.method!r} takes one rank, got ranks={c.ranks!r}")
+        if c.method == "molf_e" and len(ranks) < 2:
+            raise ValueError(f"molf_e routes between LoRA experts and needs two or more ranks, got {c.ranks!r}")
+    if c.topk is not None:
+        n_experts = len(c.ranks or _DEFAULTS[c.method]["ranks"]) + (c.method == "molf")
+        if isinstance(c.topk, bool) or not isinstance(c.topk, int) or not 1 <= c.topk <= n_experts:
+            raise ValueError(f"topk must be an integer in [1, {n_experts}] (the number of experts), got {c.topk!r}")
+    if c.dropout is not None and not 0 <= c.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
+    if c.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
+    if c.device not in ("cpu", "cuda", "auto") and not str(c.device).startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {c.device!r}")
+    if c.eval_limit is not None and (not isinstance(c.eval_limit, int) or c.eval_limit < 0):
+        raise ValueError(f"eval_limit must be an integer >= 0 or None, got {c.eval_limit!r}")
+    if not isinstance(c.save_every, int) or c.save_every < 0:
+        raise ValueError(f"save_every must be an integer >= 0, got {c.save_every!r}")
+    out = Path(c.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"out_dir {c.out_dir!r} is not writable: {error}") from None
+
+
+@dataclass
+class Run:
+    """What ``run`` returns: the resolved config, the run directory and the final metrics."""
+
+    config: TrainConfig
+    out_dir: Path
+    metrics: dict
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
+
+    def load(self):
+        """All logs of this run as pandas DataFrames (``molf.runs.load``)."""
+        return runs.load(self.out_dir)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------- building a method
+def build(config: TrainConfig, model: torch.nn.Module, total_steps: int):
+    """Adapt ``model`` for ``config.method``; return ``(model, optimizer)``."""
+    c = config
+    if c.method == "fft":
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": c.wd}, {"params": no_decay, "weight_decay": 0.0}]
+        return model, torch.optim.AdamW(groups, lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
+    if c.method in PEFT_METHODS:
+        from peft import AdaLoraConfig, LoraConfig, get_peft_model
+        common = dict(lora_alpha=c.alphas[0], lora_dropout=c.dropout, target_modules="all-linear",
+                      use_rslora=True, task_type="CAUSAL_LM")
+        if c.method == "adalora":
+            # AdaLoRA starts at 1.5 r and prunes to r over the middle of training (tinit/tfinal 10%/30%).
+            peft_config = AdaLoraConfig(init_r=max(1, round(1.5 * c.ranks[0])), target_r=c.ranks[0],
+                                        tinit=int(0.1 * total_steps), tfinal=int(0.3 * total_steps),
+                                        deltaT=1, total_step=max(total_steps, 2), **common)
+        else:
+            peft_config = LoraConfig(r=c.ranks[0], use_dora=c.method == "dora", **common)
+        model = get_peft_model(model, peft_config)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(trainable, lr=c.lr, weight_decay=c.wd, betas=(0.9, 0.999), eps=1e-8)
+    wrap(model, ranks=c.ranks, alphas=c.alphas, rslora=True, dropout=c.dropout,
+         train_base=c.method == "molf", freeze_non_linear=bool(c.freeze_non_linear))
+    groups = param_groups(model, lr_fft=c.lr_fft, lr_lora=c.lr_lora, wd_fft=c.wd_fft, wd_lora=c.wd_lora)
+    return model, MoLFAdamW(groups, score=c.score, topk=c.topk, betas=(0.9, 0.999), eps=1e-8)
+
+
+def make_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: float):
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def expert_parameters(model: torch.nn.Module, method: str) -> dict[str, dict[str, list]]:
+    """Adapted module name -> expert name -> its trainable parameters, for every method alike.
+
+    Names are the base model's (peft's ``base_model.model.`` prefix is removed). FFT treats every
+    linear layer but ``lm_head`` as one "fft" expert; peft methods have one "lora0" expert per module.
+    """
+    out = {}
+    if method in MOLF_METHODS:
+        for name, layer in wrapped_modules(model).items():
+            out[name] = {e: [p for p in ps if p.requires_grad] for e, ps in layer.expert_parameters().items()}
+            out[name] = {e: ps for e, ps in out[name].items() if ps}
+    elif method == "fft":
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                out[name] = {"fft": [p for p in module.parameters() if p.requires_grad]}
+    else:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                params = [p for n, p in module.named_parameters() if p.requires_grad and "base_layer" not in n]
+                if params:
+                    out[name.removeprefix("base_model.model.")] = {"lora0": params}
+    return out
+
+
+# ---------------------------------------------------------------------------- data
+def example_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
+    """Indices of the examples to train on, in order: seeded reshuffles, one per epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < n_needed:
+        order.extend(torch.randperm(n_examples, generator=generator).tolist())
+    return order[:n_needed]
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() if isinstance(st, dict)
+               for t in st.values() if isinstance(t, torch.Tensor))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_logs(out: Path, start_step: int) -> None:
+    """Drop log rows at or after ``start_step`` (written after the checkpoint we resume from)."""
+    for name in ("steps.csv", "grad_norms.csv"):
+        path = out / name
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) < start_step] if rows else []
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+    path = out / "routing.jsonl"
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+# ---------------------------------------------------------------------------- the run
+def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenizer=None) -> Run:
+    """Train, evaluate, merge and save one run; resume from ``out_dir/checkpoint.pt`` if present.
+
+    ``model``/``tokenizer`` may be passed in (e.g. already loaded) instead of ``config.model``.
+    """
+    c = config.resolved()
+    out = Path(c.out_dir)
+    device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if c.device == "auto" else c.device))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
+
+    # Data: the same rows, encoding and order for every method.
+    rows = tasks.load(c.task, "train", limit=c.train_limit)
+    if model is None or tokenizer is None:
+        model, tokenizer = models.load(c.model, dtype=dtype, device=device)
+    features = tasks.encode(c.task, rows, tokenizer, max_len=c.seq_len)
+    per_step = c.batch_size * c.grad_accum
+    total_steps = c.steps if c.steps is not None else max(1, math.ceil(c.epochs * len(features) / per_step))
+    order = example_order(len(features), total_steps * per_step, c.seed)
+
+    torch.manual_seed(c.seed)
+    random.seed(c.seed)
+    model, optimizer = build(c, model, total_steps)
+    model.to(device)
+    scheduler = make_scheduler(optimizer, c.schedule, total_steps, c.warmup_ratio)
+    experts = expert_parameters(model, c.method)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    config_json = json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True, default=list)
+    checkpoint_path = out / "checkpoint.pt"
+    start = 0
+    if checkpoint_path.exists():
+        saved_config = (out / "config.json").read_text() if (out / "config.json").exists() else None
+        if saved_config != config_json:
+            raise ValueError(f"{out} holds a checkpoint of a different config; use another out_dir or delete it")
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.random.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        random.setstate(checkpoint["rng"]["python"])
+        start = checkpoint["step"]
+        _truncate_logs(out, start)
+    else:
+        (out / "config.json").write_text(config_json)
+        for name in ("steps.csv", "grad_norms.csv", "routing.jsonl", "metrics.json"):
+            (out / name).unlink(missing_ok=True)
+
+    def save_checkpoint(step: int) -> None:
+        _atomic_torch_save({
+            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.random.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }, checkpoint_path)
+
+    steps_file = open(out / "steps.csv", "a", newline="")
+    steps_log = csv.writer(steps_file)
+    grads_file = open(out / "grad_norms.csv", "a", newline="") if c.log_grad_norms else None
+    grads_log = csv.writer(grads_file) if grads_file else None
+    routing_file = open(out / "routing.jsonl", "a") if c.method in MOLF_METHODS and c.log_routing else None
+    if start == 0:
+        steps_log.writerow(["step", "loss", "lr", "grad_norm", "step_time_s"])
+        if grads_log:
+            grads_log.writerow(["step", "module", "expert", "grad_norm"])
+
+    grad_index = [(m, e, ps) for m, es in experts.items() for e, ps in es.items()]
+    step_times = []
+    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+    model.train()
+    bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not c.progress,
+               desc=f"{c.method}/{c.task}", dynamic_ncols=True)
+    try:
+        for step in bar:
+            began = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for micro in range(c.grad_accum):
+                first = (step * c.grad_accum + micro) * c.batch_size
+                batch = tasks.collate([features[i] for i in order[first:first + c.batch_size]],
+                                      tokenizer.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = model(**batch).loss / c.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            loss_value = float(loss_sum)
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {step} of {c.method}/{c.task} (lr too high?); "
+                    f"the last good checkpoint is kept in {checkpoint_path}")
+            if grads_log and grad_index:
+                norms = torch._foreach_norm([p.grad for _, _, ps in grad_index for p in ps if p.grad is not None])
+                norms = torch.stack(norms).double().cpu().tolist() if norms else []
+                it = iter(norms)
+                for module, expert, ps in grad_index:
+                    sq = sum(next(it) ** 2 for p in ps if p.grad is not None)
+                    grads_log.writerow([step, module, expert, math.sqrt(sq)])
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, c.max_grad_norm if c.max_grad_norm is not None else float("inf"))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            if c.method == "adalora":
+                model.base_model.update_and_allocate(step)
+            if routing_file:
+                routing_file.write(runs.routing_line(step, lr, optimizer))
+            elapsed = time.perf_counter() - began
+            step_times.append(elapsed)
+            steps_log.writerow([step, loss_value, lr, float(grad_norm), elapsed])
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < end:
+                for f in (steps_file, grads_file, routing_file):
+                    f and f.flush()
+                save_checkpoint(step + 1)
+    finally:
+        bar.close()
+        for f in (steps_file, grads_file, routing_file):
+            if f:
+                f.close()
+
+    if end < total_steps:  # a resumable chunk: checkpoint and stop here
+        save_checkpoint(end)
+        return Run(c, out, {"completed_steps": end, "total_steps": total_steps}, model, tokenizer)
+    save_checkpoint(end)
+
+    # Finish: merge the adapters away, evaluate the plain model, save it.
+    train_time = sum(step_times)
+    state_bytes = _optimizer_state_bytes(optimizer)
+    n_trainable = sum(p.numel() for p in trainable)
+    routing_summary = None
+    if c.method in MOLF_METHODS:
+        counts = optimizer.win_counts
+        routing_summary = {"win_counts": counts, "nonfinite_skips": optimizer.nonfinite_skips}
+        merge(model)
+    elif c.method in PEFT_METHODS:
+        model = model.merge_and_unload()
+    model.eval()
+    metrics = {}
+    if c.eval_limit != 0:
+        eval_rows = tasks.load(c.task, c.eval_split, limit=c.eval_limit)
+        metrics = tasks.evaluate(c.task, model, tokenizer, eval_rows, batch_size=c.eval_batch_size)
+    result = {
+        "method": c.method, "task": c.task, "model": c.model, "seed": c.seed, "steps": total_steps,
+        "metrics": metrics, "primary_metric": tasks.PRIMARY_METRIC[c.task],
+        "final_loss": _final_loss(out),
+        "train_time_s": train_time,
+        "step_time_s": statistics.median(step_times) if step_times else None,
+        "peak_memory_bytes": _peak_memory_bytes(device),
+        "trainable_params": n_trainable,
+        "optimizer_state_bytes": state_bytes,
+        "routing": routing_summary,
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if c.save_model:
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    return Run(c, out, result, model, tokenizer)
+
+
+def _final_loss(out: Path) -> float | None:
+    with open(out / "steps.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return float(rows[-1]["loss"]) if rows else None
