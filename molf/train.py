@@ -17,6 +17,8 @@ A run directory holds
 
 Resuming: ``run(config)`` on a directory holding a checkpoint of the same config continues from it and
 ends identical to an uninterrupted run (the data order is a pure function of the seed and the step).
+On a directory holding a *finished* run of the same config it returns that run without training
+(``Run.model`` is then None); a different config in the same directory is an error.
 ``stop_after=N`` ends a call after N optimizer steps (a resumable chunk, e.g. to fit a session).
 """
 from __future__ import annotations
@@ -344,6 +346,9 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     """
     c = config.resolved()
     out = Path(c.out_dir)
+    finished = _finished_run(c, out)
+    if finished is not None:
+        return finished
     device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if c.device == "auto" else c.device))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
@@ -365,7 +370,7 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     experts = expert_parameters(model, c.method)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    config_json = json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True, default=list)
+    config_json = _config_json(c)
     checkpoint_path = out / "checkpoint.pt"
     start = 0
     if checkpoint_path.exists():
@@ -496,6 +501,20 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
     return Run(c, out, result, model, tokenizer)
+
+
+def _config_json(c: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True, default=list)
+
+
+def _finished_run(c: TrainConfig, out: Path) -> Run | None:
+    """A completed run of the same config in ``out``: returned as is (no model), so notebooks and
+    experiments can share runs. Delete the directory (or change ``out_dir``) to train again."""
+    if not (out / "metrics.json").is_file() or not (out / "config.json").is_file():
+        return None
+    if (out / "config.json").read_text() != _config_json(c):
+        raise ValueError(f"{out} holds a finished run of a different config; use another out_dir or delete it")
+    return Run(c, out, json.loads((out / "metrics.json").read_text()))
 
 
 def _final_loss(out: Path) -> float | None:
