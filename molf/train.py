@@ -11,7 +11,8 @@ A run directory holds
     grad_norms.csv     step, module, expert, grad_norm: every adapted linear module, every expert
     routing.jsonl      (molf, molf_e) one line per step: winners and every expert's score, full precision
     metrics.json       task metrics after training, times, peak memory, parameter and state sizes
-    checkpoint.pt      model, optimizer (with routing counters), scheduler, RNG and step: resume point
+    checkpoint.pt      model, optimizer (with routing counters), scheduler, RNG and step: the resume
+                       point while a run is unfinished (removed at the end unless keep_checkpoint)
     model/             the final merged model, a plain ``transformers`` checkpoint (+ tokenizer)
 ``molf.runs.load(out_dir)`` reads it all back into pandas.
 
@@ -113,6 +114,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     save_every: int = 50               # checkpoint every N steps (and at the end); 0: only at the end
     save_model: bool = True            # write the merged final model to out_dir/model
+    keep_checkpoint: bool = False      # keep checkpoint.pt once the run has finished
     log_grad_norms: bool = True
     log_routing: bool = True
     device: str = "cpu"                # "cpu", "cuda", "auto"
@@ -497,6 +499,8 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
         "routing": routing_summary,
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if not c.keep_checkpoint:
+        checkpoint_path.unlink(missing_ok=True)  # the run is complete: metrics.json marks it
     if c.save_model:
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
