@@ -232,11 +232,12 @@ def random_number(rng: random.Random, low, high, step):
 
 
 def random_context(rng: random.Random, domain: dict, with_lookup: bool) -> str:
-    """CREATE TABLE + INSERT statements for 4 to 7 random rows (distinct names and numbers)."""
+    """CREATE TABLE + INSERT statements for 3 to 5 random rows with distinct names (3 when a JOIN
+    question also needs the lookup table, to keep prompts short)."""
     t = domain["table"]
     name_col = domain["name"][0]
     group_col, group_values = domain["group"]
-    n = rng.randint(4, 7)
+    n = 3 if with_lookup else rng.randint(3, 5)
     names = []
     while len(names) < n:
         name = random_name(rng, domain)
@@ -245,8 +246,8 @@ def random_context(rng: random.Random, domain: dict, with_lookup: bool) -> str:
     columns = [(col, [random_number(rng, low, high, step) for _ in range(n)])
                for col, _, low, high, step in domain["nums"]]
     groups = [rng.choice(group_values) for _ in range(n)]
-    num_types = ["INT" if step >= 1 else "DECIMAL(10,2)" for *_, step in domain["nums"]]
-    create = (f"CREATE TABLE {t} (id INT, {name_col} VARCHAR(50), {group_col} VARCHAR(30), "
+    num_types = ["INT" if step >= 1 else "REAL" for *_, step in domain["nums"]]
+    create = (f"CREATE TABLE {t} (id INT, {name_col} TEXT, {group_col} TEXT, "
               + ", ".join(f"{col} {typ}" for (col, _), typ in zip(columns, num_types)) + ");")
     column_list = ", ".join(["id", name_col, group_col] + [col for col, _ in columns])
     values = ", ".join(
@@ -257,7 +258,7 @@ def random_context(rng: random.Random, domain: dict, with_lookup: bool) -> str:
         lookup_table, attribute, attribute_values, _ = domain["lookup"]
         present = sorted(set(groups), key=group_values.index)
         pairs = ", ".join(f"({sql_literal(g)}, {sql_literal(rng.choice(attribute_values))})" for g in present)
-        statements += [f"CREATE TABLE {lookup_table} ({group_col} VARCHAR(30), {attribute} VARCHAR(50));",
+        statements += [f"CREATE TABLE {lookup_table} ({group_col} TEXT, {attribute} TEXT);",
                        f"INSERT INTO {lookup_table} ({group_col}, {attribute}) VALUES {pairs};"]
     return " ".join(statements)
 
