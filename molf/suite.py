@@ -1,0 +1,217 @@
+"""Run the notebook suite headlessly with papermill, and the helpers the notebooks share.
+
+    python -m molf.suite                                  # the main job: every notebook, SmolLM2-135M
+    python -m molf.suite --tiny                           # the regression mode: tiny model, tiny steps
+    python -m molf.suite --model Qwen/Qwen2.5-1.5B --steps 400 -p batch_size 8 -p device cuda
+    python -m molf.suite --only 02_routing_dynamics --only 04_router_explorer
+
+Executed notebooks go to ``--runs-dir`` (default ``runs/``, with each notebook's numbers as
+``<notebook>.json`` beside it and the training runs under ``runs/train/``), figures to
+``--figures-dir`` (default ``figures/``). One progress line per notebook; the exit status is non-zero
+when a notebook fails, and the failing cell's error is printed.
+
+Parameters (``-p key value``; values are Python literals, anything else is a string) go to every
+selected notebook that declares them in its ``parameters`` cell; a key that no selected notebook
+declares is an error. Runs are shared between notebooks through their directory name, which is a
+function of the full resolved training config (``run_config``): notebooks given equal settings reuse
+one finished run instead of training it again.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = ("00_quickstart", "01_train", "02_routing_dynamics", "03_compare_methods", "04_router_explorer",
+             "05_ablations")
+KERNEL = "python3"
+# The regression mode: the 2-layer random Llama and a handful of steps (the whole suite in ~1-2 min).
+TINY = {"model": "tiny", "steps": 8, "batch_size": 2, "seq_len": 48, "eval_limit": 4, "live_steps": 4,
+        "live_chunk": 2}
+
+
+# ---------------------------------------------------------------------------- helpers for notebooks
+def run_config(runs_dir, **kwargs):
+    """A ``TrainConfig`` whose ``out_dir`` is ``<runs_dir>/train/<model>-<task>-<method>-<hash>``.
+
+    The hash covers the whole *resolved* config (defaults filled in), so two notebooks asking for the
+    same training (even one spelling out a default the other leaves as None) share one run directory,
+    and a finished run is returned by ``train.run`` without training again. Bad values raise the
+    runner's ``ValueError`` here, before anything trains.
+    """
+    from .train import TrainConfig
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("save_model", False)
+    for key in ("ranks", "alphas"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    probe = TrainConfig(**{**kwargs, "out_dir": str(runs_dir)}).resolved()
+    identity = {k: v for k, v in dataclasses.asdict(probe).items() if k != "out_dir"}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", f"{probe.model}-{probe.task}-{probe.method}").strip("_")
+    return dataclasses.replace(probe, out_dir=str(runs_dir / "train" / f"{slug}-{digest}"))
+
+
+def train(runs_dir, **kwargs):
+    """``train.run(run_config(runs_dir, **kwargs))`` with one printed line; returns ``molf.runs.RunData``."""
+    from . import runs
+    from .train import run
+    config = run_config(runs_dir, **kwargs)
+    finished = (Path(config.out_dir) / "metrics.json").is_file()
+    began = time.perf_counter()
+    result = run(config)
+    data = runs.load(result.out_dir)
+    m = data.metrics
+    score = (m.get("metrics") or {}).get(m.get("primary_metric"))
+    print(f"{config.method:8s} {'reused' if finished else 'trained'} {Path(config.out_dir).name}: "
+          f"{m['steps']} steps, final loss {m['final_loss']:.4f}, {m['primary_metric']} "
+          f"{score if score is None else round(score, 4)}, {time.perf_counter() - began:.1f} s")
+    return data
+
+
+def finite_json(obj) -> object:
+    """``obj`` with numpy/pandas scalars converted; raises ``ValueError`` on NaN or inf anywhere."""
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"refusing to write a non-finite number ({obj}) to the results JSON")
+    return obj
+
+
+def write_results(runs_dir, notebook: str, results: dict) -> Path:
+    """Write a notebook's key numbers to ``<runs_dir>/<notebook>.json`` (finite numbers only)."""
+    path = Path(runs_dir) / f"{notebook}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite_json(results), indent=2, allow_nan=False))
+    return path
+
+
+def figure_path(figures_dir, notebook: str, name: str) -> Path:
+    return Path(figures_dir) / f"{notebook}_{name}.png"
+
+
+# ---------------------------------------------------------------------------- the runner
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _declared(notebook: Path) -> dict:
+    import papermill
+    return papermill.inspect_notebook(str(notebook))
+
+
+def _error_summary(error) -> str:
+    ename = getattr(error, "ename", type(error).__name__)
+    evalue = getattr(error, "evalue", str(error))
+    return f"{ename}: {evalue}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m molf.suite", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model for every notebook (default: the embedded smollm2-135m)")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every training run")
+    parser.add_argument("--tiny", action="store_true", help=f"regression mode: {TINY}")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="a notebook parameter (Python literal or string); repeatable")
+    parser.add_argument("--only", action="append", choices=NOTEBOOKS, help="run only this notebook (repeatable)")
+    parser.add_argument("--runs-dir", default="runs", help="executed notebooks, numbers and training runs")
+    parser.add_argument("--figures-dir", default="figures", help="PNG figures")
+    parser.add_argument("--notebooks-dir", default=str(NOTEBOOK_DIR), help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    args = parser.parse_args(argv)
+
+    runs_dir = Path(args.runs_dir).resolve()
+    figures_dir = Path(args.figures_dir).resolve()
+    notebooks_dir = Path(args.notebooks_dir).resolve()
+    params: dict = dict(TINY) if args.tiny else {}
+    if args.model:
+        params["model"] = args.model
+    if args.steps is not None:
+        params["steps"] = args.steps
+    user_keys = set()
+    for key, value in args.parameter:
+        params[key] = _literal(value)
+        user_keys.add(key)
+    params["runs_dir"] = str(runs_dir)
+    params["figures_dir"] = str(figures_dir)
+    if args.model or args.steps is not None:
+        user_keys |= {k for k in ("model", "steps") if k in params}
+
+    selected = list(dict.fromkeys(args.only)) if args.only else list(NOTEBOOKS)
+    declared = {}
+    for name in selected:
+        path = notebooks_dir / f"{name}.ipynb"
+        if not path.is_file():
+            print(f"error: notebook {path} not found", file=sys.stderr)
+            return 2
+        declared[name] = _declared(path)
+    unknown = sorted(k for k in user_keys if not any(k in d for d in declared.values()))
+    if unknown:
+        known = sorted(set().union(*declared.values()))
+        print(f"error: no selected notebook takes parameter(s) {unknown}; they take {known}", file=sys.stderr)
+        return 2
+
+    import logging
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+    logging.getLogger("papermill").setLevel(logging.ERROR)
+    # The kernel spec may launch a bare "python": make it this interpreter (the virtualenv's).
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+
+    shown = {k: v for k, v in params.items() if k not in ("runs_dir", "figures_dir")}
+    print(f"molf suite: {len(selected)} notebook(s) -> {runs_dir} (figures: {figures_dir}); "
+          f"parameters {shown or 'as in the notebooks'}", flush=True)
+    began = time.perf_counter()
+    for i, name in enumerate(selected, 1):
+        source = notebooks_dir / f"{name}.ipynb"
+        target = runs_dir / f"{name}.ipynb"
+        given = {k: v for k, v in params.items() if k in declared[name]}
+        started = time.perf_counter()
+        print(f"[{i}/{len(selected)}] {name:22s} running ...", flush=True)
+        try:
+            papermill.execute_notebook(str(source), str(target), parameters=given, kernel_name=KERNEL,
+                                       cwd=str(notebooks_dir), progress_bar=False, log_output=False,
+                                       execution_timeout=args.timeout,
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        except PapermillExecutionError as error:
+            seconds = time.perf_counter() - started
+            print(f"[{i}/{len(selected)}] {name:22s} FAILED {seconds:7.1f} s", flush=True)
+            print(f"error in {name} (cell {error.exec_count}): {_error_summary(error)}", file=sys.stderr)
+            print(f"the executed notebook with the full traceback: {target}", file=sys.stderr)
+            return 1
+        except Exception as error:  # kernel died, notebook unreadable, ...
+            seconds = time.perf_counter() - started
+            print(f"[{i}/{len(selected)}] {name:22s} FAILED {seconds:7.1f} s", flush=True)
+            print(f"error in {name}: {_error_summary(error)}", file=sys.stderr)
+            return 1
+        seconds = time.perf_counter() - started
+        print(f"[{i}/{len(selected)}] {name:22s} ok     {seconds:7.1f} s", flush=True)
+    print(f"done: {len(selected)} notebook(s) in {time.perf_counter() - began:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
