@@ -34,7 +34,8 @@ def main():
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:  # e.g. FSDP flags without a GPU: N independent runs
         raise RuntimeError(f"launched {launched} processes but Accelerate joined {accelerator.num_processes}")
-    model, tokenizer = load("tiny")
+    with accelerator.main_process_first():  # rank 0 fills the model cache, the others then read it
+        model, tokenizer = load("tiny")
     torch.manual_seed(0)
     molf.wrap(model, ranks=(16,))
     opt = molf.MoLFAdamW(molf.param_groups(model, args.lr_fft, args.lr_lora))

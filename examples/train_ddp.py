@@ -35,7 +35,8 @@ def main():
     if cuda:
         torch.cuda.set_device(device)
 
-    model, tokenizer = load("tiny")
+    with md.main_process_first():  # rank 0 fills the model cache, the others then read it
+        model, tokenizer = load("tiny")
     torch.manual_seed(0)  # the same LoRA init on every rank (DDP also broadcasts rank 0's weights)
     molf.wrap(model, ranks=(16,))
     model.to(device)

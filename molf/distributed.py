@@ -14,6 +14,7 @@ Every function here also works in a single process (no process group), where it 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -50,6 +51,18 @@ def main_process_only(fn):
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs) if is_main_process() else None
     return wrapper
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first, the others after it (downloads, caches, data preparation)."""
+    if is_distributed() and not is_main_process():
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if is_distributed() and is_main_process():
+            dist.barrier()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

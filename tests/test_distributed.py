@@ -226,3 +226,20 @@ def test_accelerate_launch_example(tmp_path):
     a, b = load_plain(two / "merged").state_dict(), load_plain(one / "merged").state_dict()
     for k in b:
         assert torch.allclose(a[k], b[k], atol=WEIGHT_ATOL, rtol=0), k
+
+
+def test_torchrun_examples_agree(tmp_path):
+    """The documented torchrun commands: DDP and FSDP2 runs of the examples route and end alike."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("ddp", "fsdp"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "examples" / f"train_{name}.py"), "--steps", "3", "--out", str(tmp_path / name)]
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "routing agrees on all 2 ranks" in done.stdout, done.stdout
+    logs = [[json.loads(line)["decisions"] for line in (tmp_path / n / "routing.jsonl").read_text().splitlines()]
+            for n in ("ddp", "fsdp")]
+    assert len(logs[0]) == 3 and logs[0] == logs[1]
+    a, b = (load_plain(tmp_path / n / "merged").state_dict() for n in ("ddp", "fsdp"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=WEIGHT_ATOL, rtol=0), k
