@@ -25,7 +25,8 @@ Metrics (every value a float in [0, 1], plus ``n``, the number of rows scored):
                               A prediction that fails to parse or run scores 0.
           exact_match         ``normalize_sql(pred) == normalize_sql(gold)``
           error_rate          share of predictions that failed to parse or run
-          The prediction is greedy decoding up to EOS, a newline or ";" (at most ``max_new_tokens``).
+          The prediction is greedy decoding up to EOS or to a newline or ";" that follows the first
+          non-blank character (at most ``max_new_tokens``), with leading blanks stripped.
     fact  efficacy                  share of records with P(new) > P(true) for the first token of
                                     " target" after the rewrite prompt
           paraphrase_efficacy       the same on the paraphrase prompts (mean per record, then over records)
@@ -382,9 +383,16 @@ def normalize_sql(sql: str) -> str:
     return " ".join(tokens)
 
 
+def _ends_query(generated: str) -> bool:
+    """Generation may stop: a newline or ";" after the first non-blank character."""
+    text = generated.lstrip()
+    return "\n" in text or ";" in text
+
+
 def extract_sql(generated: str) -> str:
-    """The predicted query in generated text: everything before the first newline or ";", stripped."""
-    return re.split(r"[\n;]", generated, maxsplit=1)[0].strip()
+    """The predicted query in generated text: leading blanks and newlines skipped, then everything
+    before the next newline or ";", stripped."""
+    return re.split(r"[\n;]", generated.lstrip(), maxsplit=1)[0].strip()
 
 
 def _fresh_database(sql_context: str) -> sqlite3.Connection:
@@ -499,7 +507,7 @@ def _stop_criterion(tokenizer, prompt_width: int):
     class StopAtEndOfQuery(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             texts = tokenizer.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
-            return torch.tensor([("\n" in t or ";" in t) for t in texts], device=input_ids.device)
+            return torch.tensor([_ends_query(t) for t in texts], device=input_ids.device)
 
     return StopAtEndOfQuery()
 
@@ -517,9 +525,11 @@ def _greedy_generate(model, tokenizer, prompts: list[str], batch_size: int, max_
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
         if hasattr(model, "generate"):
+            from transformers import StoppingCriteriaList
+
             output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                     do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos,
-                                    stopping_criteria=[_stop_criterion(tokenizer, width)])
+                                    stopping_criteria=StoppingCriteriaList([_stop_criterion(tokenizer, width)]))
         else:
             output, finished = input_ids, torch.zeros(len(encoded), dtype=torch.bool, device=device)
             for _ in range(max_new_tokens):
@@ -528,8 +538,7 @@ def _greedy_generate(model, tokenizer, prompts: list[str], batch_size: int, max_
                 output = torch.cat([output, next_ids[:, None]], dim=1)
                 mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
                 new_text = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-                finished |= (next_ids == eos) | torch.tensor(["\n" in t or ";" in t for t in new_text],
-                                                             device=device)
+                finished |= (next_ids == eos) | torch.tensor([_ends_query(t) for t in new_text], device=device)
                 if finished.all():
                     break
         texts += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
