@@ -201,7 +201,7 @@ Methods: `fft` (dense AdamW), `lora`, `dora`, `adalora` (peft), `molf` (FFT expe
 '''),
         params(COMMON, '''
 method = "molf"             # fft, lora, dora, adalora, molf, molf_e
-epochs = None               # give epochs instead of steps: set steps = None
+epochs = None               # train for this many epochs instead (then also pass steps None)
 grad_accum = 1
 schedule = "cosine"         # cosine, linear, constant
 warmup_ratio = 0.1
