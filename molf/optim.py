@@ -14,9 +14,17 @@ For every wrapped module (one parameter group from ``molf.param_groups``), at ev
 Plain groups (embeddings, norms, excluded linears) take an ordinary dense AdamW step, so the same
 optimizer trains the whole model.
 
-Scoring and the decision are one batched computation over all modules. On an accelerator the
-decisions stay on the device and the winners are applied through masks, so ``step()`` makes no host
-sync; on the CPU (where there is nothing to sync with) the losers' updates are not computed at all.
+Scoring and the decision are one batched computation over all modules (``_route``). Two ways to
+apply them:
+
+- accelerators (``_step_foreach``): whole-list ``torch._foreach_*`` ops as torch's foreach AdamW; the
+  decisions stay on the device and the winners are applied through masks, so ``step()`` makes no host
+  sync (``masked_update=True`` forces this path anywhere).
+- the CPU (``_step_chunked``, for the built-in scores): each parameter is walked in cache-sized
+  chunks, moments and score terms in one pass, then the winners' update in a second pass; losers'
+  updates are not computed at all, and no tensor larger than a chunk is ever allocated.
+
+Both paths give the same decisions and (up to float rounding in the scores) the same parameters.
 ``last_decisions``, ``last_scores`` and ``win_counts`` read the results back lazily (one copy per read).
 Losers on the masked path: an update is cancelled by dividing it by infinity, which is exact for finite
 moments; a module whose moments went non-finite is skipped by the router on both paths, but on the
@@ -24,12 +32,17 @@ masked path its parameters then take the NaN too (on the CPU path they stay unch
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from .router import RouterStats, decide, resolve_score
+from .router import REDUCTIONS, RouterStats, decide, resolve_score
+
+# Elements per chunk on the CPU path: 128 Ki float32 = 512 KiB per tensor, so a chunk of p, g, m, v and
+# the scratch buffer stays in L2/L3 across the ~8 element-wise ops applied to it, while the Python
+# overhead per chunk (~10 small op dispatches) stays a few percent of the memory traffic.
+CHUNK = 1 << 17
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -50,6 +63,39 @@ def _check_betas(betas) -> tuple[float, float]:
 def _check_nonnegative(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+@dataclass
+class _Work:
+    """The parameters that have a gradient this step, with their (rank-local) tensors and settings."""
+    params: list = field(default_factory=list)
+    local_params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    exp_avgs: list = field(default_factory=list)
+    exp_avg_sqs: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    lrs: list = field(default_factory=list)
+    wds: list = field(default_factory=list)
+    eps: list = field(default_factory=list)
+    betas: list = field(default_factory=list)
+    molf_index: list = field(default_factory=list)   # positions of MoLF expert parameters
+    contiguous: bool = True
+
+
+def _chunks(*tensors: torch.Tensor):
+    """Aligned views of ``CHUNK`` elements of same-sized contiguous tensors."""
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), CHUNK):
+        yield tuple(t[start:start + CHUNK] for t in flat)
+
+
+def _adamw_chunk(p, m, v, buf, lr, wd, eps, bias1, bias2_sqrt) -> None:
+    """Decoupled AdamW update of one chunk from its advanced moments, with the ops (and order) of torch's
+    foreach AdamW: ``p *= 1 - lr wd``; ``p -= lr/bias1 * m / (sqrt(v)/bias2_sqrt + eps)``."""
+    d = torch.sqrt(v, out=buf).div_(bias2_sqrt).add_(eps)
+    if wd != 0:
+        p.mul_(1 - lr * wd)
+    p.addcdiv_(m, d, value=-lr / bias1)
 
 
 class MoLFAdamW(torch.optim.Optimizer):
@@ -83,8 +129,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         if lr is not None:
             _check_nonnegative("lr", lr)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "topk": topk}
-        super().__init__(params, defaults)
         self._plan = None
+        self._layout = None          # per-step index tensors, see _layout_for
+        self._scratch_buffers = {}   # (dtype, device) -> chunk buffer of the CPU path
+        super().__init__(params, defaults)
         self._reset_routing_log()
         # None: apply decisions through masks on accelerators, by selection on the CPU. True/False force
         # one path (the tests check that both give the same result).
@@ -158,6 +206,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             "numel": torch.tensor(numel, dtype=torch.float32, device=device),
             "valid": valid.view(len(modules), K).to(device),
             "topk": torch.tensor([g["topk"] for g in modules], device=device),
+            "expert_of_group": [(g, k) for g in modules for k in range(len(g["experts"]))],
             "param_slot": param_slot,
             "max_params": max(counts, default=0),
         }
@@ -165,6 +214,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     def _plan_for(self, device: torch.device) -> dict:
         if self._plan is None or self._plan["device"] != device:
             self._plan = self._build_plan(device)
+            self._layout = None
             if self._win_counts is None:
                 shape = (len(self._plan["modules"]), self._plan["K"])
                 self._win_counts = torch.zeros(shape, dtype=torch.long, device=device)
@@ -181,10 +231,24 @@ class MoLFAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = self._collect()
+        if work is None:
+            return loss
+        torch._foreach_add_(work.steps, 1.0)
+        bias1, bias2_sqrt = self._bias_corrections(work)
+        device = work.local_params[0].device
+        masked = self.masked_update if self.masked_update is not None else device.type != "cpu"
+        if not masked and device.type == "cpu" and work.contiguous \
+                and getattr(self.score_fn, "reduction", None) in REDUCTIONS:
+            self._step_chunked(work, bias1, bias2_sqrt)
+        else:
+            self._step_foreach(work, bias1, bias2_sqrt, masked, device)
+        return loss
 
-        # Gather every parameter with a gradient: MoLF experts first, then plain AdamW parameters.
-        params, grads, lrs, wds, eps, molf_expert = [], [], [], [], [], []
-        by_betas: dict[tuple[float, float], list[int]] = {}
+    def _collect(self) -> _Work | None:
+        """Every parameter with a gradient (in group order), its state (created on first use) and
+        hyper-parameters. Learning rates are read at every step, since schedulers move them."""
+        w = _Work()
         for group in self.param_groups:
             is_molf = "molf_module" in group
             for i, p in enumerate(group["params"]):
@@ -192,115 +256,172 @@ class MoLFAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("MoLFAdamW does not support sparse gradients")
-                by_betas.setdefault(group["betas"], []).append(len(params))
-                params.append(p)
-                grads.append(_local(p.grad))
                 if is_molf:
-                    k = group["param_expert"][i]
-                    lrs.append(group["lr"] * group["expert_lr_scale"][k])
-                    wds.append(group["param_weight_decay"][i])
-                    molf_expert.append(len(params) - 1)
+                    w.molf_index.append(len(w.params))
+                    w.lrs.append(group["lr"] * group["expert_lr_scale"][group["param_expert"][i]])
+                    w.wds.append(group["param_weight_decay"][i])
                 else:
-                    lrs.append(group["lr"])
-                    wds.append(group["weight_decay"])
-                eps.append(group["eps"])
-        if not params:
-            return loss
-
-        states = [self.state[p] for p in params]
-        for p, st in zip(params, states):
+                    w.lrs.append(group["lr"])
+                    w.wds.append(group["weight_decay"])
+                w.params.append(p)
+                w.grads.append(_local(p.grad))
+                w.eps.append(group["eps"])
+                w.betas.append(group["betas"])
+        if not w.params:
+            return None
+        for p in w.params:
+            st = self.state[p]
             if not st:
                 st["step"] = torch.tensor(0.0)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        self._sharded = any(hasattr(p, "to_local") for p in params)
-        exp_avgs = [_local(st["exp_avg"]) for st in states]
-        exp_avg_sqs = [_local(st["exp_avg_sq"]) for st in states]
-        steps = [st["step"] for st in states]
-        local_params = [_local(p) for p in params]
+            w.local_params.append(_local(p))
+            w.exp_avgs.append(_local(st["exp_avg"]))
+            w.exp_avg_sqs.append(_local(st["exp_avg_sq"]))
+            w.steps.append(st["step"])
+        self._sharded = any(hasattr(p, "to_local") for p in w.params)
+        w.contiguous = all(t.is_contiguous() for ts in (w.local_params, w.grads, w.exp_avgs, w.exp_avg_sqs)
+                           for t in ts)
+        return w
 
-        # 1. Universal moment tracking (all experts, every step), as torch's foreach AdamW does it.
-        torch._foreach_add_(steps, 1.0)
-        bias1, bias2_sqrt = [0.0] * len(params), [0.0] * len(params)
-        for (beta1, beta2), idx in by_betas.items():
-            torch._foreach_lerp_([exp_avgs[i] for i in idx], [grads[i] for i in idx], 1 - beta1)
-            torch._foreach_mul_([exp_avg_sqs[i] for i in idx], beta2)
-            torch._foreach_addcmul_([exp_avg_sqs[i] for i in idx], [grads[i] for i in idx],
-                                    [grads[i] for i in idx], 1 - beta2)
-            for i in idx:
-                t = steps[i].item()  # CPU tensor: no device sync
-                bias1[i] = 1 - beta1 ** t
-                bias2_sqrt[i] = (1 - beta2 ** t) ** 0.5
-        sqrt_v = torch._foreach_sqrt(exp_avg_sqs)
+    @staticmethod
+    def _bias_corrections(work: _Work) -> tuple[list[float], list[float]]:
+        """``1 - b1^t`` and ``sqrt(1 - b2^t)`` per parameter, as Python floats exactly as torch's AdamW
+        computes them: one host read of all step counters (CPU tensors, so no device sync) and one
+        power per distinct (betas, t), in practice one per step."""
+        table, bias1, bias2_sqrt = {}, [], []
+        for (b1, b2), t in zip(work.betas, torch.stack(work.steps).tolist()):
+            if (b1, b2, t) not in table:
+                table[b1, b2, t] = (1 - b1 ** t, (1 - b2 ** t) ** 0.5)
+            c1, c2 = table[b1, b2, t]
+            bias1.append(c1)
+            bias2_sqrt.append(c2)
+        return bias1, bias2_sqrt
 
-        # 2.-3. Score every expert of every module and pick the winners, batched, on the device.
-        device = local_params[0].device
-        win_param = None
-        if molf_expert:
-            win_param = self._route(params, exp_avgs, exp_avg_sqs, sqrt_v, eps, lrs, molf_expert, device)
+    # ---------------------------------------------------------------- CPU: chunked, cache-resident passes
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """One reusable chunk-sized buffer per dtype: no large temporaries (on the CPU, fresh memory
+        costs a page fault per 4 KiB, which made temporaries the largest cost of a step)."""
+        key = (like.dtype, like.device)
+        if key not in self._scratch_buffers:
+            self._scratch_buffers[key] = torch.empty(CHUNK, dtype=like.dtype, device=like.device)
+        return self._scratch_buffers[key]
 
-        # 4. Winner-only (and plain) decoupled AdamW update.
-        step_sizes = [-lr / b1 for lr, b1 in zip(lrs, bias1)]
-        torch._foreach_div_(sqrt_v, bias2_sqrt)
-        torch._foreach_add_(sqrt_v, eps)
-        denoms = sqrt_v
-        masked = self.masked_update if self.masked_update is not None else device.type != "cpu"
-        if win_param is None or not masked:
-            keep = range(len(params))
-            if win_param is not None:  # CPU: read the decisions, skip the losers entirely
-                lost = {molf_expert[j] for j, w in enumerate(win_param.tolist()) if not w}
-                keep = [i for i in range(len(params)) if i not in lost]
-            decay = [i for i in keep if wds[i] != 0]
+    def _step_chunked(self, work: _Work, bias1, bias2_sqrt) -> None:
+        """CPU path: walk every parameter in chunks of ``CHUNK`` elements, so that the several
+        element-wise ops on a chunk (moments, score terms, update) run on data still in cache.
+
+        Pass 1 (every parameter): advance the moments; plain parameters also take their whole AdamW
+        step; MoLF parameters add up the score's per-parameter sum (``m.u`` for EPD, ``u.u`` for PFN,
+        ``u = m / (sqrt(v) + eps)``, in float64 across chunks). Then route (batched, as everywhere).
+        Pass 2 (winners only): the AdamW update. Losers are not touched. The element-wise ops are the
+        ones torch's foreach AdamW applies, in the same order, so a forced winner moves exactly as
+        ``torch.optim.AdamW(foreach=True)`` would move it.
+        """
+        routed = set(work.molf_index)
+        use_m = self.score_fn.reduction == "m_u"
+        sums = []
+        for i in range(len(work.params)):
+            b1, b2 = work.betas[i]
+            buf = self._scratch(work.exp_avgs[i])
+            total = 0.0
+            for p, g, m, v in _chunks(work.local_params[i], work.grads[i], work.exp_avgs[i], work.exp_avg_sqs[i]):
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                d = buf[:m.numel()]
+                if i in routed:
+                    torch.sqrt(v, out=d).add_(work.eps[i])
+                    u = torch.div(m, d, out=d)
+                    total += torch.dot(m if use_m else u, u).item()
+                else:
+                    _adamw_chunk(p, m, v, d, work.lrs[i], work.wds[i], work.eps[i], bias1[i], bias2_sqrt[i])
+            if i in routed:
+                sums.append(total)
+        if not work.molf_index:
+            return
+        won = self._route(work, torch.device("cpu"), param_sums=torch.tensor(sums, dtype=torch.float64))
+        for i, w in zip(work.molf_index, won.tolist()):
+            if w:
+                buf = self._scratch(work.exp_avgs[i])
+                for p, _, m, v in _chunks(work.local_params[i], work.grads[i], work.exp_avgs[i], work.exp_avg_sqs[i]):
+                    _adamw_chunk(p, m, v, buf[:m.numel()], work.lrs[i], work.wds[i], work.eps[i],
+                                 bias1[i], bias2_sqrt[i])
+
+    # ---------------------------------------------------------------- accelerators: foreach, masks, no sync
+    def _step_foreach(self, work: _Work, bias1, bias2_sqrt, masked: bool, device: torch.device) -> None:
+        """Whole-list ``torch._foreach_*`` ops (one multi-tensor kernel each on CUDA), as torch's foreach
+        AdamW. With ``masked`` the decisions stay on the device and are applied through a 0/1 mask per
+        parameter (a loser's denominator is divided by 0 -> inf, so its step is exactly 0, and its weight
+        decay factor becomes 1): no host sync. Otherwise the decisions are read once and losers skipped.
+        Custom scores (no ``reduction``) use this path on the CPU too: they see whole tensors."""
+        n = len(work.params)
+        by_betas: dict[tuple[float, float], list[int]] = {}
+        for i, b in enumerate(work.betas):
+            by_betas.setdefault(b, []).append(i)
+        for (b1, b2), idx in by_betas.items():
+            m, v, g = ([ts[i] for i in idx] for ts in (work.exp_avgs, work.exp_avg_sqs, work.grads))
+            torch._foreach_lerp_(m, g, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, g, g, 1 - b2)
+        denoms = torch._foreach_sqrt(work.exp_avg_sqs)  # sqrt(v): shared by the score and the update
+        win = self._route(work, device, sqrt_v=denoms) if work.molf_index else None
+        torch._foreach_div_(denoms, bias2_sqrt)
+        torch._foreach_add_(denoms, work.eps)
+        step_sizes = [-lr / c1 for lr, c1 in zip(work.lrs, bias1)]
+        decay = [i for i in range(n) if work.wds[i] != 0]  # zero-decay parameters skip the multiply
+        if win is not None and not masked:  # read the decisions once, skip the losers entirely
+            lost = {i for i, w in zip(work.molf_index, win.tolist()) if not w}
+            keep = [i for i in range(n) if i not in lost]
+            decay = [i for i in decay if i not in lost]
+        else:
+            keep = range(n)
+        factors = [1 - work.lrs[i] * work.wds[i] for i in decay]
+        params = [work.local_params[i] for i in decay]
+        if win is not None and masked:
+            layout = self._layout
+            mask = torch.ones(n, device=device)
+            mask.index_copy_(0, layout["molf_index"], win.to(mask.dtype))
             if decay:
-                torch._foreach_mul_([local_params[i] for i in decay], [1 - lrs[i] * wds[i] for i in decay])
-            torch._foreach_addcdiv_([local_params[i] for i in keep], [exp_avgs[i] for i in keep],
-                                    [denoms[i] for i in keep], [step_sizes[i] for i in keep])
-        else:  # accelerator: apply the decisions through masks, no host sync
-            mask = torch.ones(len(params), device=device)
-            mask[molf_expert] = win_param.to(mask.dtype)
-            mask_list = mask.unbind()
-            decay = [i for i in range(len(params)) if wds[i] != 0]
-            if decay:
-                factors = torch.tensor([1 - lrs[i] * wds[i] for i in decay], dtype=torch.float32)
-                factors = factors.pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
-                    else factors.to(device)
-                factors = torch.where(mask[decay] > 0, factors, torch.ones_like(factors))
-                torch._foreach_mul_([local_params[i] for i in decay], list(factors.unbind()))
-            torch._foreach_div_(denoms, list(mask_list))  # a loser's denominator becomes inf: no step
-            torch._foreach_addcdiv_(local_params, exp_avgs, denoms, step_sizes)
-        return loss
+                factors = self._to_device(factors, torch.float32, device)
+                mask_decay = mask.index_select(0, self._to_device(decay, torch.long, device))
+                factors = torch.where(mask_decay > 0, factors, torch.ones_like(factors))
+                torch._foreach_mul_(params, list(factors.unbind()))
+            torch._foreach_div_(denoms, list(mask.unbind()))
+        elif decay:
+            torch._foreach_mul_(params, factors)
+        torch._foreach_addcdiv_([work.local_params[i] for i in keep], [work.exp_avgs[i] for i in keep],
+                                [denoms[i] for i in keep], [step_sizes[i] for i in keep])
 
-    def _route(self, params, exp_avgs, exp_avg_sqs, sqrt_v, eps, lrs, molf_expert, device):
-        """Score all experts, decide top-k per module; return the winner flag per MoLF parameter."""
+    # ---------------------------------------------------------------- routing, shared by both paths
+    def _route(self, work: _Work, device: torch.device, sqrt_v=None, param_sums=None) -> torch.Tensor:
+        """Score all experts of all modules at once, decide top-k per module on the device; return the
+        winner flag (bool tensor, on the device) of every MoLF parameter of ``work``."""
         plan = self._plan_for(device)
+        layout = self._layout_for(work, plan, device)
         E, P = len(plan["expert_names"]), plan["max_params"]
-        expert_of, padded_slot, expert_lr = [], [], [0.0] * E
-        for i in molf_expert:
-            e, position = plan["param_slot"][id(params[i])]
-            expert_of.append(e)
-            padded_slot.append(e * P + position)
-            expert_lr[e] = lrs[i]
-        expert_of_t = self._to_device(expert_of, torch.long, device)
-        padded_slot_t = self._to_device(padded_slot, torch.long, device)
 
-        def per_expert_sum(values: list[torch.Tensor]) -> torch.Tensor:
+        def per_expert_sum(values) -> torch.Tensor:
             # Deterministic segmented sum: scatter into an [E, P] zero matrix, then sum rows.
+            values = values if isinstance(values, torch.Tensor) else torch.stack(values)
             padded = torch.zeros(E * P, dtype=torch.float32, device=device)
-            padded[padded_slot_t] = torch.stack(values).float()
+            padded[layout["padded_slot"]] = values.float()
             sums = padded.view(E, P).sum(dim=1)
             if self.process_group is not None or self._sharded:
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
             return sums
 
+        molf = work.molf_index
+        expert_lr = [g["lr"] * g["expert_lr_scale"][k] for g, k in plan["expert_of_group"]]
         stats = RouterStats(
-            exp_avgs=[exp_avgs[i] for i in molf_expert],
-            exp_avg_sqs=[exp_avg_sqs[i] for i in molf_expert],
-            sqrt_exp_avg_sqs=[sqrt_v[i] for i in molf_expert],
-            eps=[eps[i] for i in molf_expert],
+            exp_avgs=[work.exp_avgs[i] for i in molf],
+            exp_avg_sqs=[work.exp_avg_sqs[i] for i in molf],
+            sqrt_exp_avg_sqs=None if sqrt_v is None else [sqrt_v[i] for i in molf],
+            eps=[work.eps[i] for i in molf],
             lr=self._to_device(expert_lr, torch.float32, device),
             numel=plan["numel"],
             expert_names=plan["expert_names"],
             per_expert_sum=per_expert_sum,
+            param_sums=param_sums,
         )
         scores = self.score_fn(stats)
         if not isinstance(scores, torch.Tensor) or scores.shape != (E,):
@@ -314,10 +435,32 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._win_counts += winners
         self._skips += (~finite).sum()
         self._last = (grid, winners)
-        return winners.view(-1)[plan["expert_slot"]][expert_of_t]
+        return winners.view(-1)[layout["slot_of_param"]]
+
+    def _layout_for(self, work: _Work, plan: dict, device: torch.device) -> dict:
+        """Device index tensors for the MoLF parameters that have a gradient; rebuilt only when that set
+        (or the device) changes, so a steady training loop builds them once."""
+        key = (device, tuple(id(work.params[i]) for i in work.molf_index))
+        if self._layout is not None and self._layout["key"] == key:
+            return self._layout
+        P = plan["max_params"]
+        expert_of, padded_slot = [], []
+        for i in work.molf_index:
+            e, position = plan["param_slot"][id(work.params[i])]
+            expert_of.append(e)
+            padded_slot.append(e * P + position)
+        expert_of = torch.tensor(expert_of, dtype=torch.long, device=device)
+        self._layout = {
+            "key": key,
+            "padded_slot": torch.tensor(padded_slot, dtype=torch.long, device=device),
+            "slot_of_param": plan["expert_slot"][expert_of],
+            "molf_index": torch.tensor(work.molf_index, dtype=torch.long, device=device),
+        }
+        return self._layout
 
     @staticmethod
     def _to_device(values, dtype, device):
+        """A small per-step host list on the device, without a sync (pinned, non-blocking on CUDA)."""
         t = torch.tensor(values, dtype=dtype)
         if device.type == "cuda":
             return t.pin_memory().to(device, non_blocking=True)
@@ -382,6 +525,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             if isinstance(st, dict) and isinstance(st.get("step"), torch.Tensor):
                 st["step"] = st["step"].detach().to("cpu", torch.float32)
         self._plan = None
+        self._layout = None
         self._reset_routing_log()
         if routing and routing.get("win_counts") is not None:
             modules = [g for g in self.param_groups if "molf_module" in g]

@@ -16,6 +16,12 @@ PFN, Preconditioned Frobenius Norm (Eq. 11, ablation)::
     S_e = sqrt(sum_{params of e} (m / (sqrt(v) + eps))^2) / sqrt(N_e)
 
 the size of the preconditioned direction alone, scale-invariant.
+
+Both are sums over parameters of a per-element term of ``u = m / (sqrt(v) + eps)``: ``m * u`` (EPD)
+and ``u * u`` (PFN). A score that declares such a ``reduction`` attribute ("m_u" or "u_u") lets the
+optimizer's CPU path compute that sum per parameter in its chunked moment pass and hand it over as
+``RouterStats.param_sums`` (then ``sqrt_exp_avg_sqs`` is None); scores without one always see whole
+tensors.
 """
 from __future__ import annotations
 
@@ -32,28 +38,50 @@ class RouterStats:
 
     exp_avgs: list[torch.Tensor]
     exp_avg_sqs: list[torch.Tensor]
-    sqrt_exp_avg_sqs: list[torch.Tensor]   # sqrt(v), already computed for the update; do not modify
+    sqrt_exp_avg_sqs: list[torch.Tensor] | None  # sqrt(v), computed for the update; do not modify
+                                                 # (None when param_sums is given)
     eps: list[float]                       # per parameter
     lr: torch.Tensor                       # [E] the expert's current learning rate
     numel: torch.Tensor                    # [E] N_e, scalar parameters in the expert (global under FSDP)
     expert_names: list[str]                # [E] "fft", "lora0", ...
     per_expert_sum: Callable[[list[torch.Tensor]], torch.Tensor]  # per-param 0-dim values -> [E] sums
+    # per param: the score's declared ``reduction`` summed over the parameter, when the optimizer
+    # computed it on the fly (CPU path); None otherwise. Accepted by per_expert_sum as is.
+    param_sums: torch.Tensor | None = None
+
+
+REDUCTIONS = ("m_u", "u_u")
+
+
+def _preconditioned(stats: RouterStats) -> list[torch.Tensor]:
+    """``u = m / (sqrt(v) + eps)`` per parameter, built in one new list (the only temporary)."""
+    u = torch._foreach_add(stats.sqrt_exp_avg_sqs, stats.eps)
+    torch._foreach_reciprocal_(u)
+    torch._foreach_mul_(u, stats.exp_avgs)
+    return u
 
 
 def epd(stats: RouterStats) -> torch.Tensor:
-    denom = torch._foreach_add(stats.sqrt_exp_avg_sqs, stats.eps)
-    ratio = torch._foreach_div(stats.exp_avgs, denom)        # m / (sqrt(v) + eps)
-    torch._foreach_mul_(ratio, stats.exp_avgs)               # m^2 / (sqrt(v) + eps) >= 0
-    sums = stats.per_expert_sum(torch._foreach_norm(ratio, 1))  # L1 norm of non-negatives = sum
+    if stats.param_sums is None:
+        terms = _preconditioned(stats)
+        torch._foreach_mul_(terms, stats.exp_avgs)             # m^2 / (sqrt(v) + eps) >= 0
+        sums = stats.per_expert_sum(torch._foreach_norm(terms, 1))  # L1 norm of non-negatives = sum
+    else:
+        sums = stats.per_expert_sum(stats.param_sums)
     return stats.lr / stats.numel * sums
 
 
 def pfn(stats: RouterStats) -> torch.Tensor:
-    denom = torch._foreach_add(stats.sqrt_exp_avg_sqs, stats.eps)
-    ratio = torch._foreach_div(stats.exp_avgs, denom)
-    norms = torch._foreach_norm(ratio, 2)
-    sums = stats.per_expert_sum(torch._foreach_mul(norms, norms))
+    if stats.param_sums is None:
+        norms = torch._foreach_norm(_preconditioned(stats), 2)
+        sums = stats.per_expert_sum(torch._foreach_mul(norms, norms))
+    else:
+        sums = stats.per_expert_sum(stats.param_sums)
     return torch.sqrt(sums / stats.numel)
+
+
+epd.reduction = "m_u"
+pfn.reduction = "u_u"
 
 
 SCORES: dict[str, Callable[[RouterStats], torch.Tensor]] = {"epd": epd, "pfn": pfn}
