@@ -138,6 +138,8 @@ def validate_row(name: str, row, where: str) -> None:
     if name == "sql":
         for field in ("sql_prompt", "sql_context", "sql"):
             _field(row, field, str, where)
+        if not _is_query(row["sql"]):
+            raise ValueError(f"{where}: field 'sql' must be a query (SELECT or WITH), got {row['sql']!r:.80}")
         problem = _sqlite_error(row["sql_context"], row["sql"])
         if problem:
             field = "sql_context" if problem.startswith("sql_context") else "sql"
@@ -253,6 +255,8 @@ def convert_hub_row(name: str, row: dict) -> dict:
 
 
 def _hub_dataset(name: str, hub_split: str):
+    """``(rows, where they come from)`` for one split of the paper's dataset (downloads; the tests
+    replace this function)."""
     from datasets import load_dataset  # imported here: only the hub path needs it
 
     if name == "sql":
@@ -266,14 +270,11 @@ def _is_query(sql: str) -> bool:
     return normalize_sql(sql).split(" ", 1)[0] in ("select", "with")
 
 
-def _load_hub(name: str, split: str, limit: int | None, dataset=None) -> list[dict]:
-    """Hub rows of our ``split`` (see HUB_SPLITS). ``dataset`` (any iterable of hub rows) replaces the
-    download, which is how the tests exercise this path offline."""
+def _load_hub(name: str, split: str, limit: int | None) -> list[dict]:
+    """Hub rows of our ``split`` (see HUB_SPLITS), converted, filtered (sql) and validated."""
     hub_split, keep = HUB_SPLITS[name][split]
-    label = f"{name} hub split {hub_split!r}"
-    if dataset is None:
-        dataset, label = _hub_dataset(name, hub_split)
-        label = f"{label} split {hub_split!r}"
+    dataset, source = _hub_dataset(name, hub_split)
+    label = f"{source} split {hub_split!r}"
     rows, skipped = [], Counter()
     for index, hub_row in enumerate(dataset):
         if limit is not None and len(rows) >= limit:

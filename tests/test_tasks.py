@@ -144,6 +144,7 @@ def broken(row: dict, path: str, value=...) -> dict:
     ("sql", broken(SQL_ROW, "sql_context", "CREATE TABLE t (a INT; INSERT INTO t"), "'sql_context'", "sqlite"),
     ("sql", broken(SQL_ROW, "sql", "SELECT nope FROM employees;"), "'sql'", "no such column"),
     ("sql", broken(SQL_ROW, "sql_prompt", 7), "'sql_prompt'", "must be str"),
+    ("sql", broken(SQL_ROW, "sql", "DELETE FROM employees;"), "'sql'", "must be a query"),
     ("mcq", broken(MCQ_ROW, "cop", 4), "'cop'", "0..3"),
     ("mcq", broken(MCQ_ROW, "cop", "1"), "'cop'", "must be int"),
     ("mcq", broken(MCQ_ROW, "opc"), "'opc'", "missing field"),
