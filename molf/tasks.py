@@ -207,6 +207,10 @@ def _load_local(name: str, split: str, limit: int | None) -> list[dict]:
     return rows
 
 
+def _copy(value):
+    return dict(value) if isinstance(value, dict) else value  # validate_row reports a non-dict
+
+
 def convert_hub_row(name: str, row: dict) -> dict:
     """One row of the paper's hub dataset in our row schema (pure; no network).
 
@@ -248,7 +252,7 @@ def convert_hub_row(name: str, row: dict) -> dict:
         "requested_rewrite": {
             "prompt": rewrite["prompt"], "relation_id": rewrite.get("relation_id", ""),
             "subject": rewrite["subject"],
-            "target_true": dict(rewrite["target_true"]), "target_new": dict(rewrite["target_new"])},
+            "target_true": _copy(rewrite["target_true"]), "target_new": _copy(rewrite["target_new"])},
         "paraphrase_prompts": list(need("paraphrase_prompts")),
         "neighborhood_prompts": list(need("neighborhood_prompts")),
     }
