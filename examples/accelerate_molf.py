@@ -50,13 +50,14 @@ def main():
         accelerator.backward(loss)
         opt.step()
         assert md.routing_agrees(opt), f"step {step}: ranks routed differently"
-        md.write_routing_log(out / "routing.jsonl", opt, step, loss=loss.item())  # rank 0 only
+        global_loss = accelerator.reduce(loss.detach(), "mean").item()  # the whole global batch's
+        md.write_routing_log(out / "routing.jsonl", opt, step, loss=global_loss)  # rank 0 only
 
     md.merge_and_save(model, out / "merged")  # every rank calls it; rank 0 writes
     if accelerator.is_main_process:
         wins = {e: sum(w[e] for w in opt.optimizer.win_counts.values()) for e in ("fft", "lora0")}
         print(f"accelerate ({accelerator.distributed_type}): {world} ranks, {args.steps} steps, "
-              f"loss {loss.item():.3f}, wins {wins}, routing agrees on all {world} ranks; "
+              f"loss {global_loss:.3f}, wins {wins}, routing agrees on all {world} ranks; "
               f"merged model in {out / 'merged'}")
     accelerator.end_training()
 

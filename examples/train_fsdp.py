@@ -54,12 +54,15 @@ def main():
         loss.backward()
         opt.step()
         assert md.routing_agrees(opt), f"step {step}: ranks routed differently"
-        md.write_routing_log(out / "routing.jsonl", opt, step, loss=loss.item())  # rank 0 only
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)  # the loss of the whole global batch, for the log
+        global_loss = global_loss.item() / world
+        md.write_routing_log(out / "routing.jsonl", opt, step, loss=global_loss)  # rank 0 only
 
     md.merge_and_save(model, out / "merged")  # gathers full weights; every rank calls it, rank 0 writes
     if md.is_main_process():
         wins = {e: sum(w[e] for w in opt.win_counts.values()) for e in ("fft", "lora0")}
-        print(f"fsdp: {world} ranks, {args.steps} steps, loss {loss.item():.3f}, wins {wins}, "
+        print(f"fsdp: {world} ranks, {args.steps} steps, loss {global_loss:.3f}, wins {wins}, "
               f"routing agrees on all {world} ranks; merged model in {out / 'merged'}")
     dist.destroy_process_group()
 
