@@ -157,7 +157,8 @@ def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
         for i, scale in enumerate(layer.scales):
             B = state_dict.pop(f"{name}.lora_B.{i}.weight")
             A = state_dict.pop(f"{name}.lora_A.{i}.weight")
-            delta.addmm_(B.float(), A.float(), alpha=scale)
+            if not layer.merged:  # a merged layer's base weight already holds its experts
+                delta.addmm_(B.float(), A.float(), alpha=scale)
         if not layer.merged:
             weight = (weight.float() + delta).to(weight.dtype)
         state_dict[f"{name}.weight"] = weight
@@ -197,7 +198,9 @@ def merge_and_save(model: nn.Module, path) -> dict[str, torch.Tensor] | None:
         else:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(path, "model.safetensors"))
+            # clone: safetensors refuses tensors that share memory (tied weights)
+            save_file({k: v.contiguous().clone() for k, v in merged.items()},
+                      os.path.join(path, "model.safetensors"))
     if is_distributed():
         dist.barrier()  # nobody reads the checkpoint before rank 0 has written it
     return merged

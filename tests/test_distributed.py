@@ -203,6 +203,23 @@ def test_single_process_helpers(tmp_path):
         assert torch.equal(merged[k], want[k]) and torch.equal(loaded[k], want[k]), k
 
 
+def test_merge_and_save_plain_torch_model(tmp_path):
+    """A model without ``save_pretrained`` is written as ``model.safetensors`` with plain keys."""
+    from safetensors.torch import load_file
+    from toy import batch, loss_fn, toy
+
+    model = molf.wrap(toy(0), ranks=(4,))
+    opt = molf.MoLFAdamW(molf.param_groups(model, 1e-2, 1e-2))
+    for step in range(2):
+        opt.zero_grad()
+        loss_fn(model, batch(step)).backward()
+        opt.step()
+    md.merge_and_save(model, tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    want = molf.merge(model).state_dict()
+    assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
+
+
 def test_accelerate_launch_example(tmp_path):
     """The documented ``accelerate launch --multi_gpu --num_processes 2`` command on CPU, end to end,
     against the same script run as one plain process on the same global batches."""
