@@ -266,7 +266,7 @@ def win_fraction_over_time(data, expert: str | None = None, windows: int = 8):
     left.set_xlabel("training step (window centre)")
     left.set_ylabel(f"{label} (fraction)")
     left.set_title("By module type (mean over layers)")
-    left.legend(fontsize=8, ncol=2, title="module type", title_fontsize=8)
+    left.legend(fontsize=8, title="module type", title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     left.grid(alpha=0.3)
 
     grid = table.groupby(["layer", "window"])["win_fraction"].mean().unstack().sort_index()
