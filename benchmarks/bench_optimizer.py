@@ -1,6 +1,6 @@
 """The optimizer step alone: ``MoLFAdamW`` against torch's AdamW on the same parameters.
 
-    python benchmarks/bench_optimizer.py            # tiny, SmolLM2-135M at rank 16 and 128 (~4 min, 2 cores)
+    python benchmarks/bench_optimizer.py            # tiny, SmolLM2-135M at rank 16 and 128 (18 min on a loaded 2-core VM)
     python benchmarks/bench_optimizer.py --quick    # tiny model, rank 16 only (seconds; --no-memory: faster)
 
 For every model/rank: the model is wrapped with ``molf.wrap(ranks=(rank,))``, one forward/backward on

@@ -1,6 +1,6 @@
 """A whole training step (forward, backward, optimizer step) of FFT, LoRA, MoLF and MoLF-Efficient.
 
-    python benchmarks/bench_train_step.py           # SmolLM2-135M, batch 4 x 64 tokens (~4 min, 2 cores)
+    python benchmarks/bench_train_step.py           # SmolLM2-135M, batch 4 x 64 tokens (16 min on a loaded 2-core VM)
     python benchmarks/bench_train_step.py --quick   # tiny model, batch 2 x 16, fft/lora/molf/molf_e,
                                                     # peak memory of lora and molf_e only (< 1 min)
 
