@@ -469,7 +469,8 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     if end < total_steps:  # a resumable chunk: checkpoint and stop here
         save_checkpoint(end)
         return Run(c, out, {"completed_steps": end, "total_steps": total_steps}, model, tokenizer)
-    save_checkpoint(end)
+    if c.keep_checkpoint:
+        save_checkpoint(end)
 
     # Finish: merge the adapters away, evaluate the plain model, save it.
     train_time = sum(step_times)
