@@ -1,0 +1,76 @@
+"""The experiment grid runner (experiments/grid.py) on the tiny model: lr sweep on the selection seed,
+extra seeds at the picked lr only, test on picked runs, CSVs, model pruning, budget stop, resume."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("grid", ROOT / "experiments" / "grid.py")
+grid = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(grid)
+
+SPEC = {
+    "model": "tiny", "tasks": ["fact"], "steps": 2, "batch_size": 2, "seq_len": 32, "eval_limit": 4,
+    "test_limit": 4, "seeds": [0, 1], "select_seeds": [0], "progress": False,
+    "methods": {"lora": {"lrs": [1e-3, 1e-6], "ranks": [4]},
+                "molf": {"lrs": [1e-4], "ranks": [4]}},
+}
+
+
+def write_spec(tmp_path, spec=SPEC, name="tbl"):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path):
+    results = tmp_path / "results"
+    assert grid.main([str(write_spec(tmp_path)), "--results", str(results)]) == 0
+    val = pd.read_csv(results / "tbl_validation.csv")
+    # sweep: lora x 2 lrs + molf x 1 lr on seed 0; then seed 1 at the picked lr only
+    assert len(val[val.seed == 0]) == 3
+    seed1 = val[val.seed == 1].set_index("method")
+    assert sorted(seed1.index) == ["lora", "molf"]
+    sweep = val[(val.seed == 0) & (val.method == "lora")].sort_values(["val_score", "lr"], ascending=[False, True])
+    assert seed1.loc["lora", "lr"] == sweep.iloc[0].lr
+
+    test = pd.read_csv(results / "tbl.csv")
+    assert len(test) == 4 and test["test_score"].between(0, 1).all()
+    assert set(zip(test.method, test.lr)) == {("lora", seed1.loc["lora", "lr"]), ("molf", 1e-4)}
+    summary = pd.read_csv(results / "tbl_summary.csv").set_index("method")
+    assert (summary["seeds"] == 2).all() and summary["sweep_complete"].all()
+    assert summary.loc["molf", "mean"] == pytest.approx(test[test.method == "molf"]["test_score"].mean())
+
+    # every model is gone: tested ones after caching their score, the unpicked lr because it can't win
+    run_dirs = [results / d for d in val["dir"]]
+    assert all(not (d / "model").exists() for d in run_dirs)
+    picked_dirs = [results / d for d in val.merge(test[["method", "lr", "seed"]])["dir"]]
+    assert len(picked_dirs) == 4 and all((d / "test_metrics.json").is_file() for d in picked_dirs)
+
+    # --report trains nothing and rewrites the same tables from the cached test scores
+    before = {d: (d / "metrics.json").stat().st_mtime for d in run_dirs}
+    assert grid.main([str(write_spec(tmp_path)), "--results", str(results), "--report"]) == 0
+    assert {d: (d / "metrics.json").stat().st_mtime for d in run_dirs} == before
+    pd.testing.assert_frame_equal(pd.read_csv(results / "tbl.csv"), test)
+
+
+def test_budget_stops_and_a_rerun_continues(tmp_path, capsys):
+    results = tmp_path / "results"
+    spec = write_spec(tmp_path)
+    assert grid.main([str(spec), "--results", str(results), "--budget-min", "0"]) == 0
+    # a zero budget starts no cell
+    assert "budget reached" in capsys.readouterr().out
+    assert not (results / "tbl_validation.csv").exists()
+    assert grid.main([str(spec), "--results", str(results), "--sweep-only", "--keep-models"]) == 0
+    val = pd.read_csv(results / "tbl_validation.csv")
+    assert set(val.seed) == {0} and len(val) == 3
+    assert all((results / d / "model").is_dir() for d in val["dir"])  # kept
+
+
+def test_select_seeds_must_be_among_seeds(tmp_path):
+    bad = {**SPEC, "select_seeds": [7]}
+    with pytest.raises(ValueError, match=r"select_seeds \[7\]"):
+        grid.main([str(write_spec(tmp_path, bad)), "--results", str(tmp_path / "r")])
