@@ -181,6 +181,61 @@ def switch_table(data) -> pd.DataFrame:
     return table.sort_values(["layer", "module_type"], key=_sort_key).reset_index(drop=True)
 
 
+def agreement_with_final(data, final_fraction: float = 0.5) -> pd.DataFrame:
+    """How early routing settles: per step, the share of modules whose winner set equals that module's
+    most frequent winner set over the last ``final_fraction`` of training (its "final" routing).
+
+    Columns: step, agreement (fraction of modules). A curve that reaches ~1 early and stays there means
+    early specialisation (paper claim 4); a curve near the chance level means routing keeps changing.
+    Ties for the most frequent winner set go to the set seen last.
+    """
+    if not 0.0 < final_fraction <= 1.0:
+        raise ValueError(f"final_fraction must be in (0, 1], got {final_fraction!r}")
+    routing = _routing(data)
+    won = routing[routing["won"]].sort_values(["module", "step", "expert"])
+    winners = won.groupby(["module", "step"])["expert"].agg(",".join).reset_index()
+    steps = np.sort(routing["step"].unique())
+    cut = steps[int(math.floor(len(steps) * (1.0 - final_fraction)))] if len(steps) else 0
+    final = {}
+    for module, group in winners[winners["step"] >= cut].groupby("module"):
+        counts = group["expert"].iloc[::-1].value_counts(sort=True)  # stable: ties keep the later-seen
+        final[module] = counts.index[0]
+    winners["agrees"] = [final.get(m) == w for m, w in zip(winners["module"], winners["expert"])]
+    n_modules = routing["module"].nunique()
+    out = winners.groupby("step")["agrees"].sum().reindex(steps, fill_value=0) / max(1, n_modules)
+    return out.rename("agreement").rename_axis("step").reset_index()
+
+
+def settling_step(agreement: pd.DataFrame, threshold: float = 0.9, window: int = 3) -> int | None:
+    """The step by which routing has settled: the first step at which the mean agreement over the last
+    ``window`` steps (that step included) is >= ``threshold`` and stays so until the end of training;
+    None if it never does."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window!r}")
+    rolling = agreement["agreement"].rolling(window, min_periods=1).mean().to_numpy()
+    ok = rolling >= threshold
+    if not ok[-1]:
+        return None
+    first = len(ok) - 1
+    while first > 0 and ok[first - 1]:
+        first -= 1
+    return int(agreement["step"].iloc[first])
+
+
+def agreement_plot(curves: dict, title: str | None = None, ax=None):
+    """Agreement-with-final-routing curves (``agreement_with_final`` tables), one line per label."""
+    fig, ax = _fig_ax(ax, figsize=(7.5, 4.2))
+    for i, (label, table) in enumerate(curves.items()):
+        ax.plot(table["step"], table["agreement"], lw=1.6, label=label, color=plt.cm.tab10(i % 10))
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("modules routed as at the end (fraction)")
+    ax.set_title(title or "How early does routing settle?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
 def score_table(data, modules) -> pd.DataFrame:
     """Scores of every expert of ``modules`` over steps: step, module, expert, score, log10_score, won."""
     routing = _routing(data)

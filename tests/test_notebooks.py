@@ -283,6 +283,33 @@ def test_switch_table_counts_winner_changes():
     assert wins["model.layers.0.mlp.up_proj"] == pytest.approx(0.8)
 
 
+def _routing_rows(winners_by_module):
+    rows = []
+    for module, winners in winners_by_module.items():
+        for step, winner in enumerate(winners):
+            for expert in ("fft", "lora0"):
+                rows.append({"step": step, "module": module, "layer": 0, "module_type": module.rsplit(".", 1)[-1],
+                             "expert": expert, "score": 1.0, "won": expert == winner, "lr": 1e-4})
+    return pd.DataFrame(rows)
+
+
+def test_agreement_with_final_and_settling_step():
+    routing = _routing_rows({
+        "model.layers.0.mlp.up_proj": ["lora0", "fft", "fft", "fft", "fft", "fft", "fft", "fft"],
+        "model.layers.0.mlp.down_proj": ["fft", "fft", "lora0", "lora0", "lora0", "lora0", "lora0", "fft"],
+    })
+    table = plots.agreement_with_final(routing, final_fraction=0.5)
+    # final routing (steps 4-7): up_proj -> fft (4 of 4); down_proj -> lora0 (3 of 4)
+    assert list(table["step"]) == list(range(8))
+    assert list(table["agreement"]) == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5]
+    assert plots.settling_step(table, threshold=0.8, window=3) == 3   # 3-step means from step 3 on: .83, 1, 1, 1, .83
+    assert plots.settling_step(table, threshold=1.0, window=1) is None  # the last step disagrees
+    with pytest.raises(ValueError, match="final_fraction"):
+        plots.agreement_with_final(routing, final_fraction=0.0)
+    fig = plots.agreement_plot({"toy": table})
+    assert fig.axes[0].get_ylabel().endswith("(fraction)")
+
+
 def test_save_refuses_other_formats(tmp_path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots()
