@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("grid", ROOT / "experiments" / "grid.py")
 grid = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(grid)
+_spec = importlib.util.spec_from_file_location("figures", ROOT / "experiments" / "figures.py")
+figures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(figures)
 
 SPEC = {
     "model": "tiny", "tasks": ["fact"], "steps": 2, "batch_size": 2, "seq_len": 32, "eval_limit": 4,
@@ -55,6 +58,14 @@ def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path):
     assert grid.main([str(write_spec(tmp_path)), "--results", str(results), "--report"]) == 0
     assert {d: (d / "metrics.json").stat().st_mtime for d in run_dirs} == before
     pd.testing.assert_frame_equal(pd.read_csv(results / "tbl.csv"), test)
+
+    # routing-dynamics figures and table from the picked molf runs (both seeds)
+    assert figures.main(["--results", str(results), "--figures", str(tmp_path / "fig"), "--table", "tbl"]) == 0
+    dynamics = pd.read_csv(results / "routing_dynamics.csv")
+    assert list(dynamics["seed"]) == [0, 1] and set(dynamics["method"]) == {"molf"}
+    assert dynamics["win_share"].between(0, 1).all() and dynamics["agreement_50pct"].between(0, 1).all()
+    assert {p.name for p in (tmp_path / "fig").iterdir()} == {
+        "evidence_routing_fact_molf.png", "evidence_routing_agreement.png", "evidence_routing_heatmaps.png"}
 
 
 def test_budget_stops_and_a_rerun_continues(tmp_path, capsys):

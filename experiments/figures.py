@@ -1,0 +1,102 @@
+"""Routing-dynamics figures and table of the small-scale reproduction (issue 7, claim 4), from the grid's runs.
+
+    python experiments/figures.py                 # after: python experiments/grid.py experiments/main.json
+
+Reads results/main.csv (the runs picked on validation) and the routing logs of its molf and molf_e runs:
+    figures/evidence_routing_<task>_<method>.png  win fraction per module type and per layer over training
+                                                  (seed 0)
+    figures/evidence_routing_heatmaps.png         layer x module type share of steps the FFT expert won,
+                                                  one panel per task (MoLF, seed 0)
+    figures/evidence_routing_agreement.png        share of modules already routed as at the end, per step,
+                                                  every task, method and seed
+    results/routing_dynamics.csv                  per run: win share of the default expert, agreement with
+                                                  the final routing at 10/25/50% of training, settling step
+"final routing" = each module's most frequent winner over the last half of training; "settling step" =
+the first step from which the 3-step mean agreement stays >= 0.9 (molf.plots.settling_step).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from molf import plots, runs  # noqa: E402
+
+ROUTED = ("molf", "molf_e")
+
+
+def dynamics_row(data, task: str, method: str, seed: int) -> dict:
+    table = plots.agreement_with_final(data)
+    steps = table["step"].to_numpy()
+    expert = plots.default_expert(data)
+
+    def at(fraction: float) -> float:
+        return float(table["agreement"].iloc[min(len(steps) - 1, int(round(fraction * (len(steps) - 1))))])
+
+    return {"task": task, "method": method, "seed": seed, "steps": len(steps), "expert": expert,
+            "win_share": plots.overall_win_share(data)[expert],
+            "agreement_10pct": at(0.10), "agreement_25pct": at(0.25), "agreement_50pct": at(0.50),
+            "settling_step": plots.settling_step(table, threshold=0.9, window=3),
+            "mean_switch_rate": float(plots.switch_table(data)["switch_rate"].mean())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--figures", type=Path, default=ROOT / "figures")
+    parser.add_argument("--table", default="main", help="which grid table's picked runs (default: main)")
+    args = parser.parse_args(argv)
+    picked_csv = args.results / f"{args.table}.csv"
+    if not picked_csv.is_file():
+        raise FileNotFoundError(f"{picked_csv} does not exist: run experiments/grid.py experiments/"
+                                f"{args.table}.json first")
+    picked = pd.read_csv(picked_csv)
+    validation = pd.read_csv(args.results / f"{args.table}_validation.csv")
+    picked = picked.merge(validation[["task", "method", "lr", "seed", "dir"]], on=["task", "method", "lr", "seed"])
+    picked = picked[picked["method"].isin(ROUTED)].sort_values(["task", "method", "seed"])
+    if picked.empty:
+        raise ValueError(f"{picked_csv} has no molf or molf_e runs yet")
+
+    rows, curves, heatmaps = [], {}, {}
+    for _, r in picked.iterrows():
+        data = runs.load(args.results / r["dir"])
+        rows.append(dynamics_row(data, r["task"], r["method"], int(r["seed"])))
+        curves[f"{r['task']} {plots.method_label(r['method'])} s{int(r['seed'])}"] = plots.agreement_with_final(data)
+        if int(r["seed"]) == picked[(picked.task == r.task) & (picked.method == r.method)]["seed"].min():
+            fig = plots.win_fraction_over_time(data)
+            plots.save(fig, args.figures / f"evidence_routing_{r['task']}_{r['method']}.png")
+            plt.close(fig)
+            if r["method"] == "molf":
+                heatmaps[r["task"]] = data
+
+    table = pd.DataFrame(rows)
+    table.to_csv(args.results / "routing_dynamics.csv", index=False)
+    print(table.to_string(index=False))
+
+    fig = plots.agreement_plot(curves, title="How early does routing settle? (picked runs of the main table)")
+    fig.set_size_inches(9, 4.8)
+    plots.save(fig, args.figures / "evidence_routing_agreement.png")
+    plt.close(fig)
+    if heatmaps:
+        fig, axes = plt.subplots(1, len(heatmaps), figsize=(6.5 * len(heatmaps), 6), layout="constrained",
+                                 squeeze=False)
+        for ax, (task, data) in zip(axes[0], heatmaps.items()):
+            plots.routing_heatmap(data, "fft", ax=ax, title=f"{task}: share of steps the FFT expert won",
+                                  annotate=False, colorbar=ax is axes[0][-1])
+        fig.suptitle("MoLF (SmolLM2-135M, EPD, top-1): where the dense weight was trained, per layer and module")
+        plots.save(fig, args.figures / "evidence_routing_heatmaps.png")
+        plt.close(fig)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
