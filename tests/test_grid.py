@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("grid", ROOT / "experiments" / "grid.py")
 grid = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(grid)
+_spec = importlib.util.spec_from_file_location("report", ROOT / "experiments" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
 _spec = importlib.util.spec_from_file_location("figures", ROOT / "experiments" / "figures.py")
 figures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(figures)
@@ -29,7 +32,7 @@ def write_spec(tmp_path, spec=SPEC, name="tbl"):
     return path
 
 
-def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path):
+def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path, capsys):
     results = tmp_path / "results"
     assert grid.main([str(write_spec(tmp_path)), "--results", str(results)]) == 0
     val = pd.read_csv(results / "tbl_validation.csv")
@@ -66,6 +69,15 @@ def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path):
     assert dynamics["win_share"].between(0, 1).all() and dynamics["agreement_50pct"].between(0, 1).all()
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {
         "evidence_routing_fact_molf.png", "evidence_routing_agreement.png", "evidence_routing_heatmaps.png"}
+
+    # the README tables are printed from these CSVs, the numbers as the summary has them
+    capsys.readouterr()
+    assert report.main(["--results", str(results), "--table", "tbl"]) == 0
+    printed = capsys.readouterr().out
+    molf_mean = 100 * summary.loc["molf", "mean"]
+    assert f"| MoLF | {molf_mean:.1f} ± " in printed and "| fact | MoLF (fft) |" in printed
+    with pytest.raises(FileNotFoundError, match="no result CSVs"):
+        report.main(["--results", str(tmp_path / "empty")])
 
 
 def test_budget_stops_and_a_rerun_continues(tmp_path, capsys):
