@@ -5,6 +5,8 @@
 Reads results/main.csv (the runs picked on validation) and the routing logs of its molf and molf_e runs:
     figures/evidence_routing_<task>_<method>.png  win fraction per module type and per layer over training
                                                   (seed 0)
+    figures/evidence_routing_<task>_<method>_layers.png  layer x module type heatmaps, one per quarter
+                                                  of training (seed 0)
     figures/evidence_routing_heatmaps.png         layer x module type share of steps the FFT expert won,
                                                   one panel per task (MoLF, seed 0)
     figures/evidence_routing_agreement.png        share of modules already routed as at the end, per step,
@@ -74,6 +76,9 @@ def main(argv=None) -> int:
         if int(r["seed"]) == picked[(picked.task == r.task) & (picked.method == r.method)]["seed"].min():
             fig = plots.win_fraction_over_time(data)
             plots.save(fig, args.figures / f"evidence_routing_{r['task']}_{r['method']}.png")
+            plt.close(fig)
+            fig = plots.routing_heatmaps_over_time(data, windows=4)
+            plots.save(fig, args.figures / f"evidence_routing_{r['task']}_{r['method']}_layers.png")
             plt.close(fig)
             if r["method"] == "molf":
                 heatmaps[r["task"]] = data

@@ -293,6 +293,25 @@ def routing_heatmap(data, expert: str | None = None, ax=None, title: str | None 
     return fig
 
 
+def routing_heatmaps_over_time(data, expert: str | None = None, windows: int = 4):
+    """Layer x module-type heatmaps of ``expert``'s win fraction, one panel per window of consecutive
+    steps: where each module was routed, and how that changed over training."""
+    expert = expert or default_expert(data)
+    table = windowed_win_fraction(data, expert, windows)
+    n = int(table["window"].max()) + 1
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 1.2, 6), layout="constrained", sharey=True, squeeze=False)
+    config = getattr(data, "config", None)
+    label = f"share of steps won by {expert_label(expert, config)} (fraction)"
+    for w, ax in enumerate(axes[0]):
+        part = table[table["window"] == w]
+        _draw_grid(ax, heatmap_grid(part), WIN_CMAP, 0.0, 1.0, False, label=label, colorbar=w == n - 1)
+        ax.set_title(f"steps {int(part.step_start.iloc[0])}-{int(part.step_end.iloc[0])}")
+        if w:
+            ax.set_ylabel("")
+    fig.suptitle(f"Routing per layer and module type over training\n{run_title(data)}")
+    return fig
+
+
 def _fig_ax(ax, figsize):
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize, layout="constrained")

@@ -68,7 +68,8 @@ def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path, capsys):
     assert list(dynamics["seed"]) == [0, 1] and set(dynamics["method"]) == {"molf"}
     assert dynamics["win_share"].between(0, 1).all() and dynamics["agreement_50pct"].between(0, 1).all()
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {
-        "evidence_routing_fact_molf.png", "evidence_routing_agreement.png", "evidence_routing_heatmaps.png"}
+        "evidence_routing_fact_molf.png", "evidence_routing_fact_molf_layers.png", "evidence_routing_agreement.png",
+        "evidence_routing_heatmaps.png"}
 
     # the README tables are printed from these CSVs, the numbers as the summary has them
     capsys.readouterr()

@@ -308,6 +308,8 @@ def test_agreement_with_final_and_settling_step():
         plots.agreement_with_final(routing, final_fraction=0.0)
     fig = plots.agreement_plot({"toy": table})
     assert fig.axes[0].get_ylabel().endswith("(fraction)")
+    fig = plots.routing_heatmaps_over_time(routing, "fft", windows=2)
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["steps 0-3", "steps 4-7"]
 
 
 def test_save_refuses_other_formats(tmp_path):
