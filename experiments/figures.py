@@ -68,6 +68,12 @@ def main(argv=None) -> int:
     if picked.empty:
         raise ValueError(f"{picked_csv} has no molf or molf_e runs yet")
 
+    missing = [d for d in picked["dir"] if not (args.results / d / "routing.jsonl").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} picked run(s) have no routing.jsonl (only a run's small records are committed; "
+            f"its logs stay on the machine that trained it): {', '.join(missing)}. Delete those run "
+            f"directories and rerun experiments/grid.py to retrain them, then this script.")
     rows, curves, heatmaps = [], {}, {}
     for _, r in picked.iterrows():
         data = runs.load(args.results / r["dir"])

@@ -71,6 +71,12 @@ def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path, capsys):
         "evidence_routing_fact_molf.png", "evidence_routing_fact_molf_layers.png", "evidence_routing_agreement.png",
         "evidence_routing_heatmaps.png"}
 
+    # on a machine without the runs' logs (a fresh clone) the figures script names what to retrain
+    lacking = [d for d in picked_dirs if d.parent.name == "molf"][0]
+    (lacking / "routing.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="no routing.jsonl"):
+        figures.main(["--results", str(results), "--figures", str(tmp_path / "fig"), "--table", "tbl"])
+
     # the README tables are printed from these CSVs, the numbers as the summary has them
     capsys.readouterr()
     assert report.main(["--results", str(results), "--table", "tbl"]) == 0
