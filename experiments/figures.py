@@ -36,8 +36,8 @@ from molf import plots, runs  # noqa: E402
 ROUTED = ("molf", "molf_e")
 
 
-def dynamics_row(data, task: str, method: str, seed: int) -> dict:
-    table = plots.agreement_with_final(data)
+def dynamics_row(data, table: pd.DataFrame, task: str, method: str, seed: int) -> dict:
+    """One row of results/routing_dynamics.csv; ``table`` is ``plots.agreement_with_final(data)``."""
     steps = table["step"].to_numpy()
     expert = plots.default_expert(data)
 
@@ -74,12 +74,14 @@ def main(argv=None) -> int:
             f"{len(missing)} picked run(s) have no routing.jsonl (only a run's small records are committed; "
             f"its logs stay on the machine that trained it): {', '.join(missing)}. Delete those run "
             f"directories and rerun experiments/grid.py to retrain them, then this script.")
-    rows, curves, heatmaps = [], {}, {}
-    for _, r in picked.iterrows():
+    rows, curves, heatmaps, drawn = [], {}, {}, set()
+    for _, r in picked.iterrows():  # sorted by seed: the first run of each (task, method) is drawn
         data = runs.load(args.results / r["dir"])
-        rows.append(dynamics_row(data, r["task"], r["method"], int(r["seed"])))
-        curves[f"{r['task']} {plots.method_label(r['method'])} s{int(r['seed'])}"] = plots.agreement_with_final(data)
-        if int(r["seed"]) == picked[(picked.task == r.task) & (picked.method == r.method)]["seed"].min():
+        agreement = plots.agreement_with_final(data)
+        rows.append(dynamics_row(data, agreement, r["task"], r["method"], int(r["seed"])))
+        curves[f"{r['task']} {plots.method_label(r['method'])} s{int(r['seed'])}"] = agreement
+        if (r["task"], r["method"]) not in drawn:
+            drawn.add((r["task"], r["method"]))
             fig = plots.win_fraction_over_time(data)
             plots.save(fig, args.figures / f"evidence_routing_{r['task']}_{r['method']}.png")
             plt.close(fig)

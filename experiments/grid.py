@@ -159,17 +159,18 @@ def main(argv=None) -> int:
     results = args.results.resolve()
     table = args.spec.stem
     started = time.time()
-    state = {"stopped": False}
+    stopped = False  # the budget ran out: start no more cells, still collect the finished ones
 
     def visit(cell_list) -> list[dict]:
+        nonlocal stopped
         rows = []
         for task, label, method, lr, seed, kw in cell_list:
             config = config_for(spec, table, task, label, method, lr, seed, kw, results)
             out = Path(config.out_dir)
-            if not args.report and not state["stopped"] and not (out / "metrics.json").is_file():
+            if not args.report and not stopped and not (out / "metrics.json").is_file():
                 if args.budget_min is not None and time.time() - started >= 60 * args.budget_min:
                     print("budget reached; rerun the same command to continue", flush=True)
-                    state["stopped"] = True
+                    stopped = True
                 else:
                     print(f"[{table}] {task} {label} lr={lr:g} seed={seed}", flush=True)
                     run(config)

@@ -4,7 +4,7 @@
 
 Every number in the README's evidence section is printed by this script; nothing is typed in by hand.
 Scores are test scores of the lr picked on validation, mean ± sample std over the seeds that finished
-("n seeds" says how many; std is blank for one seed).
+(the "lr, seeds" column says how many; a single seed gets no ±).
 """
 from __future__ import annotations
 

@@ -160,12 +160,17 @@ def windowed_win_fraction(data, expert: str | None = None, windows: int = 8) -> 
     return out[["window", "step_start", "step_end", "module", "layer", "module_type", "win_fraction"]]
 
 
+def _winner_sets(routing: pd.DataFrame) -> pd.DataFrame:
+    """One row per (module, step) with a winner: its winner set as one string (``"fft"``, ``"fft,lora0"``)."""
+    won = routing[routing["won"]].sort_values(["module", "step", "expert"])
+    return won.groupby(["module", "step"])["expert"].agg(",".join).reset_index()
+
+
 def switch_table(data) -> pd.DataFrame:
     """Per module: switches (steps whose winner set differs from the previous step's), transitions
     (consecutive step pairs) and switch_rate = switches / transitions (0 when only one step)."""
     routing = _routing(data)
-    won = routing[routing["won"]].sort_values(["module", "step", "expert"])
-    winners = won.groupby(["module", "step"])["expert"].agg(lambda s: ",".join(s)).reset_index()
+    winners = _winner_sets(routing)
     all_steps = routing[["module", "layer", "module_type"]].drop_duplicates("module")
     records = []
     for module, group in winners.groupby("module", sort=False):
@@ -192,8 +197,7 @@ def agreement_with_final(data, final_fraction: float = 0.5) -> pd.DataFrame:
     if not 0.0 < final_fraction <= 1.0:
         raise ValueError(f"final_fraction must be in (0, 1], got {final_fraction!r}")
     routing = _routing(data)
-    won = routing[routing["won"]].sort_values(["module", "step", "expert"])
-    winners = won.groupby(["module", "step"])["expert"].agg(",".join).reset_index()
+    winners = _winner_sets(routing)
     steps = np.sort(routing["step"].unique())
     cut = steps[int(math.floor(len(steps) * (1.0 - final_fraction)))] if len(steps) else 0
     final = {}
