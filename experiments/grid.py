@@ -12,6 +12,8 @@ across sessions: rerun the same command. Outputs:
     results/<table>_validation.csv   every finished cell, validation metrics
     results/<table>.csv              test metrics of the selected lr per (task, method, seed)
     results/<table>_summary.csv      mean and std over seeds per (task, method), test
+Routed runs (molf, molf_e) also get updated_<expert> columns: the share of (module, step) decisions in
+which that expert was updated (from the win counts in metrics.json; the summary averages the seeds).
 
 Seeds: the lr sweep runs on the spec's "select_seeds" (default: its first seed); once a (task, method)
 sweep is complete, the other "seeds" run at the picked lr only (the paper's protocol at a third of the
@@ -116,14 +118,27 @@ def test_metrics(run_dir: Path, task: str, limit) -> dict:
     return metrics
 
 
+def update_shares(metrics: dict, topk: int | None) -> dict:
+    """For a routed run: ``{"updated_<expert>": share}``, the share of (module, step) routing decisions
+    in which the expert was updated (top-1: won), from metrics.json's win counts; ``{}`` otherwise.
+    Each module's decisions are its wins divided by the top-k, so top-k = all experts gives 1.0."""
+    wins = (metrics.get("routing") or {}).get("win_counts") or {}
+    if not wins:
+        return {}
+    decisions = sum(sum(counts.values()) for counts in wins.values()) / (topk or 1)
+    experts = sorted({e for counts in wins.values() for e in counts})
+    return {f"updated_{e}": sum(counts.get(e, 0) for counts in wins.values()) / decisions for e in experts}
+
+
 def finished_row(out: Path, results: Path, task, label, lr, seed) -> dict | None:
     if not (out / "metrics.json").is_file():
         return None
     m = json.loads((out / "metrics.json").read_text())
+    topk = json.loads((out / "config.json").read_text()).get("topk")
     return {"task": task, "method": label, "lr": lr, "seed": seed, "dir": str(out.relative_to(results)),
             "val_score": m["metrics"][m["primary_metric"]], "primary_metric": m["primary_metric"],
             "final_loss": m["final_loss"], "train_time_s": m["train_time_s"],
-            "trainable_params": m["trainable_params"]}
+            "trainable_params": m["trainable_params"], **update_shares(m, topk)}
 
 
 def pick_lrs(sweep: pd.DataFrame, spec: dict) -> tuple[dict, set]:
@@ -191,6 +206,7 @@ def main(argv=None) -> int:
     val = pd.concat([sweep, extra], ignore_index=True)
     val.to_csv(results / f"{table}_validation.csv", index=False)
 
+    shares = [c for c in val.columns if c.startswith("updated_")]
     test_rows = []
     for (task, label), lr in sorted(picked.items()):
         for _, r in val[(val.task == task) & (val.method == label) & (val.lr == lr)].iterrows():
@@ -198,7 +214,8 @@ def main(argv=None) -> int:
             test_rows.append({"task": r.task, "method": r.method, "lr": r.lr, "seed": r.seed,
                               "test_score": metrics[r.primary_metric], "val_score": r.val_score,
                               "sweep_complete": (task, label) in complete,
-                              **{f"test_{k}": v for k, v in metrics.items() if k != r.primary_metric}})
+                              **{f"test_{k}": v for k, v in metrics.items() if k != r.primary_metric},
+                              **{k: r[k] for k in shares if pd.notna(r[k])}})
     if not args.keep_models:
         for _, r in val.iterrows():
             run_dir = results / r.dir
@@ -211,7 +228,8 @@ def main(argv=None) -> int:
     summary = (test.groupby(["task", "method"])
                .agg(lr=("lr", "first"), mean=("test_score", "mean"),
                     std=("test_score", lambda s: s.std(ddof=1) if len(s) > 1 else float("nan")),
-                    seeds=("test_score", "count"), sweep_complete=("sweep_complete", "all"))
+                    seeds=("test_score", "count"), sweep_complete=("sweep_complete", "all"),
+                    **{c: (c, "mean") for c in shares if c in test})
                .reset_index())
     summary.to_csv(results / f"{table}_summary.csv", index=False)
     print(summary.to_string(index=False))

@@ -51,10 +51,18 @@ def main_table(summary: pd.DataFrame, test: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def shares(r: pd.Series) -> str:
+    """"fft 0.39 · lora0 0.61": the share of routing decisions that updated each expert (grid.py)."""
+    found = [(c[len("updated_"):], r[c]) for c in r.index if c.startswith("updated_") and pd.notna(r[c])]
+    return " · ".join(f"{expert} {share:.2f}" for expert, share in found) or "–"
+
+
 def ablation_table(summary: pd.DataFrame) -> str:
-    lines = ["| variant | task | score (test) | lr, seeds |", "|---|---|---:|---|"]
+    lines = ["| variant | task | score (test) | lr, seeds | share of decisions updating each expert |",
+             "|---|---|---:|---|---|"]
     for _, r in summary.sort_values(["task", "method"]).iterrows():
-        lines.append(f"| {r.method} | {r.task} | {cell(r['mean'], r['std'], int(r.seeds))} | {r.lr:g}, {int(r.seeds)} |")
+        lines.append(f"| {r.method} | {r.task} | {cell(r['mean'], r['std'], int(r.seeds))} | {r.lr:g}, "
+                     f"{int(r.seeds)} | {shares(r)} |")
     return "\n".join(lines)
 
 

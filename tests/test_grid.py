@@ -49,6 +49,11 @@ def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path, capsys):
     summary = pd.read_csv(results / "tbl_summary.csv").set_index("method")
     assert (summary["seeds"] == 2).all() and summary["sweep_complete"].all()
     assert summary.loc["molf", "mean"] == pytest.approx(test[test.method == "molf"]["test_score"].mean())
+    # routed runs record which expert each (module, step) decision updated; top-1: the shares sum to 1
+    shares = val[val.method == "molf"][["updated_fft", "updated_lora0"]]
+    assert shares.notna().all().all() and (shares.sum(axis=1) - 1).abs().max() < 1e-9
+    assert val[val.method == "lora"]["updated_fft"].isna().all()
+    assert summary.loc["molf", "updated_fft"] == pytest.approx(shares["updated_fft"].mean())
 
     # every model is gone: tested ones after caching their score, the unpicked lr because it can't win
     run_dirs = [results / d for d in val["dir"]]
@@ -83,6 +88,7 @@ def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     molf_mean = 100 * summary.loc["molf", "mean"]
     assert f"| MoLF | {molf_mean:.1f} ± " in printed and "| fact | MoLF (fft) |" in printed
+    assert f"fft {summary.loc['molf', 'updated_fft']:.2f} · lora0" in report.ablation_table(summary.reset_index())
     with pytest.raises(FileNotFoundError, match="no result CSVs"):
         report.main(["--results", str(tmp_path / "empty")])
 
@@ -98,6 +104,14 @@ def test_budget_stops_and_a_rerun_continues(tmp_path, capsys):
     val = pd.read_csv(results / "tbl_validation.csv")
     assert set(val.seed) == {0} and len(val) == 3
     assert all((results / d / "model").is_dir() for d in val["dir"])  # kept
+
+
+def test_update_shares_count_topk_decisions():
+    wins = {"a": {"fft": 3, "lora0": 1}, "b": {"fft": 0, "lora0": 4}}
+    assert grid.update_shares({"routing": {"win_counts": wins}}, 1) == {"updated_fft": 3 / 8, "updated_lora0": 5 / 8}
+    dense = {"a": {"fft": 4, "lora0": 4}}  # top-k = all experts: every expert updated at every decision
+    assert grid.update_shares({"routing": {"win_counts": dense}}, 2) == {"updated_fft": 1.0, "updated_lora0": 1.0}
+    assert grid.update_shares({"routing": None}, None) == {}
 
 
 def test_select_seeds_must_be_among_seeds(tmp_path):
