@@ -56,6 +56,19 @@ def test_scores_match_hand_computation(score, which):
         assert opt.last_decisions[module] == (max(scores, key=scores.get),)
 
 
+def test_pfn_favours_the_dense_weight_at_step_one():
+    """Why PFN routed every fact decision to the FFT expert (README, evidence): after one step every
+    parameter with a gradient has the same |m / sqrt(v)|, but while B = 0 LoRA's A gets no gradient, so
+    PFN(LoRA) / PFN(FFT) = sqrt(N_B / (N_A + N_B)) < 1 and the dense weight wins everywhere."""
+    model, opt = make(ranks=(4,), score="pfn")
+    train(model, opt, 1)
+    for name, layer in molf.wrapped_modules(model).items():
+        n_a, n_b = layer.lora_A[0].weight.numel(), layer.lora_B[0].weight.numel()
+        scores = opt.last_scores[name]
+        assert scores["lora0"] / scores["fft"] == pytest.approx((n_b / (n_a + n_b)) ** 0.5, rel=1e-3)
+        assert opt.last_decisions[name] == ("fft",)
+
+
 def test_register_custom_score():
     molf.register_score("neg_epd", lambda s: -molf.router.epd(s))
     model, opt = make(score="neg_epd")
