@@ -65,14 +65,12 @@ def select_seeds(spec: dict) -> list:
     return chosen
 
 
-def sweep_cells(spec: dict, only_tasks=None):
+def sweep_cells(spec: dict):
     """The lr-sweep cells: every (task, method label, lr, selection seed, TrainConfig kwargs)."""
     # Order: every method's first lr, then every method's second lr, ..., so a partly filled table
     # already compares all methods (each at its first-listed, paper-default lr).
     n_lrs = max(len(m["lrs"]) for m in spec["methods"].values())
     for task in spec["tasks"]:
-        if only_tasks and task not in only_tasks:
-            continue
         for seed in select_seeds(spec):
             for lr_index in range(n_lrs):
                 for label, m in spec["methods"].items():
@@ -80,12 +78,10 @@ def sweep_cells(spec: dict, only_tasks=None):
                         yield _cell(task, label, m, m["lrs"][lr_index], seed)
 
 
-def seed_cells(spec: dict, picked: dict, only_tasks=None):
+def seed_cells(spec: dict, picked: dict):
     """The extra-seed cells: each (task, method) at its picked lr, for the seeds not used to pick it."""
     extra = [s for s in spec["seeds"] if s not in select_seeds(spec)]
     for task in spec["tasks"]:
-        if only_tasks and task not in only_tasks:
-            continue
         for seed in extra:
             for label, m in spec["methods"].items():
                 if (task, label) in picked:
@@ -160,7 +156,8 @@ def pick_lrs(sweep: pd.DataFrame, spec: dict) -> tuple[dict, set]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
-    parser.add_argument("--tasks", nargs="*", help="only these tasks")
+    parser.add_argument("--tasks", nargs="+", help="train only these tasks' cells (the CSVs still cover every "
+                                                    "task's finished runs)")
     parser.add_argument("--budget-min", type=float, default=None, help="stop starting new cells after this")
     parser.add_argument("--report", action="store_true", help="aggregate only, train nothing")
     parser.add_argument("--sweep-only", action="store_true", help="run the lr sweep, not the extra seeds")
@@ -173,6 +170,10 @@ def main(argv=None) -> int:
     spec = json.loads(args.spec.read_text())
     results = args.results.resolve()
     table = args.spec.stem
+    if args.tasks and set(args.tasks) - set(spec["tasks"]):
+        raise ValueError(f"--tasks {sorted(set(args.tasks) - set(spec['tasks']))} not in {args.spec}'s tasks "
+                         f"{spec['tasks']}")
+    train_tasks = set(args.tasks or spec["tasks"])
     started = time.time()
     stopped = False  # the budget ran out: start no more cells, still collect the finished ones
 
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
         for task, label, method, lr, seed, kw in cell_list:
             config = config_for(spec, table, task, label, method, lr, seed, kw, results)
             out = Path(config.out_dir)
-            if not args.report and not stopped and not (out / "metrics.json").is_file():
+            if not args.report and not stopped and task in train_tasks and not (out / "metrics.json").is_file():
                 if args.budget_min is not None and time.time() - started >= 60 * args.budget_min:
                     print("budget reached; rerun the same command to continue", flush=True)
                     stopped = True
@@ -194,11 +195,11 @@ def main(argv=None) -> int:
                 rows.append(row)
         return rows
 
-    sweep = pd.DataFrame(visit(list(sweep_cells(spec, args.tasks))))
+    sweep = pd.DataFrame(visit(list(sweep_cells(spec))))
     picked, complete = pick_lrs(sweep, spec)
     # extra seeds only where the sweep is complete, so the picked lr can no longer change
     ready = {} if args.sweep_only else {k: v for k, v in picked.items() if k in complete}
-    extra = pd.DataFrame(visit(list(seed_cells(spec, ready, args.tasks))))
+    extra = pd.DataFrame(visit(list(seed_cells(spec, ready))))
     if sweep.empty:
         print("no finished cells yet")
         return 0

@@ -118,3 +118,16 @@ def test_select_seeds_must_be_among_seeds(tmp_path):
     bad = {**SPEC, "select_seeds": [7]}
     with pytest.raises(ValueError, match=r"select_seeds \[7\]"):
         grid.main([str(write_spec(tmp_path, bad)), "--results", str(tmp_path / "r")])
+
+
+def test_tasks_limits_training_not_the_tables(tmp_path):
+    spec = {**SPEC, "tasks": ["fact", "sql"], "seeds": [0], "methods": {"lora": {"lrs": [1e-3], "ranks": [4]}}}
+    path, results = write_spec(tmp_path, spec), tmp_path / "results"
+    assert grid.main([str(path), "--results", str(results), "--tasks", "fact"]) == 0
+    assert set(pd.read_csv(results / "tbl_validation.csv").task) == {"fact"}  # sql not trained
+    assert grid.main([str(path), "--results", str(results), "--tasks", "sql"]) == 0
+    # the second run trains sql only, and its CSVs still hold fact's finished runs
+    assert set(pd.read_csv(results / "tbl_validation.csv").task) == {"fact", "sql"}
+    assert set(pd.read_csv(results / "tbl_summary.csv").task) == {"fact", "sql"}
+    with pytest.raises(ValueError, match=r"--tasks \['med'\] not in"):
+        grid.main([str(path), "--results", str(results), "--tasks", "med"])
