@@ -126,11 +126,10 @@ def update_shares(metrics: dict, topk: int | None) -> dict:
     return {f"updated_{e}": sum(counts.get(e, 0) for counts in wins.values()) / decisions for e in experts}
 
 
-def finished_row(out: Path, results: Path, task, label, lr, seed) -> dict | None:
+def finished_row(out: Path, results: Path, task, label, lr, seed, topk: int | None) -> dict | None:
     if not (out / "metrics.json").is_file():
         return None
     m = json.loads((out / "metrics.json").read_text())
-    topk = json.loads((out / "config.json").read_text()).get("topk")
     return {"task": task, "method": label, "lr": lr, "seed": seed, "dir": str(out.relative_to(results)),
             "val_score": m["metrics"][m["primary_metric"]], "primary_metric": m["primary_metric"],
             "final_loss": m["final_loss"], "train_time_s": m["train_time_s"],
@@ -190,7 +189,7 @@ def main(argv=None) -> int:
                 else:
                     print(f"[{table}] {task} {label} lr={lr:g} seed={seed}", flush=True)
                     run(config)
-            row = finished_row(out, results, task, label, lr, seed)
+            row = finished_row(out, results, task, label, lr, seed, config.topk)
             if row:
                 rows.append(row)
         return rows
