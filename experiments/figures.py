@@ -11,8 +11,9 @@ Reads results/main.csv (the runs picked on validation) and the routing logs of i
                                                   one panel per task (MoLF, seed 0)
     figures/evidence_routing_agreement.png        share of modules already routed as at the end, per step,
                                                   every task, method and seed
-    results/routing_dynamics.csv                  per run: win share of the default expert, agreement with
-                                                  the final routing at 10/25/50% of training, settling step
+    results/routing_dynamics.csv                  per run: win share of the default expert (overall and per
+                                                  module type), agreement with the final routing at 10/25/50%
+                                                  of training, settling step
 "final routing" = each module's most frequent winner over the last half of training; "settling step" =
 the first step from which the 3-step mean agreement stays >= 0.9 (molf.plots.settling_step).
 """
@@ -44,8 +45,10 @@ def dynamics_row(data, table: pd.DataFrame, task: str, method: str, seed: int) -
     def at(fraction: float) -> float:
         return float(table["agreement"].iloc[min(len(steps) - 1, int(round(fraction * (len(steps) - 1))))])
 
+    per_type = plots.win_table(data, expert).groupby("module_type")["win_fraction"].mean()
     return {"task": task, "method": method, "seed": seed, "steps": len(steps), "expert": expert,
             "win_share": plots.overall_win_share(data)[expert],
+            **{f"win_share_{t}": float(v) for t, v in per_type.items()},
             "agreement_10pct": at(0.10), "agreement_25pct": at(0.25), "agreement_50pct": at(0.50),
             "settling_step": plots.settling_step(table, threshold=0.9, window=3),
             "mean_switch_rate": float(plots.switch_table(data)["switch_rate"].mean())}

@@ -17,7 +17,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf.plots import method_label  # noqa: E402
+from molf.plots import MODULE_TYPES, method_label  # noqa: E402
 
 METHOD_ORDER = ["fft", "lora", "molf", "molf_e", "adalora", "dora"]
 METRIC = {"fact": "efficacy", "mcq": "accuracy", "sql": "execution accuracy"}
@@ -78,6 +78,22 @@ def dynamics_table(dynamics: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def module_type_table(dynamics: pd.DataFrame) -> str:
+    """Per task (and over all tasks): the range over seeds of the dense / larger expert's win share per
+    module type, MoLF and MoLF-E rows apart."""
+    present = [c[len("win_share_"):] for c in dynamics.columns if c.startswith("win_share_")]
+    types = [t for t in MODULE_TYPES if t in present] + sorted(set(present) - set(MODULE_TYPES))
+    columns = [f"win_share_{t}" for t in types]
+    lines = ["| task | method | " + " | ".join(t.removesuffix("_proj") for t in types) + " |",
+             "|---|---|" + "---:|" * len(types)]
+    groups = [(task, method, g) for (task, method), g in dynamics.groupby(["task", "method"])]
+    groups += [("all", method, g) for method, g in dynamics.groupby("method")]
+    for task, method, g in sorted(groups, key=lambda x: (x[1], x[0] == "all", x[0])):
+        spans = [f"{100 * g[c].min():.0f}–{100 * g[c].max():.0f}" for c in columns]
+        lines.append(f"| {task} | {method_label(method)} ({g.expert.iloc[0]}) | " + " | ".join(spans) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=ROOT / "results")
@@ -95,7 +111,10 @@ def main(argv=None) -> int:
         printed = True
     if (r / "routing_dynamics.csv").is_file():
         print("### Routing dynamics (results/routing_dynamics.csv)\n")
-        print(dynamics_table(pd.read_csv(r / "routing_dynamics.csv")), "\n")
+        dynamics = pd.read_csv(r / "routing_dynamics.csv")
+        print(dynamics_table(dynamics), "\n")
+        print("### Win share per module type, % of steps, min–max over seeds (results/routing_dynamics.csv)\n")
+        print(module_type_table(dynamics), "\n")
         printed = True
     if not printed:
         raise FileNotFoundError(f"no result CSVs under {r}: run experiments/grid.py first")

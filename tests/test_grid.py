@@ -72,6 +72,8 @@ def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path, capsys):
     dynamics = pd.read_csv(results / "routing_dynamics.csv")
     assert list(dynamics["seed"]) == [0, 1] and set(dynamics["method"]) == {"molf"}
     assert dynamics["win_share"].between(0, 1).all() and dynamics["agreement_50pct"].between(0, 1).all()
+    per_type = dynamics.filter(like="win_share_")
+    assert per_type.shape[1] >= 2 and per_type.stack().between(0, 1).all()
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {
         "evidence_routing_fact_molf.png", "evidence_routing_fact_molf_layers.png", "evidence_routing_agreement.png",
         "evidence_routing_heatmaps.png"}
@@ -88,6 +90,7 @@ def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     molf_mean = 100 * summary.loc["molf", "mean"]
     assert f"| MoLF | {molf_mean:.1f} ± " in printed and "| fact | MoLF (fft) |" in printed
+    assert "| all | MoLF (fft) |" in printed  # the per-module-type table, every task together
     assert f"fft {summary.loc['molf', 'updated_fft']:.2f} · lora0" in report.ablation_table(summary.reset_index())
     with pytest.raises(FileNotFoundError, match="no result CSVs"):
         report.main(["--results", str(tmp_path / "empty")])
