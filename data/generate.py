@@ -1,7 +1,7 @@
 """Write the shipped task data: ``python data/generate.py [--out DIR]`` (default: this folder).
 
 Three small task families stand in for the paper's hub datasets, in the same row schemas, so that
-``molf.tasks`` serves both. Standard library only; every random choice comes from
+``molf.lab.tasks`` serves both. Standard library only; every random choice comes from
 ``random.Random(SEED + offset)`` (one generator per task), rows are written in a fixed order with a
 fixed JSON layout, so rerunning the script reproduces every file byte for byte.
 

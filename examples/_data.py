@@ -1,5 +1,4 @@
 """A tiny, fixed language-modelling data set the examples share: every rank slices the same global batch."""
-import torch
 
 TEXT = (
     "MoLF routes each layer's update to the expert that promises the largest loss reduction. "

@@ -13,13 +13,12 @@ import os
 from pathlib import Path
 
 import torch
+from _data import global_batches, shard_of
 from accelerate import Accelerator
 
 import molf
 from molf import distributed as md
-from molf.models import load
-
-from _data import global_batches, shard_of
+from molf.lab.models import load
 
 
 def main():

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _data import global_batches, shard_of
 from torch.nn.parallel import DistributedDataParallel
 
 import molf
 from molf import distributed as md
-from molf.models import load
-
-from _data import global_batches, shard_of
+from molf.lab.models import load
 
 
 def main():

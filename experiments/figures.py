@@ -15,7 +15,7 @@ Reads results/main.csv (the runs picked on validation) and the routing logs of i
                                                   module type), agreement with the final routing at 10/25/50%
                                                   of training, settling step
 "final routing" = each module's most frequent winner over the last half of training; "settling step" =
-the first step from which the 3-step mean agreement stays >= 0.9 (molf.plots.settling_step).
+the first step from which the 3-step mean agreement stays >= 0.9 (molf.lab.plots.settling_step).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf import plots, runs  # noqa: E402
+from molf.lab import plots, runs  # noqa: E402
 
 ROUTED = ("molf", "molf_e")
 

@@ -7,7 +7,7 @@
 Protocol (the paper's, scaled down): every (task, method, lr, seed) cell trains with the same data,
 schedule and batch and is evaluated on the task's *validation* split; per (task, method) the lr with
 the best mean validation score is picked, and only those runs are evaluated on the *test* split.
-Runs live in results/runs/<table>/...; each is resumable (molf.train.run), so a table can be filled
+Runs live in results/runs/<table>/...; each is resumable (molf.lab.train.run), so a table can be filled
 across sessions: rerun the same command. Outputs:
     results/<table>_validation.csv   every finished cell, validation metrics
     results/<table>.csv              test metrics of the selected lr per (task, method, seed)
@@ -35,8 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf import tasks  # noqa: E402
-from molf.train import TrainConfig, run  # noqa: E402
+from molf.lab import tasks  # noqa: E402
+from molf.lab.train import TrainConfig, run  # noqa: E402
 
 LR_FIELD = {"fft": "lr", "lora": "lr", "dora": "lr", "adalora": "lr"}  # molf/molf_e sweep lr_fft & lr_lora
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import routing_log
 from .model import wrapped_modules
+from .routing_log import RoutingRecord, unwrap_optimizer
 
 
 # ---------------------------------------------------------------- who am I
@@ -104,8 +104,7 @@ def routing_agrees(optimizer, group=None) -> bool:
     Under DDP and FSDP they must; a False here means the ranks see different moments (e.g. the
     optimizer was built before ``fully_shard``, or gradients were not synchronised).
     """
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    mine = sorted(optimizer.last_decisions.items())
+    mine = sorted(_molf_optimizer(optimizer).last_decisions.items())
     if not is_distributed():
         return True
     everyone = [None] * dist.get_world_size(group)
@@ -115,19 +114,21 @@ def routing_agrees(optimizer, group=None) -> bool:
 
 @main_process_only
 def write_routing_log(path, optimizer, step: int, **extra) -> None:
-    """Append one JSON line ``{"step", "decisions", "scores", **extra}`` to ``path``, on rank 0 only.
+    """Append the last step's routing to the log at ``path`` (``molf.routing_log`` format), on rank 0 only.
 
-    Scores are written at full precision (they are typically 1e-10..1e-7; rounding would zero them).
-    Every rank holds the same routing under DDP and FSDP, so rank 0's view is the whole story.
+    ``extra`` keys (``loss=...``) are stored beside the record's own. Every rank holds the same routing
+    under DDP and FSDP, so rank 0's view is the whole story.
     """
-    optimizer = getattr(optimizer, "optimizer", optimizer)
-    decisions, scores = optimizer.routing_snapshot()
-    record = {"step": step, "decisions": {m: list(w) for m, w in decisions.items()}, "scores": scores,
-              **extra}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    molf_optimizer = _molf_optimizer(optimizer)
+    lr = molf_optimizer.param_groups[0]["lr"]
+    routing_log.append(path, RoutingRecord.from_optimizer(molf_optimizer, step, lr=lr, **extra))
+
+
+def _molf_optimizer(optimizer):
+    molf_optimizer = unwrap_optimizer(optimizer)
+    if molf_optimizer is None:
+        raise ValueError(f"{type(optimizer).__name__} is not a MoLFAdamW (nor wraps one)")
+    return molf_optimizer
 
 
 # ---------------------------------------------------------------- gather, merge, save

@@ -9,7 +9,7 @@
 
 ``args.learning_rate`` and ``args.weight_decay`` are the FFT expert's (and the non-linear parameters');
 ``lr_lora``/``wd_lora`` the LoRA experts'. Trainer's own scheduler scales both. The routing log has the
-format of ``molf.train.run`` (``molf.runs.read_routing`` reads either), written on the main process only.
+format of ``molf.routing_log``, written on the main process only.
 """
 from __future__ import annotations
 
@@ -17,16 +17,10 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
+from . import routing_log
 from .model import merge, param_groups, wrapped_modules
 from .optim import MoLFAdamW
-from .runs import routing_line
-
-
-def _unwrap(optimizer):
-    """The ``MoLFAdamW`` behind an Accelerate/Trainer optimizer wrapper, or None."""
-    while optimizer is not None and not isinstance(optimizer, MoLFAdamW):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+from .routing_log import RoutingRecord, unwrap_optimizer
 
 
 class RoutingLogCallback(TrainerCallback):
@@ -41,11 +35,12 @@ class RoutingLogCallback(TrainerCallback):
             self.path.write_text("")
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        molf_optimizer = _unwrap(optimizer)
+        molf_optimizer = unwrap_optimizer(optimizer)
         if molf_optimizer is None or not state.is_world_process_zero:
             return
-        with open(self.path, "a") as f:  # global_step counts completed steps: this is step index N
-            f.write(routing_line(state.global_step, molf_optimizer.param_groups[0]["lr"], molf_optimizer))
+        # global_step counts completed steps: this is step index N
+        lr = molf_optimizer.param_groups[0]["lr"]
+        routing_log.append(self.path, RoutingRecord.from_optimizer(molf_optimizer, state.global_step, lr=lr))
 
 
 class MoLFTrainer(Trainer):
@@ -72,7 +67,7 @@ class MoLFTrainer(Trainer):
 
     @property
     def molf_optimizer(self) -> MoLFAdamW | None:
-        return _unwrap(self.optimizer)
+        return unwrap_optimizer(self.optimizer)
 
     def merge_and_save(self, path: str | Path) -> None:
         """Merge the experts into the base weights and save a plain ``transformers`` checkpoint."""

@@ -1,6 +1,6 @@
 """Generate the notebook suite (``python notebooks/_build.py``): one source of truth for every cell.
 
-The notebooks are committed with outputs cleared; ``python -m molf.suite`` executes them with papermill.
+The notebooks are committed with outputs cleared; ``python -m molf.lab.suite`` executes them with papermill.
 Every notebook: a markdown story, a first code cell tagged ``parameters``, heavy code in ``molf``,
 figures saved under ``figures_dir`` as ``<notebook>_<name>.png`` and key numbers in
 ``<runs_dir>/<notebook>.json``.
@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from molf import plots, runs, suite
+from molf.lab import plots, runs, suite
 
 NOTEBOOK = "{name}"
 common = dict(model=model, task=task, steps=steps, batch_size=batch_size, seq_len=seq_len,
@@ -108,7 +108,7 @@ the wrapped model computes **exactly** what the base model computes; only traini
         code('''
 import torch
 import molf
-from molf import models
+from molf.lab import models
 
 base, tokenizer = models.load(model)
 ids = tokenizer("The Eiffel Tower is located in", return_tensors="pt")["input_ids"]
@@ -132,7 +132,7 @@ del base, wrapped, before, after
         md('''
 ## 2. A short training run
 
-`molf.train.run` does everything: data, the MoLF optimizer, a cosine schedule with warm-up, logs of the
+`molf.lab.train.run` does everything: data, the MoLF optimizer, a cosine schedule with warm-up, logs of the
 loss, every module's gradient norms and every routing decision (with full-precision scores), evaluation
 and a merge of the adapters back into plain weights. `suite.train` gives the run a directory named after
 its config, so the other notebooks reuse this exact run instead of training it again.
@@ -192,7 +192,7 @@ def train_nb():
         md('''
 # 01 · Train one run
 
-Every setting of `molf.train.TrainConfig` is a parameter of this notebook (papermill: `-p name value`).
+Every setting of `molf.lab.train.TrainConfig` is a parameter of this notebook (papermill: `-p name value`).
 `None` means the method's paper default. A bad value fails in the first cell after the parameters,
 with the runner's `ValueError`, before anything trains.
 
@@ -229,7 +229,7 @@ spike_k = 3.0               # a spike: loss > rolling mean + spike_k * rolling s
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from molf import plots, runs, suite
+from molf.lab import plots, runs, suite
 
 NOTEBOOK = "01_train"
 hp = dict(lr=lr, wd=wd, lr_fft=lr_fft, lr_lora=lr_lora, wd_fft=wd_fft, wd_lora=wd_lora, ranks=ranks,
@@ -527,7 +527,7 @@ live_chunk = 3              # redraw every live_chunk steps
 '''),
         code(SETUP.format(name=name)),
         code('''
-from molf import explorer
+from molf.lab import explorer
 
 if run_dir is None:
     run_dir = suite.train(runs_dir, method="molf", **common, **molf_hp).path
@@ -554,7 +554,7 @@ explorer.explore(runs_dir)
         md('''
 ## Live mode
 
-Trains a small run in resumable chunks (`molf.train.run(config, stop_after=live_chunk)`) and redraws the
+Trains a small run in resumable chunks (`molf.lab.train.run(config, stop_after=live_chunk)`) and redraws the
 routing map after each chunk. The run is kept: a second execution shows the finished run at once.
 '''),
         code('''

@@ -22,7 +22,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import molf
 from molf import distributed as md
-from molf.models import tiny_config
+from molf import routing_log
+from molf.lab.models import tiny_config
+from molf.lab.runs import read_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, STEPS, BATCH, SEQ, VOCAB = 2, 5, 8, 16, 128
@@ -153,7 +155,12 @@ def check_against_reference(ranks, reference, out):
     assert not (out / "routing-rank1.jsonl").exists(), "rank 1 wrote a routing log"
     lines = [json.loads(line) for line in (out / "routing-rank0.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(STEPS))
-    assert [{m: tuple(w) for m, w in line["decisions"].items()} for line in lines] == reference["decisions"]
+    assert [{m: tuple(w) for m, w in line["winners"].items()} for line in lines] == reference["decisions"]
+    # ... in the one routing-log format, which the lab reads back.
+    table = read_routing(out / "routing-rank0.jsonl")
+    assert sorted(table["step"].unique()) == list(range(STEPS))
+    won = table[table["won"]].groupby("step")["module"].apply(set).tolist()
+    assert won == [{m for m, w in d.items() if w} for d in reference["decisions"]]
     assert all(s > 0 for line in lines for e in line["scores"].values() for s in e.values())
 
 
@@ -237,7 +244,7 @@ def test_accelerate_launch_example(tmp_path):
         stdout.append(done.stdout)
     assert "MULTI_CPU" in stdout[0] and "routing agrees on all 2 ranks" in stdout[0], stdout[0]
     two, one = tmp_path / "two", tmp_path / "one"
-    logs = [[json.loads(line)["decisions"] for line in (d / "routing.jsonl").read_text().splitlines()]
+    logs = [[json.loads(line)["winners"] for line in (d / "routing.jsonl").read_text().splitlines()]
             for d in (two, one)]
     assert len(logs[0]) == 3 and logs[0] == logs[1]
     a, b = load_plain(two / "merged").state_dict(), load_plain(one / "merged").state_dict()
@@ -254,9 +261,12 @@ def test_torchrun_examples_agree(tmp_path):
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "routing agrees on all 2 ranks" in done.stdout, done.stdout
-    logs = [[json.loads(line)["decisions"] for line in (tmp_path / n / "routing.jsonl").read_text().splitlines()]
+    logs = [[json.loads(line)["winners"] for line in (tmp_path / n / "routing.jsonl").read_text().splitlines()]
             for n in ("ddp", "fsdp")]
     assert len(logs[0]) == 3 and logs[0] == logs[1]
+    table = read_routing(tmp_path / "ddp" / "routing.jsonl")  # the lab reads the examples' logs back
+    assert table["step"].nunique() == 3 and table.groupby(["step", "module"])["won"].sum().eq(1).all()
+    assert all("loss" in record.extra for record in routing_log.read(tmp_path / "ddp" / "routing.jsonl"))
     a, b = (load_plain(tmp_path / n / "merged").state_dict() for n in ("ddp", "fsdp"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=WEIGHT_ATOL, rtol=0), k

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 from torch import nn
+from toy import batch, toy, train
 
 import molf
-from toy import loss_fn, toy, train, batch
 
 
 def test_wrap_replaces_targets_and_keeps_lm_head():
@@ -139,7 +139,8 @@ def test_freeze_non_linear():
 
 def test_tiny_llama_wrap_merge_save_reload(tmp_path):
     from transformers import AutoModelForCausalLM
-    from molf import models
+
+    from molf.lab import models
     model, tok = models.load("tiny")
     ids = torch.randint(0, 1000, (2, 10))
     with torch.no_grad():

@@ -1,9 +1,8 @@
-import os
 
 import pytest
 import torch
 
-from molf import models
+from molf.lab import models
 
 
 @pytest.mark.model

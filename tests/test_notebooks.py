@@ -1,4 +1,4 @@
-"""The notebook suite, executed headlessly with papermill on the tiny model (``python -m molf.suite --tiny``).
+"""The notebook suite, executed headlessly with papermill on the tiny model (``python -m molf.lab.suite --tiny``).
 
 Checks what the suite produced: every executed notebook, real PNG figures, finite in-range numbers, a
 routing heatmap with exactly one cell per wrapped module, shared runs; and that a bad parameter stops a
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from molf import plots, suite
+from molf.lab import plots, suite
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
@@ -38,7 +38,7 @@ POSITIVE_KEYS = ("final_loss", "min_loss", "mean_loss_last", "train_time_s", "st
 
 def _suite(*args, cwd=ROOT, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # the tiny model needs no threads
-    return subprocess.run([sys.executable, "-m", "molf.suite", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "molf.lab.suite", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -59,7 +59,7 @@ def _results(runs_dir, name) -> dict:
 @pytest.fixture(scope="module")
 def tiny_modules() -> set[str]:
     import molf
-    from molf import models
+    from molf.lab import models
     model, _ = models.load("tiny")
     molf.wrap(model, ranks=(4,))
     names = set(molf.wrapped_modules(model))
@@ -211,7 +211,7 @@ def test_notebooks_share_runs_of_equal_config(produced):
 
 
 def test_explorer_widget_redraws_on_the_slider(produced):
-    from molf import explorer
+    from molf.lab import explorer
     runs_dir, _, _ = produced
     app = explorer.RouterExplorer(_results(runs_dir, "00_quickstart")["run_dir"])
     box = app.widget()

@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
+from toy import batch, loss_fn, toy, train
 
 import molf
 from molf.router import RouterStats
-from toy import batch, loss_fn, toy, train
 
 
 def make(ranks=(4,), lr_fft=1e-2, lr_lora=1e-2, seed=0, wrap_kw=None, **opt_kw):
@@ -171,7 +171,7 @@ def test_molf_efficient_keeps_base_bit_identical(freeze):
 def test_scheduler_scales_scores_and_steps():
     lr = 1e-2
     model, opt = make(ranks=(4,), lr_fft=lr, lr_lora=2 * lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.25)
+    _sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.25)
     assert opt.param_groups[0]["lr"] == pytest.approx(lr * 0.25)
     train(model, opt, 2)
     expected = hand_scores(opt, model, lr * 0.25, 2 * lr * 0.25)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy import batch, loss_fn, toy
 
 import molf
 import molf.optim
-from toy import batch, loss_fn, toy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from naive_molf import NaiveMoLFAdamW  # noqa: E402

@@ -1,4 +1,4 @@
-"""molf.tasks: shipped data, validation, hub row conversion, encode/collate and every metric on cases
+"""molf.lab.tasks: shipped data, validation, hub row conversion, encode/collate and every metric on cases
 whose right answer is known."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from molf import models, tasks
+from molf.lab import models, tasks
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {"sql": (1000, 100, 100), "mcq": (1000, 100, 100), "fact": (182, 19, 37)}

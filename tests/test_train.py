@@ -1,13 +1,12 @@
 """The training runner on the tiny model: every method, artifacts, resume, errors, Trainer path."""
-import json
 
 import pandas as pd
 import pytest
 import torch
 
 import molf
-from molf import runs, tasks
-from molf.train import METHODS, TrainConfig, TrainingDiverged, run
+from molf.lab import runs, tasks
+from molf.lab.train import METHODS, TrainConfig, TrainingDiverged, run
 
 TINY = dict(model="tiny", task="fact", steps=3, batch_size=2, seq_len=48, eval_limit=4, progress=False,
             save_model=False)
@@ -46,7 +45,7 @@ def test_every_method_trains_and_writes_its_artifacts(tmp_path, method):
         experts = {"molf": {"fft", "lora0"}, "molf_e": {"lora0", "lora1"}}[method]
         assert set(routing["expert"]) == experts
         assert set(grads["expert"]) == experts
-        for step, rows in routing.groupby("step"):
+        for _step, rows in routing.groupby("step"):
             assert set(rows["module"]) == modules                   # every module, every step
             assert (rows.groupby("module")["won"].sum() == 1).all()  # top-1
         assert routing["score"].gt(0).any()
@@ -114,7 +113,7 @@ def test_unwritable_out_dir(tmp_path):
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    model, tokenizer = molf.models.load("tiny")
+    model, tokenizer = molf.lab.models.load("tiny")
     calls = {"n": 0}
 
     def poison(module, inputs, output):
@@ -132,9 +131,10 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(tmp_path, m
 
 def test_hf_trainer_path_trains_and_logs_routing_like_the_runner(tmp_path):
     from transformers import TrainingArguments
+
     from molf.hf import MoLFTrainer
 
-    model, tokenizer = molf.models.load("tiny")
+    model, tokenizer = molf.lab.models.load("tiny")
     molf.wrap(model, ranks=(16,))
     features = tasks.encode("fact", tasks.load("fact", "train", limit=8), tokenizer, max_len=48)
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=2, max_steps=3,

@@ -1,6 +1,6 @@
 """Plots and tables for MoLF runs (the notebooks call these; every function returns its Figure).
 
-Inputs are ``molf.runs.RunData`` objects (``molf.runs.load(out_dir)``) or their DataFrames. Every figure
+Inputs are ``molf.lab.runs.RunData`` objects (``molf.lab.runs.load(out_dir)``) or their DataFrames. Every figure
 has a title and axis labels with units; ``save(fig, path)`` writes it as a PNG.
 
 Routing vocabulary used throughout:
@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 
 import matplotlib
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -579,7 +578,7 @@ def grad_norms_per_layer(runs: dict, title: str | None = None):
     for i, (label, data) in enumerate(runs.items()):
         per_module = module_grad_norms(data)
         method = (getattr(data, "config", None) or {}).get("method", label)
-        for ax, (group, types) in zip(axes, groups.items()):
+        for ax, (_group, types) in zip(axes, groups.items()):
             rows = per_module[per_module["module_type"].isin(types)]
             if rows.empty:
                 continue

@@ -1,4 +1,4 @@
-"""Reading run directories (written by ``molf.train.run`` or ``molf.hf.MoLFTrainer``) into pandas."""
+"""Reading run directories (written by ``molf.lab.train.run`` or ``molf.hf.MoLFTrainer``) into pandas."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from .. import routing_log
 
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
@@ -29,27 +31,14 @@ def _with_module_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def routing_line(step: int, lr: float, optimizer) -> str:
-    """One ``routing.jsonl`` line for a ``MoLFAdamW`` after its step (a single device-to-host copy).
-
-    Scores are written at full precision (JSON floats round-trip exactly); real EPD scores are
-    1e-10..1e-6, which rounding to a few decimals would turn into zeros.
-    """
-    decisions, scores = optimizer.routing_snapshot()
-    return json.dumps({"step": step, "lr": lr, "winners": {m: list(w) for m, w in decisions.items()},
-                       "scores": scores}) + "\n"
-
-
 def read_routing(path: str | Path) -> pd.DataFrame:
     """``routing.jsonl`` as a long table: step, module, layer, module_type, expert, score, won, lr."""
     records = []
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            for module, scores in row["scores"].items():
-                winners = set(row["winners"].get(module, ()))
-                for expert, score in scores.items():
-                    records.append((row["step"], module, expert, score, expert in winners, row.get("lr")))
+    for row in routing_log.read(path):
+        for module, scores in row.scores.items():
+            winners = set(row.winners.get(module, ()))
+            for expert, score in scores.items():
+                records.append((row.step, module, expert, score, expert in winners, row.lr))
     frame = pd.DataFrame(records, columns=["step", "module", "expert", "score", "won", "lr"])
     return _with_module_columns(frame)
 

@@ -1,9 +1,9 @@
 """Run the notebook suite headlessly with papermill, and the helpers the notebooks share.
 
-    python -m molf.suite                                  # the main job: every notebook, SmolLM2-135M
-    python -m molf.suite --tiny                           # the regression mode: tiny model, tiny steps
-    python -m molf.suite --model Qwen/Qwen2.5-1.5B --steps 400 -p batch_size 8 -p device cuda
-    python -m molf.suite --only 02_routing_dynamics --only 04_router_explorer
+    python -m molf.lab.suite                                  # the main job: every notebook, SmolLM2-135M
+    python -m molf.lab.suite --tiny                           # the regression mode: tiny model, tiny steps
+    python -m molf.lab.suite --model Qwen/Qwen2.5-1.5B --steps 400 -p batch_size 8 -p device cuda
+    python -m molf.lab.suite --only 02_routing_dynamics --only 04_router_explorer
 
 Executed notebooks go to ``--runs-dir`` (default ``runs/``, with each notebook's numbers as
 ``<notebook>.json`` beside it and the training runs under ``runs/train/``), figures to
@@ -30,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_DIR = ROOT / "notebooks"
+from . import paths
+
 NOTEBOOKS = ("00_quickstart", "01_train", "02_routing_dynamics", "03_compare_methods", "04_router_explorer",
              "05_ablations")
 KERNEL = "python3"
@@ -65,7 +65,7 @@ def run_config(runs_dir, **kwargs):
 
 
 def train(runs_dir, **kwargs):
-    """``train.run(run_config(runs_dir, **kwargs))`` with one printed line; returns ``molf.runs.RunData``."""
+    """``train.run(run_config(runs_dir, **kwargs))`` with one printed line; returns ``molf.lab.runs.RunData``."""
     from . import runs
     from .train import run
     config = run_config(runs_dir, **kwargs)
@@ -126,7 +126,7 @@ def _error_summary(error) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m molf.suite", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m molf.lab.suite", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model for every notebook (default: the embedded smollm2-135m)")
     parser.add_argument("--steps", type=int, help="optimizer steps of every training run")
@@ -136,13 +136,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", choices=NOTEBOOKS, help="run only this notebook (repeatable)")
     parser.add_argument("--runs-dir", default="runs", help="executed notebooks, numbers and training runs")
     parser.add_argument("--figures-dir", default="figures", help="PNG figures")
-    parser.add_argument("--notebooks-dir", default=str(NOTEBOOK_DIR), help=argparse.SUPPRESS)
+    parser.add_argument("--notebooks-dir", default=None,
+                        help="folder of the notebooks (default: $MOLF_NOTEBOOKS, else the checkout's notebooks/)")
     parser.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     args = parser.parse_args(argv)
 
     runs_dir = Path(args.runs_dir).resolve()
     figures_dir = Path(args.figures_dir).resolve()
-    notebooks_dir = Path(args.notebooks_dir).resolve()
+    notebooks_dir = paths.notebooks_dir(args.notebooks_dir).resolve()
     params: dict = dict(TINY) if args.tiny else {}
     if args.model:
         params["model"] = args.model
@@ -172,6 +173,7 @@ def main(argv=None) -> int:
         return 2
 
     import logging
+
     import papermill
     from papermill.exceptions import PapermillExecutionError
     logging.getLogger("papermill").setLevel(logging.ERROR)

@@ -39,13 +39,12 @@ Knowledge injection (fact) trains on the facts it tests: ``train`` holds every r
 (``case_id % 5 == 0``) and ``validation`` (``case_id % 10 == 1``) are subsets of it. Evaluate
 ``test`` after training on ``train``. The hub path applies the same rule by position.
 
-CLI: ``python -m molf.tasks evaluate --task sql --model smollm2-135m --split test`` prints the metrics.
+CLI: ``python -m molf.lab.tasks evaluate --task sql --model smollm2-135m --split test`` prints the metrics.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sqlite3
 import warnings
@@ -53,6 +52,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
+from . import paths
 
 TASKS = ("sql", "fact", "mcq")
 SPLITS = ("train", "validation", "test")
@@ -92,8 +93,8 @@ def _check_choice(kind: str, value, allowed) -> None:
 
 
 def data_dir() -> Path:
-    """The shipped data folder: ``$MOLF_DATA`` if set, else ``data/`` beside the ``molf`` package."""
-    return Path(os.environ.get("MOLF_DATA") or Path(__file__).resolve().parent.parent / "data")
+    """The shipped data folder (``molf.lab.paths.data_dir``: ``$MOLF_DATA``, else the checkout's ``data/``)."""
+    return paths.data_dir()
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -300,7 +301,7 @@ def _load_hub(name: str, split: str, limit: int | None) -> list[dict]:
         validate_row(name, row, where)
         rows.append(row)
     if skipped:
-        warnings.warn(f"{label}: skipped " + ", ".join(f"{n} rows ({why})" for why, n in skipped.items()))
+        warnings.warn(f"{label}: skipped " + ", ".join(f"{n} rows ({why})" for why, n in skipped.items()), stacklevel=2)
     return rows
 
 
@@ -619,7 +620,7 @@ def _evaluate_fact(model, tokenizer, rows, batch_size) -> dict[str, float]:
                 kinds.append(kind)
     if skipped:
         warnings.warn(f"fact: skipped {skipped} of {len(rows)} records whose target_new and target_true "
-                      f"start with the same token")
+                      f"start with the same token", stacklevel=2)
     if not prompts:
         raise ValueError("fact: no record has target_new and target_true with different first tokens")
     scores = _next_token_logprobs(model, tokenizer, prompts, candidates, batch_size)
@@ -641,11 +642,11 @@ def _evaluate_fact(model, tokenizer, rows, batch_size) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m molf.tasks", description="MoLF task data and metrics")
+    parser = argparse.ArgumentParser(prog="python -m molf.lab.tasks", description="MoLF task data and metrics")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("evaluate", help="print a model's metrics on a task split as JSON")
     run.add_argument("--task", required=True, choices=TASKS)
-    run.add_argument("--model", default="smollm2-135m", help="a name for molf.models.load (default smollm2-135m)")
+    run.add_argument("--model", default="smollm2-135m", help="a name for molf.lab.models.load (default smollm2-135m)")
     run.add_argument("--split", default="test", choices=SPLITS)
     run.add_argument("--source", default="local", choices=SOURCES)
     run.add_argument("--limit", type=int, default=None)

@@ -14,7 +14,7 @@ A run directory holds
     checkpoint.pt      model, optimizer (with routing counters), scheduler, RNG and step: the resume
                        point while a run is unfinished (removed at the end unless keep_checkpoint)
     model/             the final merged model, a plain ``transformers`` checkpoint (+ tokenizer)
-``molf.runs.load(out_dir)`` reads it all back into pandas.
+``molf.lab.runs.load(out_dir)`` reads it all back into pandas.
 
 Resuming: ``run(config)`` on a directory holding a checkpoint of the same config continues from it and
 ends identical to an uninterrupted run (the data order is a pure function of the seed and the step).
@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..model import merge, param_groups, wrap, wrapped_modules
+from ..optim import MoLFAdamW
+from ..router import SCORES
+from ..routing_log import RoutingRecord
 from . import models, runs, tasks
-from .layer import MoLFLinear
-from .model import merge, param_groups, wrap, wrapped_modules
-from .optim import MoLFAdamW
-from .router import SCORES
 
 METHODS = ("fft", "lora", "dora", "adalora", "molf", "molf_e")
 MOLF_METHODS = ("molf", "molf_e")
@@ -121,7 +121,7 @@ class TrainConfig:
     dtype: str = "float32"             # "float32" or "bfloat16"
     progress: bool = True
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """Validate and fill the method's defaults; raise ``ValueError`` before any training starts."""
         _validate(self)
         values = dataclasses.asdict(self)
@@ -217,7 +217,7 @@ class Run:
     tokenizer: object = field(default=None, repr=False)
 
     def load(self):
-        """All logs of this run as pandas DataFrames (``molf.runs.load``)."""
+        """All logs of this run as pandas DataFrames (``molf.lab.runs.load``)."""
         return runs.load(self.out_dir)
 
 
@@ -451,7 +451,7 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
             if c.method == "adalora":
                 model.base_model.update_and_allocate(step)
             if routing_file:
-                routing_file.write(runs.routing_line(step, lr, optimizer))
+                routing_file.write(RoutingRecord.from_optimizer(optimizer, step, lr=lr).to_json())
             elapsed = time.perf_counter() - began
             step_times.append(elapsed)
             steps_log.writerow([step, loss_value, lr, float(grad_norm), elapsed])

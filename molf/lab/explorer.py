@@ -1,6 +1,6 @@
 """Router explorer: an ipywidgets app for JupyterLab over MoLF runs, plus a live training view.
 
-    from molf.explorer import RouterExplorer, explore, live
+    from molf.lab.explorer import RouterExplorer, explore, live
     RouterExplorer("runs/train/<run>")      # one run: step slider, layer / module-type pickers
     explore("runs")                         # pick any routed run found under a folder
     live(TrainConfig(...), chunk=4)         # train in resumable chunks, redraw the routing map each time
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
 
@@ -274,7 +273,7 @@ def live_frame(data, expert: str | None = None):
 
 
 def live(config, chunk: int = 4, display: bool = True, on_frame=None):
-    """Train ``config`` (a ``molf.train.TrainConfig``) in chunks of ``chunk`` steps, redrawing the routing
+    """Train ``config`` (a ``molf.lab.train.TrainConfig``) in chunks of ``chunk`` steps, redrawing the routing
     map after each chunk (resumable: each chunk is ``train.run(config, stop_after=chunk)``).
 
     In a notebook the picture updates in place (one display handle); ``on_frame(fig, data)`` is called
