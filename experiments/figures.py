@@ -15,7 +15,7 @@ Reads results/main.csv (the runs picked on validation) and the routing logs of i
                                                   module type), agreement with the final routing at 10/25/50%
                                                   of training, settling step
 "final routing" = each module's most frequent winner over the last half of training; "settling step" =
-the first step from which the 3-step mean agreement stays >= 0.9 (molf.lab.plots.settling_step).
+the first step from which the 3-step mean agreement stays >= 0.9 (molf.lab.analysis.settling_step).
 """
 from __future__ import annotations
 
@@ -32,26 +32,26 @@ import pandas as pd  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf.lab import plots, runs  # noqa: E402
+from molf.lab import analysis, plots, runs  # noqa: E402
 
 ROUTED = ("molf", "molf_e")
 
 
 def dynamics_row(data, table: pd.DataFrame, task: str, method: str, seed: int) -> dict:
-    """One row of results/routing_dynamics.csv; ``table`` is ``plots.agreement_with_final(data)``."""
+    """One row of results/routing_dynamics.csv; ``table`` is ``analysis.agreement_with_final(data)``."""
     steps = table["step"].to_numpy()
-    expert = plots.default_expert(data)
+    expert = analysis.default_expert(data)
 
     def at(fraction: float) -> float:
         return float(table["agreement"].iloc[min(len(steps) - 1, int(round(fraction * (len(steps) - 1))))])
 
-    per_type = plots.win_table(data, expert).groupby("module_type")["win_fraction"].mean()
+    per_type = analysis.win_table(data, expert).groupby("module_type")["win_fraction"].mean()
     return {"task": task, "method": method, "seed": seed, "steps": len(steps), "expert": expert,
-            "win_share": plots.overall_win_share(data)[expert],
+            "win_share": analysis.overall_win_share(data)[expert],
             **{f"win_share_{t}": float(v) for t, v in per_type.items()},
             "agreement_10pct": at(0.10), "agreement_25pct": at(0.25), "agreement_50pct": at(0.50),
-            "settling_step": plots.settling_step(table, threshold=0.9, window=3),
-            "mean_switch_rate": float(plots.switch_table(data)["switch_rate"].mean())}
+            "settling_step": analysis.settling_step(table, threshold=0.9, window=3),
+            "mean_switch_rate": float(analysis.switch_table(data)["switch_rate"].mean())}
 
 
 def main(argv=None) -> int:
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     rows, curves, heatmaps, drawn = [], {}, {}, set()
     for _, r in picked.iterrows():  # sorted by seed: the first run of each (task, method) is drawn
         data = runs.load(args.results / r["dir"])
-        agreement = plots.agreement_with_final(data)
+        agreement = analysis.agreement_with_final(data)
         rows.append(dynamics_row(data, agreement, r["task"], r["method"], int(r["seed"])))
         curves[f"{r['task']} {plots.method_label(r['method'])} s{int(r['seed'])}"] = agreement
         if (r["task"], r["method"]) not in drawn:

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf.lab import tasks  # noqa: E402
+from molf.lab import analysis, tasks  # noqa: E402
 from molf.lab.train import TrainConfig, run  # noqa: E402
 
 LR_FIELD = {"fft": "lr", "lora": "lr", "dora": "lr", "adalora": "lr"}  # molf/molf_e sweep lr_fft & lr_lora
@@ -131,7 +131,7 @@ def finished_row(out: Path, results: Path, task, label, lr, seed, topk: int | No
         return None
     m = json.loads((out / "metrics.json").read_text())
     return {"task": task, "method": label, "lr": lr, "seed": seed, "dir": str(out.relative_to(results)),
-            "val_score": m["metrics"][m["primary_metric"]], "primary_metric": m["primary_metric"],
+            "val_score": analysis.primary_score(m), "primary_metric": m["primary_metric"],
             "final_loss": m["final_loss"], "train_time_s": m["train_time_s"],
             "trainable_params": m["trainable_params"], **update_shares(m, topk)}
 

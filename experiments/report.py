@@ -17,7 +17,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf.lab.plots import MODULE_TYPES, method_label  # noqa: E402
+from molf.lab.analysis import MODULE_TYPES  # noqa: E402
+from molf.lab.plots import method_label  # noqa: E402
 
 METHOD_ORDER = ["fft", "lora", "molf", "molf_e", "adalora", "dora"]
 METRIC = {"fact": "efficacy", "mcq": "accuracy", "sql": "execution accuracy"}

@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from molf.lab import plots, runs, suite
+from molf.lab import analysis, plots, runs, suite
 
 NOTEBOOK = "{name}"
 common = dict(model=model, task=task, steps=steps, batch_size=batch_size, seq_len=seq_len,
@@ -139,7 +139,7 @@ its config, so the other notebooks reuse this exact run instead of training it a
 '''),
         code('''
 data = suite.train(runs_dir, method="molf", **common, **molf_hp)
-stability = plots.stability_summary(data.steps)
+stability = analysis.stability_summary(data.steps)
 fig = plots.loss_curves({"molf": data}, title=f"MoLF training loss ({plots.run_title(data)})")
 save(fig, "loss")
 '''),
@@ -159,7 +159,7 @@ save(fig, "routing_heatmap")
         code('''
 fig = plots.routing_summary_bars(data)
 save(fig, "routing_by_type")
-share = plots.overall_win_share(data)
+share = analysis.overall_win_share(data)
 print("share of all (module, step) decisions won:", {e: round(v, 3) for e, v in share.items()})
 '''),
         md('''
@@ -177,7 +177,7 @@ results = {
     "final_loss": m["final_loss"], "primary_metric": m["primary_metric"],
     "metric": (m["metrics"] or {}).get(m["primary_metric"]), "metrics": m["metrics"],
     "win_share": share, "stability": stability,
-    "routing_heatmap": plots.heatmap_cells(data),
+    "routing_heatmap": analysis.heatmap_cells(data),
 }
 suite.write_results(runs_dir, NOTEBOOK, results)
 pd.Series({k: v for k, v in results.items() if not isinstance(v, (dict, list))})
@@ -229,7 +229,7 @@ spike_k = 3.0               # a spike: loss > rolling mean + spike_k * rolling s
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from molf.lab import plots, runs, suite
+from molf.lab import analysis, plots, runs, suite
 
 NOTEBOOK = "01_train"
 hp = dict(lr=lr, wd=wd, lr_fft=lr_fft, lr_lora=lr_lora, wd_fft=wd_fft, wd_lora=wd_lora, ranks=ranks,
@@ -257,7 +257,7 @@ of the previous steps by more than `spike_k` standard deviations). The lower pan
 standard deviation: how noisy training is.
 '''),
         code('''
-stability = plots.stability_summary(data.steps, window=window, k=spike_k)
+stability = analysis.stability_summary(data.steps, window=window, k=spike_k)
 fig = plots.loss_curves({method: data}, window=window, k=spike_k, title=f"Training loss: {plots.run_title(data)}")
 save(fig, "loss")
 pd.Series(stability, dtype=object).to_frame("stability")
@@ -299,8 +299,8 @@ results = {
     "train_time_s": m["train_time_s"], "step_time_s": m["step_time_s"],
     "trainable_params": m["trainable_params"], "optimizer_state_bytes": m["optimizer_state_bytes"],
     "peak_memory_bytes": m["peak_memory_bytes"], "stability": stability,
-    "win_share": plots.overall_win_share(data) if routed else None,
-    "routing_heatmap": plots.heatmap_cells(data) if routed else None,
+    "win_share": analysis.overall_win_share(data) if routed else None,
+    "routing_heatmap": analysis.heatmap_cells(data) if routed else None,
 }
 suite.write_results(runs_dir, NOTEBOOK, results)
 pd.Series({k: v for k, v in results.items() if not isinstance(v, (dict, list))}, dtype=object)
@@ -341,8 +341,8 @@ dense weight; 0: always its LoRA expert).
         code('''
 fig = plots.routing_heatmap(data)
 save(fig, "routing_heatmap")
-heatmap = plots.heatmap_cells(data)
-print(f"{len(heatmap)} modules; FFT won {plots.overall_win_share(data)['fft']:.1%} of all decisions")
+heatmap = analysis.heatmap_cells(data)
+print(f"{len(heatmap)} modules; FFT won {analysis.overall_win_share(data)['fft']:.1%} of all decisions")
 '''),
         md('''
 ## 2. When: routing over training time
@@ -354,7 +354,7 @@ once the warm-up ends or the cosine schedule decays).
         code('''
 fig = plots.win_fraction_over_time(data, windows=windows)
 save(fig, "routing_over_time")
-over_time = plots.windowed_win_fraction(data, windows=windows)
+over_time = analysis.windowed_win_fraction(data, windows=windows)
 per_window = over_time.groupby("window").agg(step_start=("step_start", "first"), step_end=("step_end", "first"),
                                              fft_win_fraction=("win_fraction", "mean"))
 per_window
@@ -368,7 +368,7 @@ its mind; values near 1 = it alternates almost every step (the two experts' scor
         code('''
 fig = plots.switch_frequency_plot(data)
 save(fig, "switch_frequency")
-switches = plots.switch_table(data)
+switches = analysis.switch_table(data)
 switches.groupby("module_type")["switch_rate"].mean().rename("mean switch rate").to_frame().T
 '''),
         md('''
@@ -379,7 +379,7 @@ expert that won the step. Picked by default: the module that switched most, the 
 the most LoRA-dominated and a few spread over the layers.
 '''),
         code('''
-modules = trace_modules or plots.pick_trace_modules(data, n=3)
+modules = trace_modules or analysis.pick_trace_modules(data, n=3)
 fig = plots.score_traces(data, modules)
 save(fig, "score_traces")
 '''),
@@ -400,15 +400,15 @@ save(fig, "epd_vs_pfn")
         code('''
 results = {
     "notebook": NOTEBOOK, "run_dir": str(data.path), "steps": data.metrics["steps"],
-    "win_share": plots.overall_win_share(data),
+    "win_share": analysis.overall_win_share(data),
     "routing_heatmap": heatmap,
     "routing_over_time": per_window.reset_index().to_dict(orient="records"),
     "switch_rate": {r.module: r.switch_rate for r in switches.itertuples()},
     "mean_switch_rate": float(switches["switch_rate"].mean()),
     "traced_modules": modules,
     "contrast": {"score": other, "run_dir": str(contrast.path),
-                 "win_share": plots.overall_win_share(contrast),
-                 "routing_heatmap": plots.heatmap_cells(contrast)},
+                 "win_share": analysis.overall_win_share(contrast),
+                 "routing_heatmap": analysis.heatmap_cells(contrast)},
 }
 suite.write_results(runs_dir, NOTEBOOK, results)
 print({k: results[k] for k in ("win_share", "mean_switch_rate")}, results["contrast"]["win_share"])
@@ -465,7 +465,7 @@ all_runs = {m: suite.train(runs_dir, **settings_for(m)) for m in methods}
 fig = plots.loss_curves(all_runs, window=window, k=spike_k,
                         title=f"Training loss per method ({model}, {task}, {steps} steps)")
 save(fig, "loss")
-stability = {m: plots.stability_summary(d.steps, window=window, k=spike_k) for m, d in all_runs.items()}
+stability = {m: analysis.stability_summary(d.steps, window=window, k=spike_k) for m, d in all_runs.items()}
 pd.DataFrame(stability).T[["final_loss", "min_loss", "rolling_std_mean", "rolling_std_max", "n_spikes"]]
 '''),
         md('''
@@ -482,7 +482,7 @@ save(fig, "grad_norms")
 ## Final metrics and cost
 '''),
         code('''
-table = plots.metrics_table(all_runs)
+table = analysis.metrics_table(all_runs)
 fig = plots.metrics_overview(table, title=f"After {steps} steps on {task} ({model})")
 save(fig, "metrics")
 fig = plots.cost_overview(table, title=f"Cost per method ({model}, batch {batch_size} x {seq_len} tokens)")
@@ -495,7 +495,7 @@ results = {
     "table": table.to_dict(orient="records"),
     "stability": stability,
     "run_dirs": {m: str(d.path) for m, d in all_runs.items()},
-    "routing_heatmap": {m: plots.heatmap_cells(d) for m, d in all_runs.items() if d.routing is not None},
+    "routing_heatmap": {m: analysis.heatmap_cells(d) for m, d in all_runs.items() if d.routing is not None},
 }
 suite.write_results(runs_dir, NOTEBOOK, results)
 '''),
@@ -570,12 +570,12 @@ data = app.data
 results = {
     "notebook": NOTEBOOK, "run_dir": str(app.run_dir), "steps_logged": len(app.steps),
     "layers": app.layers, "module_types": app.types,
-    "win_share": plots.overall_win_share(data),
-    "routing_heatmap": plots.heatmap_cells(data),
+    "win_share": analysis.overall_win_share(data),
+    "routing_heatmap": analysis.heatmap_cells(data),
     "live": None if live_result is None else {
         "run_dir": str(live_result.out_dir), "steps": live_result.metrics["steps"],
         "final_loss": live_result.metrics["final_loss"],
-        "win_share": plots.overall_win_share(runs.load(live_result.out_dir))},
+        "win_share": analysis.overall_win_share(runs.load(live_result.out_dir))},
 }
 suite.write_results(runs_dir, NOTEBOOK, results)
 '''),
@@ -634,8 +634,8 @@ for axis, runs_of_axis in ablations.items():
     save(plots.ablation_plot(runs_of_axis, axis), slug)
     for label, d in runs_of_axis.items():
         m = d.metrics
-        summary.append({"axis": axis, "setting": label, "fft_win_share": plots.overall_win_share(d)["fft"],
-                        "mean_switch_rate": float(plots.switch_table(d)["switch_rate"].mean()),
+        summary.append({"axis": axis, "setting": label, "fft_win_share": analysis.overall_win_share(d)["fft"],
+                        "mean_switch_rate": float(analysis.switch_table(d)["switch_rate"].mean()),
                         "final_loss": m["final_loss"], "primary_metric": m["primary_metric"],
                         "metric": (m["metrics"] or {}).get(m["primary_metric"]), "run_dir": str(d.path)})
 summary = pd.DataFrame(summary)
@@ -648,7 +648,7 @@ same factor, so the map tilts towards LoRA; lowering it hands modules to the FFT
 '''),
         code('''
 results = {"notebook": NOTEBOOK, "steps": steps, "ablations": summary.to_dict(orient="records"),
-           "routing_heatmap": {f"{r['axis']}: {r['setting']}": plots.heatmap_cells(ablations[r['axis']][r['setting']])
+           "routing_heatmap": {f"{r['axis']}: {r['setting']}": analysis.heatmap_cells(ablations[r['axis']][r['setting']])
                                for r in summary.to_dict(orient="records")}}
 suite.write_results(runs_dir, NOTEBOOK, results)
 '''),

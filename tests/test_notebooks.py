@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from molf.lab import plots, suite
+from molf.lab import analysis, plots, suite
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
@@ -257,13 +257,13 @@ def test_unknown_parameter_is_refused_before_running(tmp_path):
 def test_stability_summary_finds_a_spike_and_only_it():
     loss = [3.0, 2.9, 3.05, 2.95, 3.0, 2.98, 3.02, 9.0, 2.97, 3.01, 2.99]
     steps = pd.DataFrame({"step": range(len(loss)), "loss": loss})
-    summary = plots.stability_summary(steps, window=5, k=3.0)
+    summary = analysis.stability_summary(steps, window=5, k=3.0)
     assert summary["n_spikes"] == 1 and summary["spike_steps"] == [7]
     assert summary["final_loss"] == 2.99 and summary["rolling_std_max"] > 2
-    flat = plots.stability_summary(pd.DataFrame({"step": range(20), "loss": np.linspace(3, 2, 20)}))
+    flat = analysis.stability_summary(pd.DataFrame({"step": range(20), "loss": np.linspace(3, 2, 20)}))
     assert flat["n_spikes"] == 0
     with pytest.raises(ValueError, match="window"):
-        plots.stability_summary(steps, window=1)
+        analysis.stability_summary(steps, window=1)
 
 
 def test_switch_table_counts_winner_changes():
@@ -275,11 +275,11 @@ def test_switch_table_counts_winner_changes():
             rows.append({"step": step, "module": "model.layers.0.mlp.down_proj", "layer": 0,
                          "module_type": "down_proj", "expert": expert, "score": 1.0, "won": expert == "fft",
                          "lr": 1e-4})
-    table = plots.switch_table(pd.DataFrame(rows)).set_index("module")
+    table = analysis.switch_table(pd.DataFrame(rows)).set_index("module")
     assert table.loc["model.layers.0.mlp.up_proj", "switches"] == 2
     assert table.loc["model.layers.0.mlp.up_proj", "switch_rate"] == pytest.approx(0.5)
     assert table.loc["model.layers.0.mlp.down_proj", "switch_rate"] == 0.0
-    wins = plots.win_table(pd.DataFrame(rows), "fft").set_index("module")["win_fraction"]
+    wins = analysis.win_table(pd.DataFrame(rows), "fft").set_index("module")["win_fraction"]
     assert wins["model.layers.0.mlp.up_proj"] == pytest.approx(0.8)
 
 
@@ -298,14 +298,14 @@ def test_agreement_with_final_and_settling_step():
         "model.layers.0.mlp.up_proj": ["lora0", "fft", "fft", "fft", "fft", "fft", "fft", "fft"],
         "model.layers.0.mlp.down_proj": ["fft", "fft", "lora0", "lora0", "lora0", "lora0", "lora0", "fft"],
     })
-    table = plots.agreement_with_final(routing, final_fraction=0.5)
+    table = analysis.agreement_with_final(routing, final_fraction=0.5)
     # final routing (steps 4-7): up_proj -> fft (4 of 4); down_proj -> lora0 (3 of 4)
     assert list(table["step"]) == list(range(8))
     assert list(table["agreement"]) == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5]
-    assert plots.settling_step(table, threshold=0.8, window=3) == 3   # 3-step means from step 3 on: .83, 1, 1, 1, .83
-    assert plots.settling_step(table, threshold=1.0, window=1) is None  # the last step disagrees
+    assert analysis.settling_step(table, threshold=0.8, window=3) == 3   # 3-step means from step 3 on: .83, 1, 1, 1, .83
+    assert analysis.settling_step(table, threshold=1.0, window=1) is None  # the last step disagrees
     with pytest.raises(ValueError, match="final_fraction"):
-        plots.agreement_with_final(routing, final_fraction=0.0)
+        analysis.agreement_with_final(routing, final_fraction=0.0)
     fig = plots.agreement_plot({"toy": table})
     assert fig.axes[0].get_ylabel().endswith("(fraction)")
     fig = plots.routing_heatmaps_over_time(routing, "fft", windows=2)

@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
 
-from . import plots, runs
+from . import analysis, plots, runs
 
 MODES = ("decision at step", "cumulative win share")
 
@@ -42,12 +42,12 @@ class RouterExplorer:
     def __init__(self, run_dir, expert: str | None = None):
         self.run_dir = Path(run_dir)
         self.data = runs.load(self.run_dir)
-        routing = plots._routing(self.data)
-        self.expert = expert or plots.default_expert(self.data)
-        self.experts = plots.experts_of(self.data)
+        routing = analysis.routing_of(self.data)
+        self.expert = expert or analysis.default_expert(self.data)
+        self.experts = analysis.experts_of(self.data)
         self.steps = np.sort(routing["step"].unique())
         self.layers = sorted(int(l) for l in routing["layer"].unique())
-        self.types = plots._type_order(routing["module_type"])
+        self.types = analysis.type_order(routing["module_type"])
         self.modules = (routing[["module", "layer", "module_type"]].drop_duplicates("module")
                         .set_index(["layer", "module_type"])["module"].to_dict())
         # [step, layer, type] arrays: index of the (first) winning expert, and the tracked expert's wins.
@@ -111,7 +111,7 @@ class RouterExplorer:
             fig.colorbar(image, ax=ax_map, label=f"share of steps 0..{step} won by "
                                                  f"{plots.expert_label(self.expert, config)} (fraction)")
             ax_map.set_title(f"Cumulative win share up to step {step}")
-        ax_map.set_xticks(range(len(self.types)), [plots._short_type(t) for t in self.types])
+        ax_map.set_xticks(range(len(self.types)), [plots.short_type(t) for t in self.types])
         ax_map.set_yticks(range(len(self.layers)), self.layers, fontsize=7 if len(self.layers) > 12 else 9)
         ax_map.set_xlabel("module type (projection)")
         ax_map.set_ylabel("decoder layer (index)")
@@ -145,7 +145,7 @@ class RouterExplorer:
                              label=f"{plots.expert_label(expert, config)} (filled: won)")
             ax_layer.scatter(x[~won], values[~won], s=60, facecolor="white", edgecolor=color, lw=1.5)
         ax_layer.axvspan(ti - 0.5, ti + 0.5, color="grey", alpha=0.15)
-        ax_layer.set_xticks(range(len(self.types)), [plots._short_type(t) for t in self.types])
+        ax_layer.set_xticks(range(len(self.types)), [plots.short_type(t) for t in self.types])
         ax_layer.set_xlim(-0.5, len(self.types) - 0.5)
         ax_layer.set_xlabel("module type (projection)")
         ax_layer.set_ylabel("log10 routing score")
@@ -158,7 +158,7 @@ class RouterExplorer:
     def render_final_frame(self, mode: str = MODES[1], layer: int | None = None, module_type: str | None = None):
         """The picture at the last logged step (for headless runs); default module: the most switching."""
         if layer is None or module_type is None:
-            busiest = plots.switch_table(self.data).sort_values("switches", ascending=False, kind="stable").iloc[0]
+            busiest = analysis.switch_table(self.data).sort_values("switches", ascending=False, kind="stable").iloc[0]
             layer, module_type = int(busiest["layer"]), busiest["module_type"]
         return self.frame(int(self.steps[-1]), layer, module_type, mode)
 
@@ -212,7 +212,7 @@ class RouterExplorer:
         return box
 
     def render_defaults(self) -> tuple[int, str]:
-        busiest = plots.switch_table(self.data).sort_values("switches", ascending=False, kind="stable").iloc[0]
+        busiest = analysis.switch_table(self.data).sort_values("switches", ascending=False, kind="stable").iloc[0]
         return int(busiest["layer"]), busiest["module_type"]
 
     def _ipython_display_(self):
@@ -255,7 +255,7 @@ def _describe(path: Path) -> str:
 # ---------------------------------------------------------------------------- live training
 def live_frame(data, expert: str | None = None):
     """Routing map (cumulative win share so far) and the loss so far of a run in progress."""
-    expert = expert or plots.default_expert(data)
+    expert = expert or analysis.default_expert(data)
     n_layers = data.routing["layer"].nunique()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(3.8, 1.2 + 0.22 * n_layers)), layout="constrained",
                                       gridspec_kw={"width_ratios": [1, 1.2]})

@@ -1,4 +1,6 @@
-"""Plots and tables for MoLF runs (the notebooks call these; every function returns its Figure).
+"""Figures of MoLF runs (the notebooks call these; every function returns its Figure).
+
+The tables behind them come from ``molf.lab.analysis``; this module only draws.
 
 Inputs are ``molf.lab.runs.RunData`` objects (``molf.lab.runs.load(out_dir)``) or their DataFrames. Every figure
 has a title and axis labels with units; ``save(fig, path)`` writes it as a PNG.
@@ -20,7 +22,23 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .analysis import (
+    default_expert,
+    experts_of,
+    heatmap_grid,
+    module_grad_norms,
+    overall_win_share,
+    pick_trace_modules,
+    primary_score,
+    routing_of,
+    score_table,
+    spike_mask,
+    switch_table,
+    type_order,
+    win_table,
+    windowed_win_fraction,
+)
+
 WIN_CMAP = "coolwarm"
 METHOD_COLORS = {"fft": "#d62728", "lora": "#1f77b4", "dora": "#17becf", "adalora": "#9467bd",
                  "molf": "#2ca02c", "molf_e": "#ff7f0e"}
@@ -47,25 +65,10 @@ def method_color(method: str, index: int = 0):
     return METHOD_COLORS.get(method, plt.cm.tab10(index % 10))
 
 
-def _routing(data) -> pd.DataFrame:
-    routing = getattr(data, "routing", data)
-    if routing is None or not isinstance(routing, pd.DataFrame) or routing.empty:
-        path = getattr(data, "path", "this run")
-        raise ValueError(f"{path} has no routing log: only molf and molf_e runs route")
-    return routing
 
 
-def experts_of(data) -> list[str]:
-    """Expert names of a routed run, in order (``fft`` first, then ``lora0``, ``lora1``, ...)."""
-    names = list(dict.fromkeys(_routing(data)["expert"]))
-    return sorted(names, key=lambda e: (e != "fft", len(e), e))
 
 
-def default_expert(data) -> str:
-    """The expert whose win fraction the routing plots show: ``fft`` if the run has one, else the last
-    LoRA expert (MoLF-E)."""
-    names = experts_of(data)
-    return "fft" if "fft" in names else names[-1]
 
 
 def expert_label(expert: str, config: dict | None = None) -> str:
@@ -80,12 +83,9 @@ def expert_label(expert: str, config: dict | None = None) -> str:
     return expert
 
 
-def _type_order(types) -> list[str]:
-    present = list(dict.fromkeys(types))
-    return [t for t in MODULE_TYPES if t in present] + sorted(t for t in present if t not in MODULE_TYPES)
 
 
-def _short_type(t: str) -> str:
+def short_type(t: str) -> str:
     return t.removesuffix("_proj")
 
 
@@ -97,132 +97,24 @@ def run_title(data) -> str:
 
 
 # ---------------------------------------------------------------------------- routing tables
-def win_table(data, expert: str | None = None) -> pd.DataFrame:
-    """One row per wrapped module: module, layer, module_type, steps, win_fraction of ``expert``."""
-    routing = _routing(data)
-    expert = expert or default_expert(data)
-    rows = routing[routing["expert"] == expert]
-    if rows.empty:
-        raise ValueError(f"expert {expert!r} is not in this run; it has {experts_of(data)}")
-    table = (rows.groupby(["module", "layer", "module_type"], sort=False)["won"]
-             .agg(["mean", "size"]).reset_index().rename(columns={"mean": "win_fraction", "size": "steps"}))
-    return table.sort_values(["layer", "module_type"], key=_sort_key).reset_index(drop=True)
 
 
-def _sort_key(column: pd.Series) -> pd.Series:
-    if column.name == "module_type":
-        order = {t: i for i, t in enumerate(MODULE_TYPES)}
-        return column.map(lambda t: order.get(t, len(order)))
-    return column
 
 
-def heatmap_grid(table: pd.DataFrame, value: str = "win_fraction") -> pd.DataFrame:
-    """``table`` (one row per module) as a layer x module-type grid (rows: layers, columns: types)."""
-    grid = table.pivot_table(index="layer", columns="module_type", values=value, aggfunc="mean")
-    return grid.reindex(columns=_type_order(table["module_type"])).sort_index()
 
 
-def heatmap_cells(data, expert: str | None = None) -> list[dict]:
-    """The routing heatmap's data as JSON-ready cells: one per wrapped module
-    (``module``, ``layer``, ``module_type``, ``expert``, ``win_fraction``, ``steps``)."""
-    expert = expert or default_expert(data)
-    table = win_table(data, expert)
-    return [{"module": r.module, "layer": int(r.layer), "module_type": r.module_type, "expert": expert,
-             "win_fraction": float(r.win_fraction), "steps": int(r.steps)} for r in table.itertuples()]
 
 
-def overall_win_share(data) -> dict[str, float]:
-    """Expert -> share of all (module, step) decisions it won."""
-    routing = _routing(data)
-    per = routing.groupby("expert")["won"].mean()
-    return {e: float(per[e]) for e in experts_of(data)}
 
 
-def windowed_win_fraction(data, expert: str | None = None, windows: int = 8) -> pd.DataFrame:
-    """Win fraction of ``expert`` per window of consecutive steps, per module.
-
-    Columns: window, step_start, step_end (inclusive), module, layer, module_type, win_fraction.
-    ``windows`` is capped at the number of logged steps.
-    """
-    routing = _routing(data)
-    expert = expert or default_expert(data)
-    rows = routing[routing["expert"] == expert].copy()
-    steps = np.sort(rows["step"].unique())
-    n = max(1, min(int(windows), len(steps)))
-    edges = np.array_split(steps, n)
-    window_of = {s: i for i, chunk in enumerate(edges) for s in chunk}
-    rows["window"] = rows["step"].map(window_of)
-    out = (rows.groupby(["window", "module", "layer", "module_type"], sort=False)["won"].mean()
-           .rename("win_fraction").reset_index())
-    out["step_start"] = out["window"].map(lambda w: int(edges[w][0]))
-    out["step_end"] = out["window"].map(lambda w: int(edges[w][-1]))
-    return out[["window", "step_start", "step_end", "module", "layer", "module_type", "win_fraction"]]
 
 
-def _winner_sets(routing: pd.DataFrame) -> pd.DataFrame:
-    """One row per (module, step) with a winner: its winner set as one string (``"fft"``, ``"fft,lora0"``)."""
-    won = routing[routing["won"]].sort_values(["module", "step", "expert"])
-    return won.groupby(["module", "step"])["expert"].agg(",".join).reset_index()
 
 
-def switch_table(data) -> pd.DataFrame:
-    """Per module: switches (steps whose winner set differs from the previous step's), transitions
-    (consecutive step pairs) and switch_rate = switches / transitions (0 when only one step)."""
-    routing = _routing(data)
-    winners = _winner_sets(routing)
-    all_steps = routing[["module", "layer", "module_type"]].drop_duplicates("module")
-    records = []
-    for module, group in winners.groupby("module", sort=False):
-        seq = group.sort_values("step")["expert"].tolist()
-        switches = sum(a != b for a, b in zip(seq, seq[1:]))
-        records.append((module, switches, max(0, len(seq) - 1)))
-    table = pd.DataFrame(records, columns=["module", "switches", "transitions"])
-    table = all_steps.merge(table, on="module", how="left").fillna({"switches": 0, "transitions": 0})
-    table["switches"] = table["switches"].astype(int)
-    table["transitions"] = table["transitions"].astype(int)
-    table["switch_rate"] = np.where(table["transitions"] > 0,
-                                    table["switches"] / table["transitions"].clip(lower=1), 0.0)
-    return table.sort_values(["layer", "module_type"], key=_sort_key).reset_index(drop=True)
 
 
-def agreement_with_final(data, final_fraction: float = 0.5) -> pd.DataFrame:
-    """How early routing settles: per step, the share of modules whose winner set equals that module's
-    most frequent winner set over the last ``final_fraction`` of training (its "final" routing).
-
-    Columns: step, agreement (fraction of modules). A curve that reaches ~1 early and stays there means
-    early specialisation (paper claim 4); a curve near the chance level means routing keeps changing.
-    Ties for the most frequent winner set go to the set seen last.
-    """
-    if not 0.0 < final_fraction <= 1.0:
-        raise ValueError(f"final_fraction must be in (0, 1], got {final_fraction!r}")
-    routing = _routing(data)
-    winners = _winner_sets(routing)
-    steps = np.sort(routing["step"].unique())
-    cut = steps[int(math.floor(len(steps) * (1.0 - final_fraction)))] if len(steps) else 0
-    final = {}
-    for module, group in winners[winners["step"] >= cut].groupby("module"):
-        counts = group["expert"].iloc[::-1].value_counts(sort=True)  # stable: ties keep the later-seen
-        final[module] = counts.index[0]
-    winners["agrees"] = [final.get(m) == w for m, w in zip(winners["module"], winners["expert"])]
-    n_modules = routing["module"].nunique()
-    out = winners.groupby("step")["agrees"].sum().reindex(steps, fill_value=0) / max(1, n_modules)
-    return out.rename("agreement").rename_axis("step").reset_index()
 
 
-def settling_step(agreement: pd.DataFrame, threshold: float = 0.9, window: int = 3) -> int | None:
-    """The step by which routing has settled: the first step at which the mean agreement over the last
-    ``window`` steps (that step included) is >= ``threshold`` and stays so until the end of training;
-    None if it never does."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window!r}")
-    rolling = agreement["agreement"].rolling(window, min_periods=1).mean().to_numpy()
-    ok = rolling >= threshold
-    if not ok[-1]:
-        return None
-    first = len(ok) - 1
-    while first > 0 and ok[first - 1]:
-        first -= 1
-    return int(agreement["step"].iloc[first])
 
 
 def agreement_plot(curves: dict, title: str | None = None, ax=None):
@@ -239,32 +131,8 @@ def agreement_plot(curves: dict, title: str | None = None, ax=None):
     return fig
 
 
-def score_table(data, modules) -> pd.DataFrame:
-    """Scores of every expert of ``modules`` over steps: step, module, expert, score, log10_score, won."""
-    routing = _routing(data)
-    rows = routing[routing["module"].isin(list(modules))].copy()
-    with np.errstate(divide="ignore"):
-        rows["log10_score"] = np.log10(rows["score"].where(rows["score"] > 0))
-    return rows[["step", "module", "layer", "module_type", "expert", "score", "log10_score", "won"]]
 
 
-def pick_trace_modules(data, n: int = 3, expert: str | None = None) -> list[str]:
-    """Modules worth tracing: the one that switched most, the most ``expert``-dominated, the least, then
-    spread over layers. Deterministic."""
-    wins = win_table(data, expert).set_index("module")
-    switches = switch_table(data).set_index("module")["switches"]
-    picked: list[str] = []
-
-    def add(module):
-        if module not in picked and len(picked) < n:
-            picked.append(module)
-
-    add(switches.sort_values(ascending=False, kind="stable").index[0])
-    add(wins["win_fraction"].sort_values(ascending=False, kind="stable").index[0])
-    add(wins["win_fraction"].sort_values(ascending=True, kind="stable").index[0])
-    for module in wins.index[np.linspace(0, len(wins) - 1, num=max(n, 1)).round().astype(int)]:
-        add(module)
-    return picked
 
 
 # ---------------------------------------------------------------------------- routing figures
@@ -276,7 +144,7 @@ def _draw_grid(ax, grid: pd.DataFrame, cmap, vmin, vmax, annotate: bool | None, 
     sns.heatmap(grid, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, annot=annotate, fmt=fmt,
                 annot_kws={"fontsize": 7}, linewidths=0.3, linecolor="white", cbar=colorbar,
                 cbar_kws={"label": label} if colorbar else None,
-                xticklabels=[_short_type(t) for t in grid.columns], yticklabels=list(grid.index))
+                xticklabels=[short_type(t) for t in grid.columns], yticklabels=list(grid.index))
     ax.set_xlabel("module type (projection)")
     ax.set_ylabel("decoder layer (index)")
     ax.tick_params(axis="y", labelsize=7 if len(grid.index) > 12 else 9, rotation=0)
@@ -334,8 +202,8 @@ def win_fraction_over_time(data, expert: str | None = None, windows: int = 8):
     mid = table.groupby("window")[["step_start", "step_end"]].first()
     centers = (mid["step_start"] + mid["step_end"]) / 2
     per_type = table.groupby(["window", "module_type"])["win_fraction"].mean().unstack()
-    for i, t in enumerate(_type_order(per_type.columns)):
-        left.plot(centers.loc[per_type.index], per_type[t], marker="o", ms=3, label=_short_type(t),
+    for i, t in enumerate(type_order(per_type.columns)):
+        left.plot(centers.loc[per_type.index], per_type[t], marker="o", ms=3, label=short_type(t),
                   color=plt.cm.tab10(i))
     overall = table.groupby("window")["win_fraction"].mean()
     left.plot(centers.loc[overall.index], overall, color="black", lw=2.5, ls="--", label="all modules")
@@ -423,14 +291,14 @@ def compare_heatmaps(runs: dict, expert: str | None = None, title: str | None = 
 
 def routing_summary_bars(data, ax=None):
     """Share of all decisions each expert won, per module type (stacked bars)."""
-    routing = _routing(data)
+    routing = routing_of(data)
     config = getattr(data, "config", None)
-    share = routing.groupby(["module_type", "expert"])["won"].mean().unstack().reindex(_type_order(routing["module_type"]))
+    share = routing.groupby(["module_type", "expert"])["won"].mean().unstack().reindex(type_order(routing["module_type"]))
     fig, ax = _fig_ax(ax, figsize=(6.5, 3.6))
     bottom = np.zeros(len(share))
     for i, expert in enumerate(experts_of(data)):
         color = "#d62728" if expert == "fft" else ["#1f77b4", "#ff7f0e", "#9467bd"][(i - ("fft" in share.columns)) % 3]
-        ax.bar([_short_type(t) for t in share.index], share[expert], bottom=bottom, color=color,
+        ax.bar([short_type(t) for t in share.index], share[expert], bottom=bottom, color=color,
                label=expert_label(expert, config))
         bottom += share[expert].to_numpy()
     ax.set_xlabel("module type (projection)")
@@ -442,38 +310,8 @@ def routing_summary_bars(data, ax=None):
 
 
 # ---------------------------------------------------------------------------- loss and stability
-def stability_summary(steps: pd.DataFrame, window: int = 5, k: float = 3.0) -> dict:
-    """Loss-stability numbers of one run's ``steps`` table.
-
-    rolling std: std of the loss over a trailing window of ``window`` steps (mean and max reported);
-    spike: a step whose loss exceeds the mean of the *previous* ``window`` steps by more than ``k`` of
-    their std (the spike itself does not inflate the reference). Returns final_loss, min_loss,
-    mean_loss_last (last window), rolling_std_mean, rolling_std_max, n_spikes, spike_steps, window, k.
-    """
-    if window < 2:
-        raise ValueError(f"window must be >= 2, got {window}")
-    loss = steps.sort_values("step")["loss"].astype(float).reset_index(drop=True)
-    step = steps.sort_values("step")["step"].reset_index(drop=True)
-    rolling_std = loss.rolling(window, min_periods=2).std()
-    spikes = _spike_mask(loss, window, k)
-    return {
-        "final_loss": float(loss.iloc[-1]),
-        "min_loss": float(loss.min()),
-        "mean_loss_last": float(loss.iloc[-window:].mean()),
-        "rolling_std_mean": float(rolling_std.mean()) if rolling_std.notna().any() else 0.0,
-        "rolling_std_max": float(rolling_std.max()) if rolling_std.notna().any() else 0.0,
-        "n_spikes": int(spikes.sum()),
-        "spike_steps": [int(s) for s in step[spikes]],
-        "window": int(window),
-        "k": float(k),
-    }
 
 
-def _spike_mask(loss: pd.Series, window: int, k: float) -> pd.Series:
-    previous = loss.shift(1)
-    mean = previous.rolling(window, min_periods=window).mean()
-    std = previous.rolling(window, min_periods=window).std()
-    return (loss > mean + k * std.clip(lower=1e-12)).fillna(False).astype(bool)
 
 
 def loss_curves(runs: dict, window: int = 5, k: float = 3.0, title: str | None = None):
@@ -492,7 +330,7 @@ def loss_curves(runs: dict, window: int = 5, k: float = 3.0, title: str | None =
         loss = steps["loss"].astype(float)
         top.plot(steps["step"], loss, color=color, lw=0.8, alpha=0.45)
         top.plot(steps["step"], loss.rolling(window, min_periods=1).mean(), color=color, lw=2, label=name)
-        spikes = _spike_mask(loss.reset_index(drop=True), window, k).to_numpy()
+        spikes = spike_mask(loss.reset_index(drop=True), window, k).to_numpy()
         if spikes.any():
             top.scatter(steps["step"].to_numpy()[spikes], loss.to_numpy()[spikes], marker="x", s=50,
                         color=color, zorder=4)
@@ -520,15 +358,6 @@ def lr_curve(data, ax=None):
 
 
 # ---------------------------------------------------------------------------- gradient norms
-def module_grad_norms(data) -> pd.DataFrame:
-    """Per (step, module): the L2 norm of the module's whole gradient (all its experts together)."""
-    grads = data.grad_norms if hasattr(data, "grad_norms") else data
-    if grads is None or grads.empty:
-        raise ValueError("this run has no grad_norms.csv (log_grad_norms was off)")
-    squared = grads.assign(sq=grads["grad_norm"].astype(float) ** 2)
-    out = squared.groupby(["step", "module", "layer", "module_type"], sort=False)["sq"].sum().reset_index()
-    out["grad_norm"] = np.sqrt(out.pop("sq"))
-    return out
 
 
 def grad_norm_plot(data):
@@ -557,8 +386,8 @@ def grad_norm_plot(data):
         right.legend(fontsize=8, title="expert")
     else:
         per = grads.groupby(["layer", "module_type"])["grad_norm"].mean().unstack()
-        for i, t in enumerate(_type_order(per.columns)):
-            right.plot(per.index, per[t], marker="o", ms=3, label=_short_type(t), color=plt.cm.tab10(i))
+        for i, t in enumerate(type_order(per.columns)):
+            right.plot(per.index, per[t], marker="o", ms=3, label=short_type(t), color=plt.cm.tab10(i))
         right.legend(fontsize=8, ncol=2, title="module type")
     right.set_yscale("log")
     right.set_xlabel("decoder layer (index)")
@@ -614,24 +443,6 @@ def bar_panel(ax, labels, values, ylabel: str, title: str, colors=None, fmt: str
     return ax
 
 
-def metrics_table(runs: dict) -> pd.DataFrame:
-    """One row per run: method, primary metric name and value, final loss, stability numbers,
-    trainable parameters, optimizer state (MB), median step time (s), peak memory (MB)."""
-    records = []
-    for label, data in runs.items():
-        m = data.metrics or {}
-        stab = stability_summary(data.steps)
-        primary = m.get("primary_metric")
-        records.append({
-            "run": label, "method": (data.config or {}).get("method"),
-            "primary_metric": primary, "score": (m.get("metrics") or {}).get(primary),
-            "final_loss": m.get("final_loss"), "min_loss": stab["min_loss"],
-            "rolling_std_mean": stab["rolling_std_mean"], "n_spikes": stab["n_spikes"],
-            "trainable_params": m.get("trainable_params"),
-            "optimizer_state_mb": (m.get("optimizer_state_bytes") or 0) / 2**20,
-            "step_time_s": m.get("step_time_s"), "peak_memory_mb": (m.get("peak_memory_bytes") or 0) / 2**20,
-        })
-    return pd.DataFrame(records)
 
 
 def metrics_overview(table: pd.DataFrame, title: str | None = None):
@@ -675,12 +486,12 @@ def ablation_plot(runs: dict, axis_name: str, expert: str = "fft"):
     types = None
     for i, label in enumerate(labels):
         data = runs[label]
-        routing = _routing(data)
-        types = types or _type_order(routing["module_type"])
+        routing = routing_of(data)
+        types = types or type_order(routing["module_type"])
         share = routing[routing["expert"] == expert].groupby("module_type")["won"].mean().reindex(types)
         x = np.arange(len(types)) + (i - (len(labels) - 1) / 2) * width
         left.bar(x, share.values, width=width, label=label, color=plt.cm.viridis(i / max(1, len(labels) - 1)))
-    left.set_xticks(np.arange(len(types)), [_short_type(t) for t in types])
+    left.set_xticks(np.arange(len(types)), [short_type(t) for t in types])
     left.set_ylim(0, 1.05)
     left.set_xlabel("module type (projection)")
     left.set_ylabel(f"share of steps won by {expert_label(expert)} (fraction)")
@@ -688,8 +499,7 @@ def ablation_plot(runs: dict, axis_name: str, expert: str = "fft"):
     left.legend(fontsize=8, title=axis_name, title_fontsize=8)
     left.grid(alpha=0.3, axis="y")
 
-    scores = [((runs[l].metrics or {}).get("metrics") or {}).get((runs[l].metrics or {}).get("primary_metric"))
-              for l in labels]
+    scores = [primary_score(runs[l].metrics) for l in labels]
     losses = [(runs[l].metrics or {}).get("final_loss") for l in labels]
     metric = next((runs[l].metrics or {}).get("primary_metric") for l in labels) or "metric"
     x = np.arange(len(labels))

@@ -52,14 +52,6 @@ class RunData:
     grad_norms: pd.DataFrame | None
     routing: pd.DataFrame | None
 
-    def win_fraction(self, expert: str = "fft") -> pd.DataFrame:
-        """Per module: the share of steps ``expert`` won (a routing table, one row per module)."""
-        if self.routing is None or self.routing.empty:
-            raise ValueError(f"run {self.path} has no routing log (only molf and molf_e runs route)")
-        rows = self.routing[self.routing["expert"] == expert]
-        return (rows.groupby(["module", "layer", "module_type"], sort=False)["won"].mean()
-                .rename(f"{expert}_win_fraction").reset_index())
-
 
 def load(path: str | Path) -> RunData:
     """Everything a run directory holds, as pandas DataFrames (missing logs are ``None``)."""

@@ -66,7 +66,7 @@ def run_config(runs_dir, **kwargs):
 
 def train(runs_dir, **kwargs):
     """``train.run(run_config(runs_dir, **kwargs))`` with one printed line; returns ``molf.lab.runs.RunData``."""
-    from . import runs
+    from . import analysis, runs
     from .train import run
     config = run_config(runs_dir, **kwargs)
     finished = (Path(config.out_dir) / "metrics.json").is_file()
@@ -74,7 +74,7 @@ def train(runs_dir, **kwargs):
     result = run(config)
     data = runs.load(result.out_dir)
     m = data.metrics
-    score = (m.get("metrics") or {}).get(m.get("primary_metric"))
+    score = analysis.primary_score(m)
     print(f"{config.method:8s} {'reused' if finished else 'trained'} {Path(config.out_dir).name}: "
           f"{m['steps']} steps, final loss {m['final_loss']:.4f}, {m['primary_metric']} "
           f"{score if score is None else round(score, 4)}, {time.perf_counter() - began:.1f} s")

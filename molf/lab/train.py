@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..model import merge, param_groups, wrap, wrapped_modules
+from ..model import DEFAULT_ALPHA, merge, param_groups, wrap, wrapped_modules
 from ..optim import MoLFAdamW
 from ..router import SCORES
 from ..routing_log import RoutingRecord
@@ -131,7 +131,7 @@ class TrainConfig:
         if values["ranks"] is not None:
             values["ranks"] = tuple(values["ranks"])
         if values["alphas"] is None and values["ranks"] is not None:
-            values["alphas"] = (tuple(32.0 for _ in values["ranks"]) if self.method in MOLF_METHODS
+            values["alphas"] = (tuple(DEFAULT_ALPHA for _ in values["ranks"]) if self.method in MOLF_METHODS
                                 else tuple(float(round(2 * math.sqrt(r))) for r in values["ranks"]))
         if values["alphas"] is not None:
             values["alphas"] = tuple(float(a) for a in values["alphas"])
