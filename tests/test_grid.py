@@ -84,7 +84,7 @@ def test_sweep_then_extra_seeds_then_test_on_picked_runs(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no routing.jsonl"):
         figures.main(["--results", str(results), "--figures", str(tmp_path / "fig"), "--table", "tbl"])
 
-    # the README tables are printed from these CSVs, the numbers as the summary has them
+    # the docs/evidence.md tables are printed from these CSVs, the numbers as the summary has them
     capsys.readouterr()
     assert report.main(["--results", str(results), "--table", "tbl"]) == 0
     printed = capsys.readouterr().out
