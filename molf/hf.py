@@ -30,9 +30,15 @@ class RoutingLogCallback(TrainerCallback):
         self.path = Path(path)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and state.global_step == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+        """A fresh run starts an empty log; a run resumed from a checkpoint at step N keeps the records of
+        steps before N and drops the later ones (they are trained again), so no step is logged twice."""
+        if not state.is_world_process_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if state.global_step > 0 and self.path.exists():
+            kept = [r for r in routing_log.read(self.path) if r.step < state.global_step]
+        self.path.write_text("".join(r.to_json() for r in kept))
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         molf_optimizer = unwrap_optimizer(optimizer)

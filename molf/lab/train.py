@@ -24,6 +24,7 @@ On a directory holding a *finished* run of the same config it returns that run w
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -31,6 +32,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -194,6 +196,9 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {c.device!r}")
     if c.eval_limit is not None and (not isinstance(c.eval_limit, int) or c.eval_limit < 0):
         raise ValueError(f"eval_limit must be an integer >= 0 or None, got {c.eval_limit!r}")
+    if c.train_limit is not None and (isinstance(c.train_limit, bool) or not isinstance(c.train_limit, int)
+                                      or c.train_limit < 1):
+        raise ValueError(f"train_limit must be an integer >= 1 or None (all rows), got {c.train_limit!r}")
     if not isinstance(c.save_every, int) or c.save_every < 0:
         raise ValueError(f"save_every must be an integer >= 0, got {c.save_every!r}")
     out = Path(c.out_dir)
@@ -299,6 +304,8 @@ def expert_parameters(model: torch.nn.Module, method: str) -> dict[str, dict[str
 # ---------------------------------------------------------------------------- data
 def example_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
     """Indices of the examples to train on, in order: seeded reshuffles, one per epoch."""
+    if n_examples < 1 and n_needed > 0:
+        raise ValueError(f"no training examples to draw {n_needed} from (the training set is empty)")
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     while len(order) < n_needed:
@@ -357,9 +364,13 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
 
     # Data: the same rows, encoding and order for every method.
     rows = tasks.load(c.task, "train", limit=c.train_limit)
+    if not rows:
+        raise ValueError(f"the {c.task!r} training split in {tasks.data_dir()} has no rows; nothing to train on")
     if model is None or tokenizer is None:
         model, tokenizer = models.load(c.model, dtype=dtype, device=device)
     features = tasks.encode(c.task, rows, tokenizer, max_len=c.seq_len)
+    if not features:
+        raise ValueError(f"none of the {len(rows)} {c.task!r} training rows could be encoded; nothing to train on")
     per_step = c.batch_size * c.grad_accum
     total_steps = c.steps if c.steps is not None else max(1, math.ceil(c.epochs * len(features) / per_step))
     order = example_order(len(features), total_steps * per_step, c.seed)
@@ -375,10 +386,9 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     config_json = _config_json(c)
     checkpoint_path = out / "checkpoint.pt"
     start = 0
+    nonfinite_grad_steps = 0  # steps whose gradient norm was inf/NaN (see the training loop)
     if checkpoint_path.exists():
-        saved_config = (out / "config.json").read_text() if (out / "config.json").exists() else None
-        if saved_config != config_json:
-            raise ValueError(f"{out} holds a checkpoint of a different config; use another out_dir or delete it")
+        _check_same_run(c, out, "a checkpoint")
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -388,6 +398,7 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         random.setstate(checkpoint["rng"]["python"])
         start = checkpoint["step"]
+        nonfinite_grad_steps = checkpoint.get("nonfinite_grad_steps", 0)
         _truncate_logs(out, start)
     else:
         (out / "config.json").write_text(config_json)
@@ -397,6 +408,7 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     def save_checkpoint(step: int) -> None:
         _atomic_torch_save({
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "nonfinite_grad_steps": nonfinite_grad_steps,
             "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.random.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
@@ -443,8 +455,14 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
                 for module, expert, ps in grad_index:
                     sq = sum(next(it) ** 2 for p in ps if p.grad is not None)
                     grads_log.writerow([step, module, expert, math.sqrt(sq)])
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, c.max_grad_norm if c.max_grad_norm is not None else float("inf"))
+            grads = [p.grad for p in trainable if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if not torch.isfinite(grad_norm):
+                # Clipping by an inf/NaN norm would zero (or NaN) every gradient; leave them as they are:
+                # MoLFAdamW skips the modules whose gradient is not finite, other optimizers fail loudly.
+                nonfinite_grad_steps += 1
+            elif c.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(trainable, c.max_grad_norm, grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -498,27 +516,75 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
         "trainable_params": n_trainable,
         "optimizer_state_bytes": state_bytes,
         "routing": routing_summary,
+        "nonfinite_grad_steps": nonfinite_grad_steps,
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    if not c.keep_checkpoint:
-        checkpoint_path.unlink(missing_ok=True)  # the run is complete: metrics.json marks it
+    # Finished atomically: the model first (written aside, then renamed), then metrics.json (the mark
+    # that the run is finished), the checkpoint last. A crash anywhere before the mark leaves a run
+    # that the next call resumes (from the checkpoint) or redoes; never a finished run without its model.
     if c.save_model:
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        _save_model_atomically(model, tokenizer, out / "model")
+    _atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    if not c.keep_checkpoint:
+        checkpoint_path.unlink(missing_ok=True)
     return Run(c, out, result, model, tokenizer)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_model_atomically(model, tokenizer, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
 
 
 def _config_json(c: TrainConfig) -> str:
     return json.dumps(dataclasses.asdict(c), indent=2, sort_keys=True, default=list)
 
 
+# Config fields that say where and how a run is written or shown, not what it computes: two configs
+# that differ only in these are the same run (a relative or absolute out_dir, a progress bar, ...).
+NOT_RUN_IDENTITY = ("out_dir", "progress", "save_every", "keep_checkpoint", "save_model")
+
+
+def run_identity(config: TrainConfig | dict) -> dict:
+    """The fields of a (resolved) config that define what a run computes."""
+    values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config)
+    values = json.loads(json.dumps(values, default=list))  # tuples and lists compare alike
+    return {k: v for k, v in values.items() if k not in NOT_RUN_IDENTITY}
+
+
+def _check_same_run(c: TrainConfig, out: Path, what: str) -> None:
+    """Raise unless ``out/config.json`` describes the same run as ``c``, naming the fields that differ."""
+    path = out / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{out} holds {what} but no config.json; delete the directory to train again")
+    saved, wanted = run_identity(json.loads(path.read_text())), run_identity(c)
+    differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k, "<absent>") != wanted.get(k, "<absent>"))
+    if differ:
+        detail = ", ".join(f"{k} (there: {saved.get(k, '<absent>')!r}, asked: {wanted.get(k, '<absent>')!r})"
+                           for k in differ)
+        raise ValueError(f"{out} holds {what} of a different config: {detail}; use another out_dir or delete it")
+
+
 def _finished_run(c: TrainConfig, out: Path) -> Run | None:
     """A completed run of the same config in ``out``: returned as is (no model), so notebooks and
-    experiments can share runs. Delete the directory (or change ``out_dir``) to train again."""
-    if not (out / "metrics.json").is_file() or not (out / "config.json").is_file():
+    experiments can share runs. Delete the directory (or change ``out_dir``) to train again.
+
+    Complete means: ``metrics.json`` (written last but for the checkpoint's removal) and, when the config
+    asks for it, ``model/``. A directory with metrics but without the asked-for model is not finished:
+    the caller resumes or redoes it."""
+    if not (out / "metrics.json").is_file():
         return None
-    if (out / "config.json").read_text() != _config_json(c):
-        raise ValueError(f"{out} holds a finished run of a different config; use another out_dir or delete it")
+    _check_same_run(c, out, "a finished run")
+    if c.save_model and not (out / "model").is_dir():
+        return None
     return Run(c, out, json.loads((out / "metrics.json").read_text()))
 
 
@@ -526,3 +592,58 @@ def _final_loss(out: Path) -> float | None:
     with open(out / "steps.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return float(rows[-1]["loss"]) if rows else None
+
+
+# ---------------------------------------------------------------------------- command line
+def _cli_value(kind: str, name: str):
+    """An argparse ``type`` for a TrainConfig field annotated ``kind`` ("int | None", "tuple | None", ...)."""
+    base = kind.replace(" ", "").replace("|None", "")
+    optional = "None" in kind
+
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            if base == "bool":
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            if base == "int":
+                return int(text)
+            if base == "float":
+                return float(text)
+            if base == "tuple":
+                return tuple(float(x) if "." in x or "e" in x.lower() else int(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} takes a {base}"
+                                             f"{' or none' if optional else ''}, got {text!r}") from None
+        return text
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m molf.lab.train --method molf --task fact --steps 100 --out-dir runs/molf``: one run.
+
+    Every ``TrainConfig`` field is a flag (``--lr-fft 5e-5``, ``--ranks 16,128``, ``--freeze-non-linear
+    true``, ``--epochs 2 --steps none``); anything not given keeps its default. Prints the run's
+    metrics.json. ``--stop-after N`` trains N steps of the run and leaves it resumable.
+    """
+    parser = argparse.ArgumentParser(prog="python -m molf.lab.train", description=main.__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_cli_value(str(f.type), f.name),
+                            default=f.default, metavar=str(f.type).replace(" ", "").upper())
+    parser.add_argument("--stop-after", type=int, default=None, help="train this many steps, then stop (resumable)")
+    args = vars(parser.parse_args(argv))
+    stop_after = args.pop("stop_after")
+    try:
+        result = run(TrainConfig(**args), stop_after=stop_after)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
