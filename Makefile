@@ -4,7 +4,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: demo test test-all bench venv clean
+.PHONY: demo test test-all lint bench venv clean
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv .venv
@@ -21,8 +21,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m molf.lab.suite $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""Routing-dynamics figures and table of the small-scale reproduction (issue 7, claim 4), from the grid's runs.
+"""Routing-dynamics figures and table of the small-scale reproduction (claim 4: early routing), from the grid's runs.
 
     python experiments/figures.py                 # after: python experiments/grid.py experiments/main.json
 

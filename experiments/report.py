@@ -1,8 +1,8 @@
-"""Print the evidence tables of the README (issue 7) as Markdown, from the CSVs under results/.
+"""Print the evidence tables of docs/evidence.md as Markdown, from the CSVs under results/.
 
     python experiments/report.py        # after experiments/grid.py (main, ablations) and experiments/figures.py
 
-Every number in the README's evidence section is printed by this script; nothing is typed in by hand.
+Every number in docs/evidence.md is printed by this script; nothing is typed in by hand.
 Scores are test scores of the lr picked on validation, mean ± sample std over the seeds that finished
 (the "lr, seeds" column says how many; a single seed gets no ±).
 """

@@ -20,7 +20,7 @@ Resuming: ``run(config)`` on a directory holding a checkpoint of the same config
 ends identical to an uninterrupted run (the data order is a pure function of the seed and the step).
 On a directory holding a *finished* run of the same config it returns that run without training
 (``Run.model`` is then None); a different config in the same directory is an error.
-``stop_after=N`` ends a call after N optimizer steps (a resumable chunk, e.g. to fit a session).
+``stop_after=N`` ends a call after N optimizer steps (a resumable chunk, e.g. to fit a time budget).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ _ALLOWED = {
     "molf_e": {"lr_fft", "lr_lora", "wd_fft", "wd_lora", "ranks", "alphas", "dropout", "score", "topk",
                "freeze_non_linear"},
 }
-# The paper's settings (MOLF_SPEC section 4), used where the config leaves a value as None.
+# The paper's settings (docs/method.md), used where the config leaves a value as None.
 _DEFAULTS = {
     "fft": {"lr": 5e-5, "wd": 0.1},
     "lora": {"lr": 5e-4, "wd": 0.01, "ranks": (32,), "alphas": None, "dropout": 0.05},
