@@ -35,11 +35,37 @@ Metrics (every value a float in [0, 1], plus ``n``, the number of rows scored):
     mcq   accuracy            the option letter with the highest next-token log-probability after
                               "Answer:" among " A", " B", " C", " D" is the correct one
 
+Metric variants: ``evaluate(..., variant="ours")`` (the default, above) or ``variant="reference"``, the
+way the paper's reference implementation (and, for fact, ROME's evaluation) measures. The reference
+variant reports its own metrics and, beside them, ours on the same rows (``primary_metric(task, variant)``
+names the headline one; every table says which variant it used):
+
+    sql   execution_accuracy_set  predicted and gold statement each run in a fresh in-memory database (writes
+                                  allowed); a query gold: 1 when the result rows agree as *sets*; a gold that
+                                  changes the database (INSERT, UPDATE, DELETE, CREATE, ...): 1 when every
+                                  table and view holds the same rows afterwards (as multisets, with the same
+                                  names and columns)
+          valid_sql_rate          share of predictions that parse and run
+          exact_match             as in ours
+          execution_accuracy      ours (multiset, read-only) on the rows whose gold is a query, if any
+          n_write_gold            rows whose gold changes the database (kept by ``load(variant="reference")``)
+    mcq   accuracy_generate       greedy generation after "Answer:" (up to MCQ_MAX_NEW_TOKENS tokens, to a
+                                  newline), parsed by ``parse_answer``; an unparseable answer counts as wrong
+          invalid_answers         how many generations gave no parseable answer (a count), invalid_rate its share
+          accuracy                ours (letter log-probabilities)
+    fact  efficacy_full           share of records whose mean log-probability per token of the whole
+                                  " target_new" beats that of the whole " target_true" after the rewrite
+                                  prompt (ROME: mean negative log-likelihood over the target's tokens)
+          paraphrase_efficacy_full, neighborhood_specificity_full   the same comparison on those prompts
+          efficacy, paraphrase_efficacy, neighborhood_specificity   ours (first token), on the records whose
+                                  two targets start with different tokens (``n_first_token`` of them)
+
 Knowledge injection (fact) trains on the facts it tests: ``train`` holds every record, ``test``
 (``case_id % 5 == 0``) and ``validation`` (``case_id % 10 == 1``) are subsets of it. Evaluate
 ``test`` after training on ``train``. The hub path applies the same rule by position.
 
-CLI: ``python -m molf.lab.tasks evaluate --task sql --model smollm2-135m --split test`` prints the metrics.
+CLI: ``python -m molf.lab.tasks evaluate --task sql --model smollm2-135m --split test [--variant reference]``
+prints the metrics.
 """
 from __future__ import annotations
 
@@ -59,6 +85,9 @@ TASKS = ("sql", "fact", "mcq")
 SPLITS = ("train", "validation", "test")
 SOURCES = ("local", "hub")
 PRIMARY_METRIC = {"sql": "execution_accuracy", "fact": "efficacy", "mcq": "accuracy"}
+METRIC_VARIANTS = ("ours", "reference")
+REFERENCE_PRIMARY_METRIC = {"sql": "execution_accuracy_set", "fact": "efficacy_full", "mcq": "accuracy_generate"}
+MCQ_MAX_NEW_TOKENS = 16
 OPTION_FIELDS = ("opa", "opb", "opc", "opd")
 OPTION_LETTERS = ("A", "B", "C", "D")
 IGNORE_INDEX = -100
@@ -69,6 +98,9 @@ SQLITE_PROGRESS_STEP = 1000
 SQLITE_MAX_PROGRESS_CALLS = 20_000
 READ_ONLY_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
                      getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+# The reference variant lets statements write to their throwaway in-memory database, but never touch
+# files (ATTACH opens or creates one) or change the connection's settings.
+WRITE_DENIED_ACTIONS = {sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_PRAGMA}
 
 # The paper's datasets. For each of our splits: (hub split, which rows by position i).
 HUB_SQL = "gretelai/synthetic_text_to_sql"
@@ -90,6 +122,13 @@ HUB_SPLITS = {
 def _check_choice(kind: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def primary_metric(name: str, variant: str = "ours") -> str:
+    """The headline metric of task ``name`` under metric ``variant`` ("ours" or "reference")."""
+    _check_choice("task", name, TASKS)
+    _check_choice("metric variant", variant, METRIC_VARIANTS)
+    return (PRIMARY_METRIC if variant == "ours" else REFERENCE_PRIMARY_METRIC)[name]
 
 
 def data_dir() -> Path:
@@ -123,23 +162,24 @@ def _sqlite_error(sql_context: str, gold_sql: str | None = None) -> str | None:
     try:
         if gold_sql is not None:
             connection.execute(gold_sql).fetchall()
-    except sqlite3.Error as error:
+    except (sqlite3.Error, sqlite3.Warning) as error:  # Warning: more than one statement
         return f"sql fails in sqlite on its sql_context: {error}"
     finally:
         connection.close()
     return None
 
 
-def validate_row(name: str, row, where: str) -> None:
+def validate_row(name: str, row, where: str, allow_writes: bool = False) -> None:
     """Raise ValueError (naming ``where``, e.g. "data/sql/train.jsonl line 3", and the field) if
-    ``row`` does not have the schema of task ``name``."""
+    ``row`` does not have the schema of task ``name``. ``allow_writes``: an sql gold may be a statement
+    that changes the database (the reference metric variant scores those); else it must be a query."""
     _check_choice("task", name, TASKS)
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     if name == "sql":
         for field in ("sql_prompt", "sql_context", "sql"):
             _field(row, field, str, where)
-        if not _is_query(row["sql"]):
+        if not allow_writes and not _is_query(row["sql"]):
             raise ValueError(f"{where}: field 'sql' must be a query (SELECT or WITH), got {row['sql']!r:.80}")
         problem = _sqlite_error(row["sql_context"], row["sql"])
         if problem:
@@ -170,7 +210,8 @@ def validate_row(name: str, row, where: str) -> None:
 
 # ------------------------------------------------------------------------------------------ load
 
-def load(name: str, split: str, source: str = "local", limit: int | None = None) -> list[dict]:
+def load(name: str, split: str, source: str = "local", limit: int | None = None,
+         variant: str = "ours") -> list[dict]:
     """The rows of task ``name`` (sql, fact, mcq) and ``split`` (train, validation, test).
 
     ``source="local"`` reads ``data/<name>/<split>.jsonl`` (see ``data_dir``); ``source="hub"`` loads
@@ -178,16 +219,20 @@ def load(name: str, split: str, source: str = "local", limit: int | None = None)
     keeps the first ``limit`` rows. Every row is validated; a malformed local row raises ValueError
     naming file, line and field. Hub sql rows whose context or gold query sqlite cannot run, or whose
     gold is not a query, are skipped with a warning (the upstream data mixes SQL dialects).
+    ``variant="reference"`` keeps sql rows whose gold changes the database (INSERT, UPDATE, CREATE, ...):
+    the reference metric variant scores them by the tables' contents (see ``evaluate``).
     """
     _check_choice("task", name, TASKS)
     _check_choice("split", split, SPLITS)
     _check_choice("source", source, SOURCES)
+    _check_choice("metric variant", variant, METRIC_VARIANTS)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
-    return _load_local(name, split, limit) if source == "local" else _load_hub(name, split, limit)
+    writes = variant == "reference"
+    return _load_local(name, split, limit, writes) if source == "local" else _load_hub(name, split, limit, writes)
 
 
-def _load_local(name: str, split: str, limit: int | None) -> list[dict]:
+def _load_local(name: str, split: str, limit: int | None, writes: bool = False) -> list[dict]:
     path = data_dir() / name / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `python data/generate.py` or set MOLF_DATA")
@@ -203,7 +248,7 @@ def _load_local(name: str, split: str, limit: int | None) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error})") from None
-            validate_row(name, row, where)
+            validate_row(name, row, where, allow_writes=writes)
             rows.append(row)
     return rows
 
@@ -275,8 +320,9 @@ def _is_query(sql: str) -> bool:
     return normalize_sql(sql).split(" ", 1)[0] in ("select", "with")
 
 
-def _load_hub(name: str, split: str, limit: int | None) -> list[dict]:
-    """Hub rows of our ``split`` (see HUB_SPLITS), converted, filtered (sql) and validated."""
+def _load_hub(name: str, split: str, limit: int | None, writes: bool = False) -> list[dict]:
+    """Hub rows of our ``split`` (see HUB_SPLITS), converted, filtered (sql) and validated; ``writes``
+    keeps sql rows whose gold changes the database."""
     hub_split, keep = HUB_SPLITS[name][split]
     dataset, source = _hub_dataset(name, hub_split)
     label = f"{source} split {hub_split!r}"
@@ -292,13 +338,13 @@ def _load_hub(name: str, split: str, limit: int | None) -> list[dict]:
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
         if name == "sql":
-            if not (isinstance(row["sql"], str) and _is_query(row["sql"])):
+            if not (isinstance(row["sql"], str) and (writes or _is_query(row["sql"]))):
                 skipped["gold is not a query"] += 1
                 continue
             if isinstance(row["sql_context"], str) and _sqlite_error(row["sql_context"], row["sql"]):
                 skipped["not runnable in sqlite"] += 1
                 continue
-        validate_row(name, row, where)
+        validate_row(name, row, where, allow_writes=writes)
         rows.append(row)
     if skipped:
         warnings.warn(f"{label}: skipped " + ", ".join(f"{n} rows ({why})" for why, n in skipped.items()), stacklevel=2)
@@ -465,6 +511,101 @@ def sql_execution_match(pred_sql: str, gold_sql: str, sql_context: str) -> tuple
     return float(results_match(predicted_rows, gold_rows, ordered)), None
 
 
+def _execute_writable(connection: sqlite3.Connection, statement: str) -> list[tuple]:
+    """Run one statement that may write to ``connection`` (an in-memory database); bounded time, no
+    files, no pragmas. Returns its result rows ([] for a statement that returns none)."""
+    calls = 0
+
+    def progress():
+        nonlocal calls
+        calls += 1
+        return calls > SQLITE_MAX_PROGRESS_CALLS
+
+    def authorize(action, *_):
+        return sqlite3.SQLITE_DENY if action in WRITE_DENIED_ACTIONS else sqlite3.SQLITE_OK
+
+    connection.set_progress_handler(progress, SQLITE_PROGRESS_STEP)
+    connection.set_authorizer(authorize)
+    try:
+        return connection.execute(statement).fetchall()
+    finally:
+        connection.set_authorizer(None)
+        connection.set_progress_handler(None, 0)
+
+
+def database_contents(connection: sqlite3.Connection) -> dict[str, tuple]:
+    """Every table and view of ``connection``: name -> (column names, multiset of rows as a Counter)."""
+    names = [r[0] for r in connection.execute(
+        "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    contents = {}
+    for name in names:
+        quoted = name.replace('"', '""')
+        cursor = connection.execute(f'SELECT * FROM "{quoted}"')
+        columns = tuple(d[0].lower() for d in cursor.description)
+        contents[name.lower()] = (columns, Counter(tuple(map(_canonical_value, row)) for row in cursor.fetchall()))
+    return contents
+
+
+def sql_execution_match_reference(pred_sql: str, gold_sql: str, sql_context: str) -> tuple[float, str | None]:
+    """The reference variant of ``sql_execution_match``: ``(score, error or None)``.
+
+    Predicted and gold statement each run in their own fresh in-memory database built from
+    ``sql_context``, writes allowed. When the gold is a query, 1 when the two result row *sets* agree
+    (duplicates and order ignored, floats rounded to 6 places). When the gold changes the database
+    (INSERT, UPDATE, DELETE, CREATE, DROP, ...), 1 when afterwards both databases hold the same tables
+    and views with the same columns and rows (``database_contents``). A prediction that fails to parse
+    or run scores 0 with its error. A gold statement that does not run is bad data: ValueError.
+    """
+    def execute(statement):
+        connection = _fresh_database(sql_context)
+        try:
+            rows = _execute_writable(connection, statement)
+            return rows, database_contents(connection)
+        finally:
+            connection.close()
+
+    try:
+        gold_rows, gold_tables = execute(gold_sql)
+    except (sqlite3.Error, sqlite3.Warning) as error:
+        raise ValueError(f"the gold statement {gold_sql!r} fails on its context: {error}") from None
+    if not pred_sql or not pred_sql.strip():
+        return 0.0, "empty query"
+    try:
+        pred_rows, pred_tables = execute(pred_sql)
+    except (sqlite3.Error, sqlite3.Warning) as error:
+        return 0.0, f"{type(error).__name__}: {error}"
+    if _is_query(gold_sql):
+        return float({tuple(map(_canonical_value, r)) for r in pred_rows}
+                     == {tuple(map(_canonical_value, r)) for r in gold_rows}), None
+    return float(pred_tables == gold_tables), None
+
+
+# ------------------------------------------------------------------------------ mcq answer parsing
+
+# a letter alone, or before punctuation or an option text: not the article in "A patient ..."
+_LEADING_LETTER = re.compile(r"^\W*([ABCD])(?=$|[.):,\]]|\s+[^a-z\s]|\s*\n)")
+_STATED_LETTER = re.compile(r"\b(?i:answer)\s*(?:is|:)?\s*(?:(?i:option)\s*)?\(?([ABCD])(?![A-Za-z0-9])")
+
+
+def parse_answer(generated: str, options: list[str] | None = None) -> int | None:
+    """The option index (0..3) a generated answer names, or None (an invalid answer).
+
+    In order: a leading option letter (" B", "(B)", "B. Atrophy", "B)"); an "answer is B" / "Answer: (B)"
+    anywhere; else, with ``options`` given, the generation starting with an option's text (case and
+    surrounding blanks ignored; the longest such option). Letters must be upper case: "a" is a word."""
+    text = generated.strip()
+    for pattern in (_LEADING_LETTER, _STATED_LETTER):
+        found = pattern.search(text)
+        if found:
+            return OPTION_LETTERS.index(found.group(1).upper())
+    if options:
+        lowered = text.lower()
+        matches = [(len(o.strip()), i) for i, o in enumerate(options) if o.strip() and lowered.startswith(o.strip().lower())]
+        if matches:
+            return max(matches)[1]
+    return None
+
+
 # ------------------------------------------------------------------------------- model plumbing
 
 def _model_device(model) -> torch.device:
@@ -504,6 +645,35 @@ def _next_token_logprobs(model, tokenizer, prompts: list[str], candidates: list[
         for row, ids in zip(logprobs, candidates[start:start + batch_size]):
             scores.append(row[torch.tensor(ids, device=device)].tolist())
     return scores
+
+
+def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int) -> list[list[float]]:
+    """For each (prompt, target) pair, the log-probability of every token of ``target`` given the prompt
+    and the target tokens before it (prompt tokenized with special tokens, the target without: the
+    split ``encode`` trains on). Batches are right-padded, so padding changes nothing."""
+    device, pad, scores = _model_device(model), _pad_id(tokenizer), []
+    for start in range(0, len(prompts), batch_size):
+        pairs = []
+        for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
+            target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+            if not target_ids:
+                raise ValueError(f"{target!r} tokenizes to nothing")
+            pairs.append((tokenizer(prompt)["input_ids"], target_ids))
+        sequences = [p + t for p, t in pairs]
+        width = max(map(len, sequences))
+        input_ids = torch.tensor([q + [pad] * (width - len(q)) for q in sequences], device=device)
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in sequences], device=device)
+        logprobs = model(input_ids=input_ids, attention_mask=mask).logits.float().log_softmax(-1)
+        for row, (prompt_ids, target_ids) in zip(logprobs, pairs):
+            positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids), device=device)
+            scores.append(row[positions, torch.tensor(target_ids, device=device)].tolist())
+    return scores
+
+
+def full_target_wins(first: list[float], second: list[float]) -> bool:
+    """ROME's comparison of two whole targets: ``first`` (its tokens' log-probabilities) beats
+    ``second`` when its mean log-probability per token is higher (mean NLL lower)."""
+    return sum(first) / len(first) > sum(second) / len(second)
 
 
 def _stop_criterion(tokenizer, prompt_width: int):
@@ -554,12 +724,14 @@ def _greedy_generate(model, tokenizer, prompts: list[str], batch_size: int, max_
 # -------------------------------------------------------------------------------------- evaluate
 
 def evaluate(name: str, model, tokenizer, rows: list[dict], batch_size: int = 16,
-             max_new_tokens: int = 64) -> dict[str, float]:
-    """Score ``model`` on ``rows`` of task ``name`` (metrics in the module docstring).
+             max_new_tokens: int = 64, variant: str = "ours") -> dict[str, float]:
+    """Score ``model`` on ``rows`` of task ``name`` (metrics and the two ``variant``s, "ours" and
+    "reference", in the module docstring).
 
     Runs under ``torch.no_grad()`` in eval mode on the model's device and restores the model's
     train/eval mode afterwards."""
     _check_choice("task", name, TASKS)
+    _check_choice("metric variant", variant, METRIC_VARIANTS)
     if not rows:
         raise ValueError(f"evaluate needs at least one {name} row")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -568,6 +740,12 @@ def evaluate(name: str, model, tokenizer, rows: list[dict], batch_size: int = 16
     model.eval()
     try:
         with torch.no_grad():
+            if variant == "reference":
+                if name == "sql":
+                    return _evaluate_sql_reference(model, tokenizer, rows, batch_size, max_new_tokens)
+                if name == "fact":
+                    return _evaluate_fact_reference(model, tokenizer, rows, batch_size)
+                return _evaluate_mcq_reference(model, tokenizer, rows, batch_size)
             if name == "sql":
                 return _evaluate_sql(model, tokenizer, rows, batch_size, max_new_tokens)
             if name == "fact":
@@ -588,6 +766,73 @@ def _evaluate_sql(model, tokenizer, rows, batch_size, max_new_tokens) -> dict[st
         exact += normalize_sql(predicted) == normalize_sql(row["sql"])
     n = len(rows)
     return {"execution_accuracy": correct / n, "exact_match": exact / n, "error_rate": errors / n, "n": float(n)}
+
+
+def _evaluate_sql_reference(model, tokenizer, rows, batch_size, max_new_tokens) -> dict[str, float]:
+    prompts = [prompt_and_target("sql", row)[0] for row in rows]
+    predictions = [extract_sql(t) for t in _greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens)]
+    correct = valid = exact = 0
+    ours, n_query = 0.0, 0
+    for row, predicted in zip(rows, predictions):
+        score, error = sql_execution_match_reference(predicted, row["sql"], row["sql_context"])
+        correct += score
+        valid += error is None
+        exact += normalize_sql(predicted) == normalize_sql(row["sql"])
+        if _is_query(row["sql"]):
+            n_query += 1
+            ours += sql_execution_match(predicted, row["sql"], row["sql_context"])[0]
+    n = len(rows)
+    metrics = {"execution_accuracy_set": correct / n, "valid_sql_rate": valid / n, "exact_match": exact / n}
+    if n_query:
+        metrics["execution_accuracy"] = ours / n_query
+    return {**metrics, "n": float(n), "n_write_gold": float(n - n_query)}
+
+
+def _evaluate_mcq_reference(model, tokenizer, rows, batch_size) -> dict[str, float]:
+    prompts = [prompt_and_target("mcq", row)[0] for row in rows]
+    generations = _greedy_generate(model, tokenizer, prompts, batch_size, MCQ_MAX_NEW_TOKENS)
+    answers = [parse_answer(text, [row[f] for f in OPTION_FIELDS]) for text, row in zip(generations, rows)]
+    n = len(rows)
+    invalid = sum(a is None for a in answers)
+    correct = sum(a == row["cop"] for a, row in zip(answers, rows))
+    return {"accuracy_generate": correct / n, "invalid_answers": float(invalid), "invalid_rate": invalid / n,
+            **_evaluate_mcq(model, tokenizer, rows, batch_size)}
+
+
+def _evaluate_fact_reference(model, tokenizer, rows, batch_size) -> dict[str, float]:
+    prompts, targets, owners, kinds = [], [], [], []
+    for index, row in enumerate(rows):
+        rewrite = row["requested_rewrite"]
+        for kind, texts in (("rewrite", [fill_subject(rewrite["prompt"], rewrite["subject"])]),
+                            ("paraphrase", row["paraphrase_prompts"]),
+                            ("neighborhood", row["neighborhood_prompts"])):
+            for text in texts:
+                for target in (rewrite["target_new"]["str"], rewrite["target_true"]["str"]):
+                    prompts.append(text)
+                    targets.append(" " + target)
+                owners.append(index)
+                kinds.append(kind)
+    scores = _target_logprobs(model, tokenizer, prompts, targets, batch_size)
+    per_record: dict[str, dict[int, list[bool]]] = {"rewrite": {}, "paraphrase": {}, "neighborhood": {}}
+    for i, (owner, kind) in enumerate(zip(owners, kinds)):
+        new, true = scores[2 * i], scores[2 * i + 1]
+        success = full_target_wins(new, true) if kind != "neighborhood" else full_target_wins(true, new)
+        per_record[kind].setdefault(owner, []).append(success)
+
+    def mean_of_means(by_record):
+        return sum(sum(v) / len(v) for v in by_record.values()) / len(by_record)
+
+    metrics = {"efficacy_full": mean_of_means(per_record["rewrite"]),
+               "paraphrase_efficacy_full": mean_of_means(per_record["paraphrase"]),
+               "neighborhood_specificity_full": mean_of_means(per_record["neighborhood"]),
+               "n": float(len(rows))}
+    distinct = [r for r in rows if _first_token(tokenizer, " " + r["requested_rewrite"]["target_new"]["str"])
+                != _first_token(tokenizer, " " + r["requested_rewrite"]["target_true"]["str"])]
+    if distinct:  # ours, on the records the first token can tell apart (no warning: counted here)
+        first = _evaluate_fact(model, tokenizer, distinct, batch_size)
+        metrics.update({k: first[k] for k in ("efficacy", "paraphrase_efficacy", "neighborhood_specificity")})
+    metrics["n_first_token"] = float(len(distinct))
+    return metrics
 
 
 def _evaluate_mcq(model, tokenizer, rows, batch_size) -> dict[str, float]:
@@ -652,15 +897,18 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--limit", type=int, default=None)
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--variant", default="ours", choices=METRIC_VARIANTS,
+                     help="ours (default) or the reference implementation's metrics beside ours")
     args = parser.parse_args(argv)
 
     from . import models
 
     model, tokenizer = models.load(args.model)
-    rows = load(args.task, args.split, source=args.source, limit=args.limit)
+    rows = load(args.task, args.split, source=args.source, limit=args.limit, variant=args.variant)
     metrics = evaluate(args.task, model, tokenizer, rows, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens)
-    print(json.dumps({"task": args.task, "split": args.split, "model": args.model, **metrics}, indent=2))
+                       max_new_tokens=args.max_new_tokens, variant=args.variant)
+    print(json.dumps({"task": args.task, "split": args.split, "model": args.model, "variant": args.variant,
+                      **metrics}, indent=2))
 
 
 if __name__ == "__main__":
