@@ -52,8 +52,8 @@ seq_len = 64               # tokens per example
 eval_limit = 32            # not used here: nothing is evaluated (the suite gives it to every notebook)
 seed = 0
 device = "cpu"
-runs_dir = "../runs"       # this notebook's numbers: <runs_dir>/06_why_an_expert_wins.json
-figures_dir = "../figures"
+runs_dir = "../runs"       # <runs_dir>/06_why_an_expert_wins.json: this notebook's numbers
+figures_dir = "../runs/figures"  # PNG figures (the committed ../figures change only on purpose)
 # MoLF settings (the paper's: lr 5e-5 for both experts, one LoRA expert r=128, alpha 32, EPD, top-1)
 lr_fft = 5e-5
 lr_ratio = 1.0             # lr_lora / lr_fft
@@ -70,23 +70,15 @@ classroom_steps = 8
 lr_ratios = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 # %%
-# %matplotlib inline
-# ruff: noqa: E402  (a notebook: the imports follow the parameters cell)
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from molf.lab import plots, suite, teaching
+from molf.lab import notebook, teaching
 
-NOTEBOOK = "06_why_an_expert_wins"
+nb = notebook.setup("06_why_an_expert_wins", globals())
 pd.set_option("display.width", 160)
 COLUMNS = ["expert", "lr", "n_params", "n_moving", "sum_mu", "sum_uu", "epd", "pfn", "optimizer_score", "won"]
-
-
-def save(fig, name):
-    """Save under figures_dir as <notebook>_<name>.png (the figure is also shown below the cell)."""
-    return plots.save(fig, suite.figure_path(figures_dir, NOTEBOOK, name))
-
 
 # %% [markdown]
 # ## 1. One module, one step: the score in its factors
@@ -114,7 +106,7 @@ for s in ("epd", "pfn"):
     print("\n".join(teaching.formula_lines(table, s)))
     print("->", teaching.why(table, s))
 fig = teaching.explain(lesson, shown_step, module)
-save(fig, "factors")
+nb.save(fig, "factors")
 plt.show()
 
 # %% [markdown]
@@ -128,7 +120,7 @@ plt.show()
 
 # %%
 fig = teaching.explain(lesson, 0, module)
-save(fig, "factors_step0")
+nb.save(fig, "factors_step0")
 plt.show()
 first = lesson.at(0, module)
 for s in ("epd", "pfn"):
@@ -166,7 +158,7 @@ assert (pfn_first["lora_moving"] == pfn_first["n_b"]).all()   # A had no gradien
 assert (pfn_first["measured"] < 1).all() and pfn_fft_share == 1.0
 assert pfn_max_dev < 0.1, pfn_max_dev                           # the ratio is sqrt(N_B / (N_A + N_B)), up to eps
 fig = teaching.pfn_step_one_figure(pfn_first)
-save(fig, "pfn_first_step")
+nb.save(fig, "pfn_first_step")
 plt.show()
 
 # %% [markdown]
@@ -191,7 +183,7 @@ assert scaling_error < 1e-5, scaling_error
 assert all(a <= b for a, b in zip(shares, shares[1:])), shares   # monotone in the lr ratio
 assert shares[-1] > shares[0], shares
 fig = teaching.lr_tilt_figure(tilt)
-save(fig, "lr_tilt")
+nb.save(fig, "lr_tilt")
 plt.show()
 
 # %% [markdown]
@@ -212,7 +204,7 @@ print(f"alpha {alpha:g} -> {2 * alpha:g}: LoRA/FFT EPD ratio x{epd_change[0]:.3f
 assert 1.95 < epd_change[0] and epd_change[1] < 2.05, epd_change   # x2, up to eps
 assert pfn_change < 0.1, pfn_change                               # unchanged, up to eps
 fig = teaching.alpha_tilt_figure(alpha_table)
-save(fig, "alpha_tilt")
+nb.save(fig, "alpha_tilt")
 plt.show()
 
 # %% [markdown]
@@ -228,7 +220,7 @@ plt.show()
 classroom = teaching.Classroom(base)
 display(classroom.widget())
 fig = classroom.frame()
-save(fig, "classroom")
+nb.save(fig, "classroom")
 plt.close(fig)
 
 # %% [markdown]
@@ -240,7 +232,7 @@ def rows(frame, columns):
 
 
 results = {
-    "notebook": NOTEBOOK, "model": model, "task": task, "steps": steps, "step": shown_step, "module": module,
+    "notebook": nb.name, "model": model, "task": task, "steps": steps, "step": shown_step, "module": module,
     "settings": settings.label(),
     "final_loss": lesson.losses[-1],
     "win_share": {e: lesson.win_share(e) for e in ("fft", "lora0")},
@@ -256,4 +248,5 @@ results = {
     "classroom": {"settings": classroom.settings.label(), "steps": classroom_steps,
                   "lora_win_share": classroom.lesson.win_share("lora0")},
 }
-print(suite.write_results(runs_dir, NOTEBOOK, results))
+nb.write_results(results)
+print(f"{len(results)} result groups -> {nb.runs_dir / (nb.name + '.json')}")

@@ -50,7 +50,7 @@ FFT_COLOR = "#d62728"
 LORA_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b")
 BOTH_COLOR = "#7f3f98"
 # Labels of the factor bars, per score: (column of the factor table, label).
-EPD_FACTORS = (("lr", "lr_e"), ("inv_n", "1 / N_e"), ("sum_mu", "Σ m²/(√v+ε)"), ("epd", "S_e (EPD)"))
+EPD_FACTORS = (("lr", "lr_e (scheduled)"), ("inv_n", "1 / N_e (N_e: parameters)"), ("sum_mu", "Σ m²/(√v+ε)"), ("epd", "S_e (EPD)"))
 PFN_FACTORS = (("root_sum_uu", "√(Σ u²)"), ("inv_root_n", "1 / √N_e"), ("pfn", "S_e (PFN)"))
 
 
@@ -425,10 +425,14 @@ def _bars(ax, table: pd.DataFrame, factors, score: str, in_use: bool):
         for bar, value in zip(bars, values):
             ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.2g}", ha="center", va="bottom", fontsize=7)
     ax.set_yscale("log")
+    values = table[[column for column, _ in factors]].to_numpy(float)
+    positive = values[values > 0]
+    if positive.size:  # room above the bars for their labels and the legend
+        ax.set_ylim(positive.min() / 3, positive.max() * 300)
     ax.set_xticks(x, [label for _, label in factors])
-    ax.set_ylabel("factor value (log scale; lr in 1/step, N_e in parameters)")
-    ax.grid(axis="y", alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.set_ylabel("factor value (log scale)")
+    ax.grid(axis="y", alpha=0.3, which="major")
+    ax.legend(fontsize=7, loc="upper left", ncol=len(experts))
     used = "the score in use" if in_use else "what it would pick"
     ax.set_title(f"{score.upper()} factors ({used})", fontsize=10)
     ax.text(0.0, -0.13, "\n".join(formula_lines(table, score) + [why(table, score)]), transform=ax.transAxes,
