@@ -4,7 +4,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: demo test test-all lint bench venv clean
+.PHONY: demo test test-all lint bench venv clean notebooks
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv .venv
@@ -26,6 +26,12 @@ test: $(STAMP) lint
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# After editing a notebook (its .py in an editor, or the .ipynb in JupyterLab): bring each pair in line
+# (the newer file wins) and clear the outputs, as the .ipynb are committed.
+notebooks: $(STAMP)
+	$(PY) -m jupytext --sync notebooks/[0-9]*.py
+	$(PY) -m nbconvert --clear-output --inplace --log-level=WARN notebooks/[0-9]*.ipynb
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)

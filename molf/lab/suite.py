@@ -44,12 +44,13 @@ TINY = {"model": "tiny", "steps": 8, "batch_size": 2, "seq_len": 48, "eval_limit
 def run_config(runs_dir, **kwargs):
     """A ``TrainConfig`` whose ``out_dir`` is ``<runs_dir>/train/<model>-<task>-<method>-<hash>``.
 
-    The hash covers the whole *resolved* config (defaults filled in), so two notebooks asking for the
+    The hash covers what the *resolved* config computes (defaults filled in; not where or how it is
+    written or shown: ``train.run_identity``), so two notebooks asking for the
     same training (even one spelling out a default the other leaves as None) share one run directory,
     and a finished run is returned by ``train.run`` without training again. Bad values raise the
     runner's ``ValueError`` here, before anything trains.
     """
-    from .train import TrainConfig
+    from .train import TrainConfig, run_identity
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     kwargs.setdefault("progress", False)
@@ -58,7 +59,7 @@ def run_config(runs_dir, **kwargs):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
     probe = TrainConfig(**{**kwargs, "out_dir": str(runs_dir)}).resolved()
-    identity = {k: v for k, v in dataclasses.asdict(probe).items() if k != "out_dir"}
+    identity = run_identity(probe)  # what the run computes: a progress bar or out_dir do not make a new run
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:10]
     slug = re.sub(r"[^A-Za-z0-9_.]+", "_", f"{probe.model}-{probe.task}-{probe.method}").strip("_")
     return dataclasses.replace(probe, out_dir=str(runs_dir / "train" / f"{slug}-{digest}"))
@@ -180,6 +181,8 @@ def main(argv=None) -> int:
     # The kernel spec may launch a bare "python": make it this interpreter (the virtualenv's).
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    # No tqdm bars in the executed notebooks (molf.lab.notebook shows them when a notebook is run by hand).
+    os.environ.setdefault("MOLF_PROGRESS", "0")
     runs_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
 

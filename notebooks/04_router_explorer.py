@@ -1,0 +1,117 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: language_info
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+#   language_info:
+#     codemirror_mode:
+#       name: ipython
+#       version: 3
+#     file_extension: .py
+#     mimetype: text/x-python
+#     name: python
+#     nbconvert_exporter: python
+#     pygments_lexer: ipython3
+# ---
+
+# %% [markdown]
+# # 04 · Router explorer
+#
+# An interactive app (JupyterLab + ipywidgets) over a MoLF run:
+#
+# - **step** slider (▶ plays through training), **layer** and **module** pickers, and a **mode** toggle:
+#   the experts chosen at that step, or each module's cumulative FFT win share up to it;
+# - left: the routing map with the selected module outlined; right: that module's scores over training
+#   and every module of the selected layer at the chosen step.
+#
+# Open it with `jupyter lab notebooks/04_router_explorer.ipynb` and run all cells. Read headlessly
+# (papermill, GitHub) the widgets do not render, so the notebook also draws the final frame as a picture.
+
+# %% tags=["parameters"]
+model = "smollm2-135m"     # "tiny" for a 2-layer random Llama; a hub id / local path for a bigger model
+task = "fact"               # "fact" (counterfactual knowledge injection), "sql" or "mcq"
+steps = 20                  # optimizer steps per training run
+batch_size = 4
+seq_len = 64                # tokens per example (longer ones are truncated)
+eval_limit = 32             # evaluation examples after training (0: skip evaluation)
+seed = 0
+device = "cpu"              # "cpu", "cuda" or "auto"
+runs_dir = "../runs"        # training runs, executed notebooks and <notebook>.json
+figures_dir = "../runs/figures"  # PNG figures (the committed ../figures change only on purpose)
+# MoLF hyper-parameters (None = the paper's default: lr 5e-5 for both experts, one LoRA expert r=128, EPD, top-1)
+lr_fft = None
+lr_lora = None
+ranks = None
+score = None
+topk = None
+run_dir = None              # a run directory to explore; None: the default MoLF run (trained if missing)
+live = True                 # train a small run and redraw its routing map as it goes
+live_steps = 6              # steps of the live run
+live_chunk = 3              # redraw every live_chunk steps
+
+# %%
+from molf.lab import analysis, notebook, runs
+
+nb = notebook.setup("04_router_explorer", globals())
+
+# %%
+from molf.lab import explorer
+
+if run_dir is None:
+    run_dir = nb.train(method="molf", **nb.common, **nb.molf_hp).path
+app = explorer.RouterExplorer(run_dir)
+app.widget()
+
+# %% [markdown]
+# ### The final frame (what the app shows at the last step, for static readers)
+#
+# The outlined module is the one that switched expert most often.
+
+# %%
+fig = app.render_final_frame()
+nb.save(fig, "final_frame")
+
+# %% [markdown]
+# ### Any run
+#
+# Every routed run (MoLF or MoLF-E) under `runs_dir`, newest first.
+
+# %%
+explorer.explore(runs_dir)
+
+# %% [markdown]
+# ## Live mode
+#
+# Trains a small run in resumable chunks (`molf.lab.train.run(config, stop_after=live_chunk)`) and redraws the
+# routing map after each chunk. The run is kept: a second execution shows the finished run at once.
+
+# %%
+live_result = None
+if live:
+    live_config = nb.run_config(method="molf", **{**nb.common, "steps": live_steps}, **nb.molf_hp,
+                                   save_every=0)
+    live_result, fig = explorer.live(live_config, chunk=live_chunk)
+    nb.save(fig, "live_final")
+
+# %%
+data = app.data
+results = {
+    "notebook": nb.name, "run_dir": str(app.run_dir), "steps_logged": len(app.steps),
+    "layers": app.layers, "module_types": app.types,
+    "win_share": analysis.overall_win_share(data),
+    "routing_heatmap": analysis.heatmap_cells(data),
+    "live": None if live_result is None else {
+        "run_dir": str(live_result.out_dir), "steps": live_result.metrics["steps"],
+        "final_loss": live_result.metrics["final_loss"],
+        "win_share": analysis.overall_win_share(runs.load(live_result.out_dir))},
+}
+nb.write_results(results)
