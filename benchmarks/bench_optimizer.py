@@ -8,10 +8,10 @@ a fixed random batch gives real gradients (so the routing is a real one), and th
 the very same parameters and gradients, we time ``step()`` of
 
     molf           MoLFAdamW as shipped (on the CPU: the chunked path)
-    molf_masked    MoLFAdamW with masked_update=True: the accelerator path (foreach + masks, no sync), run here
+    molf_masked    MoLFAdamW(impl="masked"): the accelerator path (foreach + masks, no sync), run here
     adamw_foreach  torch.optim.AdamW(foreach=True) over all trainable parameters (decay / no-decay groups)
     adamw_fused    torch.optim.AdamW(fused=True), same groups
-    naive          benchmarks/naive_molf.py: per-module, per-expert Python loop with .item() reads
+    naive          molf.reference: per-module, per-expert Python loop with .item() reads
 
 Each optimizer keeps its own state; they all update the same tensors, which does not change the work.
 Peak memory: per method in a fresh child process (see ``_common``): the peak RSS the optimizer adds on
@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from naive_molf import NaiveMoLFAdamW  # noqa: E402
 
 import molf  # noqa: E402
 from molf.lab import models  # noqa: E402
+from molf.reference import NaiveMoLFAdamW  # noqa: E402
 
 LR, WD_FFT, WD_LORA = 5e-5, 0.1, 0.01
 METHODS = ("molf", "molf_masked", "adamw_foreach", "adamw_fused", "naive")
@@ -52,9 +52,7 @@ def build(model_name: str, rank: int, real_grads: bool):
 def make(method: str, model):
     groups = molf.param_groups(model, LR, LR, wd_fft=WD_FFT, wd_lora=WD_LORA)
     if method.startswith("molf"):
-        opt = molf.MoLFAdamW(groups)
-        opt.masked_update = method == "molf_masked"
-        return opt
+        return molf.MoLFAdamW(groups, impl="masked" if method == "molf_masked" else "auto")
     if method == "naive":
         return NaiveMoLFAdamW(groups)
     decay, no_decay = [], []

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import routing_log
+from .layer import lora_delta
 from .model import wrapped_modules
 from .routing_log import RoutingRecord, unwrap_optimizer
 
@@ -154,14 +155,10 @@ def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
     state_dict = dict(state_dict)
     for name, layer in wrapped_modules(unwrap(model)).items():
         weight = state_dict.pop(f"{name}.base_layer.weight")
-        delta = torch.zeros(weight.shape, dtype=torch.float32)
-        for i, scale in enumerate(layer.scales):
-            B = state_dict.pop(f"{name}.lora_B.{i}.weight")
-            A = state_dict.pop(f"{name}.lora_A.{i}.weight")
-            if not layer.merged:  # a merged layer's base weight already holds its experts
-                delta.addmm_(B.float(), A.float(), alpha=scale)
-        if not layer.merged:
-            weight = (weight.float() + delta).to(weight.dtype)
+        As = [state_dict.pop(f"{name}.lora_A.{i}.weight") for i in range(len(layer.scales))]
+        Bs = [state_dict.pop(f"{name}.lora_B.{i}.weight") for i in range(len(layer.scales))]
+        if not layer.merged:  # a merged layer's base weight already holds its experts
+            weight = (weight.float() + lora_delta(As, Bs, layer.scales)).to(weight.dtype)
         state_dict[f"{name}.weight"] = weight
         if f"{name}.base_layer.bias" in state_dict:
             state_dict[f"{name}.bias"] = state_dict.pop(f"{name}.base_layer.bias")

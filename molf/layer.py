@@ -16,11 +16,40 @@ import math
 import torch
 from torch import nn
 
+from . import _validate
+
 FFT_EXPERT = "fft"
 
 
 def lora_expert_name(index: int) -> str:
     return f"lora{index}"
+
+
+def check_experts(ranks, alphas, dropout: float = 0.0) -> tuple[tuple[int, ...], tuple[float, ...], float]:
+    """Validate the LoRA experts' settings (as ``MoLFLinear`` takes them); return them as tuples."""
+    ranks, alphas = tuple(ranks), tuple(alphas)
+    if len(ranks) == 0:
+        raise ValueError("ranks is empty: give at least one LoRA rank, e.g. ranks=(128,)")
+    if len(alphas) != len(ranks):
+        raise ValueError(f"alphas {alphas} has {len(alphas)} entries but ranks {ranks} has {len(ranks)}")
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {r!r} in ranks={ranks}")
+    for a in alphas:
+        if not _validate.is_number(a, positive=True):
+            raise ValueError(f"LoRA alpha must be a positive finite number, got {a!r} in alphas={alphas}")
+    return ranks, alphas, _validate.fraction("dropout", dropout)
+
+
+@torch.no_grad()
+def lora_delta(As, Bs, scales) -> torch.Tensor:
+    """``sum_i s_i B_i A_i`` in float32 (d_out x d_in, on the experts' device): the one merge formula,
+    for ``MoLFLinear.merge`` and for merging a gathered state dict (``molf.distributed``)."""
+    As, Bs = list(As), list(Bs)
+    delta = torch.zeros(Bs[0].shape[0], As[0].shape[1], dtype=torch.float32, device=As[0].device)
+    for A, B, scale in zip(As, Bs, scales):
+        delta.addmm_(B.float(), A.float(), alpha=scale)
+    return delta
 
 
 class MoLFLinear(nn.Module):
@@ -35,19 +64,7 @@ class MoLFLinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"MoLFLinear wraps an nn.Linear, got {type(base_layer).__name__}")
-        ranks, alphas = tuple(ranks), tuple(alphas)
-        if len(ranks) == 0:
-            raise ValueError("ranks is empty: give at least one LoRA rank, e.g. ranks=(128,)")
-        if len(alphas) != len(ranks):
-            raise ValueError(f"alphas {alphas} has {len(alphas)} entries but ranks {ranks} has {len(ranks)}")
-        for r in ranks:
-            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-                raise ValueError(f"LoRA rank must be a positive integer, got {r!r} in ranks={ranks}")
-        for a in alphas:
-            if not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-                raise ValueError(f"LoRA alpha must be a positive number, got {a!r} in alphas={alphas}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        ranks, alphas, dropout = check_experts(ranks, alphas, dropout)
 
         self.base_layer = base_layer
         self.ranks = ranks
@@ -90,11 +107,8 @@ class MoLFLinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """``sum_i s_i B_i A_i`` in float32 (d_out x d_in)."""
-        delta = torch.zeros_like(self.base_layer.weight, dtype=torch.float32)
-        for A, B, scale in zip(self.lora_A, self.lora_B, self.scales):
-            delta.addmm_(B.weight.float(), A.weight.float(), alpha=scale)
-        return delta
+        """``sum_i s_i B_i A_i`` in float32 (d_out x d_in), by ``lora_delta``."""
+        return lora_delta((A.weight for A in self.lora_A), (B.weight for B in self.lora_B), self.scales)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:

@@ -5,7 +5,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .layer import FFT_EXPERT, MoLFLinear
+from . import _validate
+from .layer import FFT_EXPERT, MoLFLinear, check_experts
 
 DEFAULT_ALPHA = 32.0  # the paper's MoLF setting for every LoRA expert
 
@@ -39,12 +40,14 @@ def wrap(model: nn.Module, ranks=(128,), alphas=None, rslora: bool = True, dropo
                       between its LoRA experts, so it needs two or more of them.
     freeze_non_linear freeze everything outside the wrapped layers (embeddings, norms, lm_head), for a
                       truly parameter-efficient run. Otherwise they train densely with plain AdamW.
+
+    Every argument is checked and every new layer built before the model is touched: on an error the
+    model is exactly as it was (nothing frozen, nothing replaced).
     """
     ranks = tuple(ranks) if isinstance(ranks, (list, tuple)) else (ranks,)
     alphas = tuple(DEFAULT_ALPHA for _ in ranks) if alphas is None else (
         tuple(alphas) if isinstance(alphas, (list, tuple)) else (alphas,))
-    if len(alphas) != len(ranks):
-        raise ValueError(f"alphas {alphas} has {len(alphas)} entries but ranks {ranks} has {len(ranks)}")
+    ranks, alphas, dropout = check_experts(ranks, alphas, dropout)
     if not train_base and len(ranks) < 2:
         raise ValueError(f"train_base=False (MoLF-Efficient) routes between LoRA experts and needs at "
                          f"least two ranks, got ranks={ranks}")
@@ -68,13 +71,14 @@ def wrap(model: nn.Module, ranks=(128,), alphas=None, rslora: bool = True, dropo
     if not chosen:
         raise ValueError(f"targets={targets!r} (exclude={exclude!r}) match no nn.Linear in the model")
 
+    # Build every layer first (this only reads the model), then change the model.
+    layers = {name: MoLFLinear(model.get_submodule(name), ranks, alphas, rslora=rslora, dropout=dropout)
+              for name in chosen}
     if freeze_non_linear:
         for p in model.parameters():
             p.requires_grad_(False)
-    for name in chosen:
-        base = model.get_submodule(name)
-        layer = MoLFLinear(base, ranks, alphas, rslora=rslora, dropout=dropout)
-        layer.base_requires_grad = base.weight.requires_grad if not freeze_non_linear else True
+    for name, layer in layers.items():
+        layer.base_requires_grad = layer.base_layer.weight.requires_grad if not freeze_non_linear else True
         for p in layer.expert_parameters()[FFT_EXPERT]:
             p.requires_grad_(train_base)
         _set_submodule(model, name, layer)
@@ -98,16 +102,10 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _no_decay(name: str, p) -> bool:
-    return p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
-
-
-def _check_hparam(name: str, value, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
+def no_weight_decay(name: str, param) -> bool:
+    """The one weight-decay rule for parameters outside the experts: no decay for biases, norms and
+    every parameter with fewer than two dimensions (``name`` as in ``model.named_parameters()``)."""
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
 def param_groups(model: nn.Module, lr_fft: float, lr_lora: float, wd_fft: float = 0.1,
@@ -120,12 +118,12 @@ def param_groups(model: nn.Module, lr_fft: float, lr_lora: float, wd_fft: float 
     scheduler moves both by the same factor. Weight decay is per parameter
     (``group["param_weight_decay"]``): ``wd_fft`` on the base weight, none on its bias, ``wd_lora`` on
     the LoRA matrices. Then two plain AdamW groups for everything else that trains, at ``lr_fft``:
-    weights with ``wd_fft``, norms/biases/1-D parameters with no decay.
+    weights with ``wd_fft``, norms/biases/1-D parameters with no decay (``no_weight_decay``).
     """
-    lr_fft = _check_hparam("lr_fft", lr_fft, allow_zero=False)
-    lr_lora = _check_hparam("lr_lora", lr_lora, allow_zero=False)
-    wd_fft = _check_hparam("wd_fft", wd_fft, allow_zero=True)
-    wd_lora = _check_hparam("wd_lora", wd_lora, allow_zero=True)
+    lr_fft = _validate.number("lr_fft", lr_fft, positive=True)
+    lr_lora = _validate.number("lr_lora", lr_lora, positive=True)
+    wd_fft = _validate.number("wd_fft", wd_fft)
+    wd_lora = _validate.number("wd_lora", wd_lora)
     layers = wrapped_modules(model)
     if not layers:
         raise ValueError("model has no MoLF layers; call molf.wrap(model, ...) before molf.param_groups")
@@ -160,7 +158,7 @@ def param_groups(model: nn.Module, lr_fft: float, lr_lora: float, wd_fft: float 
     decay_params, plain_params = [], []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in in_layers:
-            (plain_params if _no_decay(name, p) else decay_params).append(p)
+            (plain_params if no_weight_decay(name, p) else decay_params).append(p)
     if decay_params:
         groups.append({"params": decay_params, "lr": lr_fft, "weight_decay": wd_fft})
     if plain_params:

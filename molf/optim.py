@@ -14,35 +14,56 @@ For every wrapped module (one parameter group from ``molf.param_groups``), at ev
 Plain groups (embeddings, norms, excluded linears) take an ordinary dense AdamW step, so the same
 optimizer trains the whole model.
 
-Scoring and the decision are one batched computation over all modules (``_route``). Two ways to
-apply them:
+Where the paper is silent, this optimizer chooses:
 
-- accelerators (``_step_foreach``): whole-list ``torch._foreach_*`` ops as torch's foreach AdamW; the
-  decisions stay on the device and the winners are applied through masks, so ``step()`` makes no host
-  sync (``masked_update=True`` forces this path anywhere).
-- the CPU (``_step_chunked``, for the built-in scores): each parameter is walked in cache-sized
-  chunks, moments and score terms in one pass, then the winners' update in a second pass; losers'
-  updates are not computed at all, and no tensor larger than a chunk is ever allocated.
+- **A non-finite gradient** (any NaN/inf element) skips the *whole* step of its module: no moment
+  update, no step-counter advance, no parameter change, no winner. Plain parameters follow the same
+  rule one parameter at a time (torch's AdamW would instead spread the NaN into the moments and the
+  weights, and every later step; a loud error is not an option on the accelerator path, which must
+  not read the gradients back). Each skip is counted in ``nonfinite_grad_skips`` (modules and plain
+  parameters) and, for modules, also in ``nonfinite_skips`` (decisions without a winner). At the next
+  finite step the module trains again from the state it had. Under FSDP the flags are all-reduced,
+  so every rank skips the same modules.
+- **A module with no gradient at all** this step is not routed: no winner, nothing counted, its
+  ``last_decisions`` entry is the empty tuple and its ``last_scores`` are NaN ("not scored").
+- **Parameter dtypes**: float32, bfloat16 and float64. float16 is refused at the first step (eps=1e-8
+  is 0 in float16 and ``g^2`` underflows, so every score would be NaN and nothing would train): keep
+  float32 weights under ``torch.autocast(dtype=torch.float16)``, or use bfloat16.
+- **A custom score** is called once on the current state (a dry run) the first time a set of
+  parameters is routed, so an output of the wrong shape is reported before any state changes.
 
-Both paths give the same decisions and (up to float rounding in the scores) the same parameters.
+The step is split as torch splits its Adam: the class keeps hyper-parameters, state and the routing
+read-back; the arithmetic lives in ``molf.functional``, three functions with one signature, chosen by
+``impl``:
+
+- ``"chunked"`` (the CPU): each parameter walked in cache-sized chunks; losers' updates never computed.
+- ``"foreach"``: whole-list ``torch._foreach_*`` ops as torch's foreach AdamW; decisions read back once.
+- ``"masked"`` (accelerators): the same ops with the decisions applied through masks on the device:
+  ``step()`` makes no host sync. The one host-side consequence of a skip, giving the step counter its
+  step back, is applied at the start of the next ``step()`` (or ``state_dict()``) from a copy of the
+  per-parameter flags started right after they were computed (pinned memory and a CUDA event, so the
+  wait, if any, is for a step the device finished long ago). In between, ``opt.state[p]["step"]`` of a
+  skipped parameter reads one too high; nothing uses it before it is corrected.
+- ``"auto"`` (default): chunked on the CPU for ``Score`` objects (built-ins) and contiguous tensors,
+  masked on accelerators, foreach otherwise.
+
+All paths give the same decisions and (up to float rounding in the scores) the same parameters.
 ``last_decisions``, ``last_scores`` and ``win_counts`` read the results back lazily (one copy per read).
-Losers on the masked path: an update is cancelled by dividing it by infinity, which is exact for finite
-moments; a module whose moments went non-finite is skipped by the router on both paths, but on the
-masked path its parameters then take the NaN too (on the CPU path they stay unchanged).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .router import REDUCTIONS, RouterStats, decide, resolve_score
+from . import _validate, functional, router
+from .functional import IMPLEMENTATIONS, ParamBatch, _to_device
+from .router import RouterStats, Score, decide, resolve_score
 
-# Elements per chunk on the CPU path: 128 Ki float32 = 512 KiB per tensor, so a chunk of p, g, m, v and
-# the scratch buffer stays in L2/L3 across the ~8 element-wise ops applied to it, while the Python
-# overhead per chunk (~10 small op dispatches) stays a few percent of the memory traffic.
-CHUNK = 1 << 17
+IMPLS = ("auto", "chunked", "foreach", "masked")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -50,52 +71,54 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _check_betas(betas) -> tuple[float, float]:
-    try:
-        b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}") from None
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"betas must both be in [0, 1), got {betas!r}")
-    return b1, b2
-
-
-def _check_nonnegative(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+@dataclass
+class _Plan:
+    """Index tensors that map parameters to experts and experts to (module, slot). Built once."""
+    device: torch.device
+    modules: list            # the MoLF parameter groups, in order
+    module_names: list
+    K: int                   # most experts in a module
+    expert_names: list       # [E] over all modules
+    expert_slot: torch.Tensor  # [E] position in the flattened [M, K] grid
+    numel: torch.Tensor      # [E] N_e
+    valid: torch.Tensor      # [M, K] real expert slots
+    topk: torch.Tensor       # [M]
+    expert_of_group: list    # [E] (group, expert index in the group)
+    param_slot: dict         # id(param) -> (expert, position among the expert's parameters)
+    param_module: dict       # id(param) -> module index
+    max_params: int          # most parameters in one expert
 
 
 @dataclass
-class _Work:
-    """The parameters that have a gradient this step, with their (rank-local) tensors and settings."""
-    params: list = field(default_factory=list)
-    local_params: list = field(default_factory=list)
-    grads: list = field(default_factory=list)
-    exp_avgs: list = field(default_factory=list)
-    exp_avg_sqs: list = field(default_factory=list)
-    steps: list = field(default_factory=list)
-    lrs: list = field(default_factory=list)
-    wds: list = field(default_factory=list)
-    eps: list = field(default_factory=list)
-    betas: list = field(default_factory=list)
-    molf_index: list = field(default_factory=list)   # positions of MoLF expert parameters
-    contiguous: bool = True
+class _Layout:
+    """Device index tensors for the MoLF parameters of one batch (rebuilt only when that set changes)."""
+    padded_slot: torch.Tensor      # per MoLF param: row-major slot in an [E, max_params] matrix
+    slot_of_param: torch.Tensor    # per MoLF param: its expert's slot in the [M, K] grid
+    molf_index: torch.Tensor       # positions of the MoLF params in the batch
+    module_of_param: torch.Tensor  # per MoLF param: its module
+    has_grad: torch.Tensor         # [M] bool: the module has a parameter in the batch
 
 
-def _chunks(*tensors: torch.Tensor):
-    """Aligned views of ``CHUNK`` elements of same-sized contiguous tensors."""
-    flat = [t.view(-1) for t in tensors]
-    for start in range(0, flat[0].numel(), CHUNK):
-        yield tuple(t[start:start + CHUNK] for t in flat)
+@dataclass
+class _RoutingLog:
+    """Running routing counters, on the device (read back lazily)."""
+    win_counts: torch.Tensor        # [M, K] int64
+    skips: torch.Tensor             # [] module-steps without a winner for a NaN/inf score or gradient
+    grad_skips: torch.Tensor        # [] module- and plain-parameter-steps skipped for a NaN/inf gradient
+    last: tuple | None = None       # (scores [M, K], winners [M, K]) of the last step
+
+    def to(self, device) -> _RoutingLog:
+        return _RoutingLog(self.win_counts.to(device), self.skips.to(device), self.grad_skips.to(device),
+                           None if self.last is None else tuple(t.to(device) for t in self.last))
 
 
-def _adamw_chunk(p, m, v, buf, lr, wd, eps, bias1, bias2_sqrt) -> None:
-    """Decoupled AdamW update of one chunk from its advanced moments, with the ops (and order) of torch's
-    foreach AdamW: ``p *= 1 - lr wd``; ``p -= lr/bias1 * m / (sqrt(v)/bias2_sqrt + eps)``."""
-    d = torch.sqrt(v, out=buf).div_(bias2_sqrt).add_(eps)
-    if wd != 0:
-        p.mul_(1 - lr * wd)
-    p.addcdiv_(m, d, value=-lr / bias1)
+@dataclass
+class _Gate:
+    """Who steps this time (device flags): a parameter unless its gradient (for MoLF parameters: any
+    gradient of its module) holds a NaN/inf; a module when it has a gradient and all of it is finite."""
+    param_ok: torch.Tensor     # [n] bool, per parameter of the collected batch
+    module_ok: torch.Tensor    # [M] bool
+    has_grad: torch.Tensor     # [M] bool
 
 
 class MoLFAdamW(torch.optim.Optimizer):
@@ -103,44 +126,54 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     params        groups from ``molf.param_groups(model, lr_fft, lr_lora, ...)``; plain groups (no
                   ``molf_module`` key) and plain parameter lists train as ordinary AdamW.
-    score         ``"epd"`` (paper Eq. 10, default), ``"pfn"`` (Eq. 11) or a callable
-                  ``score(RouterStats) -> Tensor[n_experts]`` (see ``molf.router``).
+    score         ``"epd"`` (paper Eq. 10, default), ``"pfn"`` (Eq. 11), a ``molf.router.Score`` or any
+                  callable ``score(RouterStats) -> Tensor[n_experts]`` (see ``molf.router``).
     topk          experts updated per module (the paper: 1). Equal to the number of experts means a
                   dense update of every expert (the paper's "no routing" ablation).
     lr, weight_decay  defaults for groups that do not set them (``lr=None``: every group must).
     process_group the group whose ranks each hold a shard of every expert (FSDP); score sums are
                   all-reduced over it. Detected automatically for DTensor (FSDP2) parameters.
+    impl          ``"auto"`` (default), ``"chunked"``, ``"foreach"`` or ``"masked"``: how the step is
+                  computed (module docstring); all give the same decisions.
 
     After each ``step()``: ``last_decisions`` maps module name to the tuple of winning expert names
-    (empty when the module was skipped), ``last_scores`` to ``{expert: score}``; ``win_counts`` holds
-    the running wins per module and expert, ``nonfinite_skips`` the modules skipped for a NaN/inf
-    score. ``state_dict()`` carries all of it.
+    (empty when the module was skipped or had no gradient), ``last_scores`` to ``{expert: score}``;
+    ``win_counts`` holds the running wins per module and expert, ``nonfinite_skips`` the module-steps
+    without a winner for a NaN/inf score or gradient, ``nonfinite_grad_skips`` the module- and
+    plain-parameter-steps skipped whole for a NaN/inf gradient. ``state_dict()`` carries all of it.
     """
 
     def __init__(self, params, score="epd", topk: int = 1, betas=(0.9, 0.999), eps: float = 1e-8,
-                 lr: float | None = None, weight_decay: float = 0.0, process_group=None):
+                 lr: float | None = None, weight_decay: float = 0.0, process_group=None, impl: str = "auto"):
         self.score_fn = resolve_score(score)
-        self.score_name = score if isinstance(score, str) else getattr(score, "__name__", "custom")
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-            raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
-        betas = _check_betas(betas)
-        _check_nonnegative("eps", eps)
-        _check_nonnegative("weight_decay", weight_decay)
+        self.score_name = score if isinstance(score, str) else (
+            score.name if isinstance(score, Score) else getattr(score, "__name__", "custom"))
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl == "chunked" and not isinstance(self.score_fn, Score):
+            raise ValueError(f"impl='chunked' sums the score's per-element term chunk by chunk, but score "
+                             f"{self.score_name!r} is a plain callable with no term: write it as a "
+                             f"molf.router.Score, or use impl='auto', 'foreach' or 'masked'")
+        self.impl = impl
+        topk = _validate.integer("topk", topk)
+        betas = _validate.betas(betas)
+        eps = _validate.number("eps", eps)
+        weight_decay = _validate.number("weight_decay", weight_decay)
         if lr is not None:
-            _check_nonnegative("lr", lr)
+            lr = _validate.number("lr", lr)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "topk": topk}
-        self._plan = None
-        self._layout = None          # per-step index tensors, see _layout_for
-        self._scratch_buffers = {}   # (dtype, device) -> chunk buffer of the CPU path
+        self._plan: _Plan | None = None
+        self._layouts: dict = {}         # batch key -> _Layout
+        self._checked: set = set()       # batch keys whose score output shape was checked (dry run)
+        self._scratch_buffers = {}       # (dtype, device) -> chunk buffer of the CPU path
+        self._unconfirmed = None         # masked path: (step counters, flags, event) to settle
         super().__init__(params, defaults)
-        self._reset_routing_log()
-        # None: apply decisions through masks on accelerators, by selection on the CPU. True/False force
-        # one path (the tests check that both give the same result).
-        self.masked_update: bool | None = None
+        self._log: _RoutingLog | None = None
         # Sharded training (FSDP): each rank holds a shard of every expert, so the per-expert score sums
-        # are all-reduced over this group before deciding (None: the default group, when parameters
-        # are DTensors). Expert sizes N_e are global (DTensor.numel() is the full size).
+        # (and the non-finite gradient flags) are all-reduced over this group (None: the default group,
+        # when parameters are DTensors). Expert sizes N_e are global (DTensor.numel() is the full size).
         self.process_group = process_group
+        self._sharded = False
 
     # ---------------------------------------------------------------- groups and validation
     def add_param_group(self, group: dict) -> None:
@@ -148,13 +181,11 @@ class MoLFAdamW(torch.optim.Optimizer):
         group = self.param_groups[-1]
         if group["lr"] is None:
             raise ValueError("a parameter group has no lr; give lr= to MoLFAdamW or set it in the group")
-        _check_nonnegative("lr", group["lr"])
-        _check_nonnegative("eps", group["eps"])
-        _check_nonnegative("weight_decay", group["weight_decay"])
-        group["betas"] = _check_betas(group["betas"])
-        topk = group["topk"]
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-            raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+        group["lr"] = _validate.number("lr", group["lr"])
+        group["eps"] = _validate.number("eps", group["eps"])
+        group["weight_decay"] = _validate.number("weight_decay", group["weight_decay"])
+        group["betas"] = _validate.betas(group["betas"])
+        topk = _validate.integer("topk", group["topk"])
         if "molf_module" in group:
             n_experts = len(group["experts"])
             if topk > n_experts:
@@ -165,22 +196,16 @@ class MoLFAdamW(torch.optim.Optimizer):
                 raise ValueError(f"group of module {group['molf_module']!r}: param_expert and "
                                  f"param_weight_decay need one entry per parameter")
             for wd in group["param_weight_decay"]:
-                _check_nonnegative("weight_decay", wd)
+                _validate.number("weight_decay", wd)
             for s in group["expert_lr_scale"]:
-                _check_nonnegative("expert_lr_scale", s)
+                _validate.number("expert_lr_scale", s)
         self._plan = None
 
-    def _reset_routing_log(self) -> None:
-        self._win_counts = None      # [M, K] int64 on the device
-        self._skips = None           # [] int64 on the device
-        self._last = None            # (scores [M, K], winners [M, K]) of the last step
-
     # ---------------------------------------------------------------- static routing plan
-    def _build_plan(self, device: torch.device) -> dict:
-        """Index tensors that map parameters to experts and experts to (module, slot). Built once."""
+    def _build_plan(self, device: torch.device) -> _Plan:
         modules = [g for g in self.param_groups if "molf_module" in g]
         K = max((len(g["experts"]) for g in modules), default=0)
-        expert_names, expert_slot, numel, param_slot = [], [], [], {}
+        expert_names, expert_slot, numel, param_slot, param_module = [], [], [], {}, {}
         counts = []  # params per expert, to size the per-expert padding
         for m, g in enumerate(modules):
             first = len(expert_names)
@@ -192,37 +217,64 @@ class MoLFAdamW(torch.optim.Optimizer):
             for p, k in zip(g["params"], g["param_expert"]):
                 e = first + k
                 param_slot[id(p)] = (e, counts[e])
+                param_module[id(p)] = m
                 counts[e] += 1
                 numel[e] += p.numel()
         valid = torch.zeros(len(modules) * K, dtype=torch.bool)
         valid[expert_slot] = True
-        return {
-            "device": device,
-            "modules": modules,
-            "module_names": [g["molf_module"] for g in modules],
-            "K": K,
-            "expert_names": expert_names,
-            "expert_slot": torch.tensor(expert_slot, dtype=torch.long, device=device),
-            "numel": torch.tensor(numel, dtype=torch.float32, device=device),
-            "valid": valid.view(len(modules), K).to(device),
-            "topk": torch.tensor([g["topk"] for g in modules], device=device),
-            "expert_of_group": [(g, k) for g in modules for k in range(len(g["experts"]))],
-            "param_slot": param_slot,
-            "max_params": max(counts, default=0),
-        }
+        return _Plan(
+            device=device,
+            modules=modules,
+            module_names=[g["molf_module"] for g in modules],
+            K=K,
+            expert_names=expert_names,
+            expert_slot=torch.tensor(expert_slot, dtype=torch.long, device=device),
+            numel=torch.tensor(numel, dtype=torch.float32, device=device),
+            valid=valid.view(len(modules), K).to(device),
+            topk=torch.tensor([g["topk"] for g in modules], device=device),
+            expert_of_group=[(g, k) for g in modules for k in range(len(g["experts"]))],
+            param_slot=param_slot,
+            param_module=param_module,
+            max_params=max(counts, default=0),
+        )
 
-    def _plan_for(self, device: torch.device) -> dict:
-        if self._plan is None or self._plan["device"] != device:
+    def _plan_for(self, device: torch.device) -> _Plan:
+        if self._plan is None or self._plan.device != device:
             self._plan = self._build_plan(device)
-            self._layout = None
-            if self._win_counts is None:
-                shape = (len(self._plan["modules"]), self._plan["K"])
-                self._win_counts = torch.zeros(shape, dtype=torch.long, device=device)
-                self._skips = torch.zeros((), dtype=torch.long, device=device)
+            self._layouts = {}
+            if self._log is None:
+                M, K = len(self._plan.modules), self._plan.K
+                zero = torch.zeros((), dtype=torch.long, device=device)
+                self._log = _RoutingLog(torch.zeros((M, K), dtype=torch.long, device=device), zero, zero.clone())
             else:
-                self._win_counts = self._win_counts.to(device)
-                self._skips = self._skips.to(device)
+                self._log = self._log.to(device)
         return self._plan
+
+    def _layout_for(self, batch: ParamBatch, plan: _Plan, device: torch.device) -> _Layout:
+        """The index tensors for the MoLF parameters of ``batch``; cached per set of parameters, so a
+        steady training loop builds them once."""
+        key = (device, tuple(id(batch.params[i]) for i in batch.molf_index))
+        if key in self._layouts:
+            return self._layouts[key]
+        P = plan.max_params
+        expert_of, padded_slot, module_of = [], [], []
+        for i in batch.molf_index:
+            e, position = plan.param_slot[id(batch.params[i])]
+            expert_of.append(e)
+            padded_slot.append(e * P + position)
+            module_of.append(plan.param_module[id(batch.params[i])])
+        has_grad = torch.zeros(len(plan.modules), dtype=torch.bool)
+        has_grad[module_of] = True
+        if len(self._layouts) >= 8:  # a handful of distinct sets (full batch, a few with skips)
+            self._layouts.clear()
+        layout = self._layouts[key] = _Layout(
+            padded_slot=torch.tensor(padded_slot, dtype=torch.long, device=device),
+            slot_of_param=plan.expert_slot[torch.tensor(expert_of, dtype=torch.long, device=device)],
+            molf_index=torch.tensor(batch.molf_index, dtype=torch.long, device=device),
+            module_of_param=torch.tensor(module_of, dtype=torch.long, device=device),
+            has_grad=has_grad.to(device),
+        )
+        return layout
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -231,24 +283,49 @@ class MoLFAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._collect()
-        if work is None:
+        self._settle_steps()
+        batch, created = self._collect()
+        if batch is None:
             return loss
-        torch._foreach_add_(work.steps, 1.0)
-        bias1, bias2_sqrt = self._bias_corrections(work)
-        device = work.local_params[0].device
-        masked = self.masked_update if self.masked_update is not None else device.type != "cpu"
-        if not masked and device.type == "cpu" and work.contiguous \
-                and getattr(self.score_fn, "reduction", None) in REDUCTIONS:
-            self._step_chunked(work, bias1, bias2_sqrt)
+        device = batch.local_params[0].device
+        impl = self._impl_for(batch, device)
+        try:
+            self._check_score(batch, device, impl)
+        except BaseException:
+            for p in created:  # leave the optimizer as it was
+                del self.state[p]
+            raise
+        gate = self._gate(batch, device)
+        if impl == "masked":
+            torch._foreach_add_(batch.steps, 1.0)
+            batch.ok = gate.param_ok
+            self._expect_settle(batch.steps, gate.param_ok, device)
         else:
-            self._step_foreach(work, bias1, bias2_sqrt, masked, device)
+            keep = gate.param_ok.tolist()
+            if not all(keep):
+                batch = batch.subset([i for i, k in enumerate(keep) if k])
+            if batch.steps:
+                torch._foreach_add_(batch.steps, 1.0)
+        batch.bias1, batch.bias2_sqrt = self._bias_corrections(batch)
+        route = functools.partial(self._route, batch=batch, device=device, gate=gate)
+        IMPLEMENTATIONS[impl](batch, route, score=self.score_fn, scratch=self._scratch)
         return loss
 
-    def _collect(self) -> _Work | None:
+    def _impl_for(self, batch: ParamBatch, device: torch.device) -> str:
+        if self.impl == "auto":
+            if device.type != "cpu":
+                return "masked"
+            return "chunked" if isinstance(self.score_fn, Score) and batch.contiguous else "foreach"
+        if self.impl == "chunked" and not batch.contiguous:
+            raise ValueError("impl='chunked' walks flat views of every tensor and needs contiguous parameters, "
+                             "gradients and state; use impl='auto' or 'foreach' for non-contiguous ones")
+        return self.impl
+
+    def _collect(self) -> tuple[ParamBatch | None, list]:
         """Every parameter with a gradient (in group order), its state (created on first use) and
-        hyper-parameters. Learning rates are read at every step, since schedulers move them."""
-        w = _Work()
+        hyper-parameters; and the parameters whose state was created now. Learning rates are read at
+        every step, since schedulers move them. Unsupported dtypes fail here, before any state exists."""
+        b = ParamBatch()
         for group in self.param_groups:
             is_molf = "molf_module" in group
             for i, p in enumerate(group["params"]):
@@ -256,41 +333,101 @@ class MoLFAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("MoLFAdamW does not support sparse gradients")
+                if p.dtype not in SUPPORTED_DTYPES:
+                    where = f"module {group['molf_module']!r}" if is_molf else "a plain parameter group"
+                    raise TypeError(
+                        f"MoLFAdamW supports float32, bfloat16 and float64 parameters, got {p.dtype} (a "
+                        f"parameter of shape {tuple(p.shape)} in {where}). In float16 eps=1e-8 rounds to 0 "
+                        f"and the moments underflow, so every score would be NaN and nothing would train: "
+                        f"keep float32 weights under torch.autocast(dtype=torch.float16), or use bfloat16")
                 if is_molf:
-                    w.molf_index.append(len(w.params))
-                    w.lrs.append(group["lr"] * group["expert_lr_scale"][group["param_expert"][i]])
-                    w.wds.append(group["param_weight_decay"][i])
+                    b.molf_index.append(len(b.params))
+                    b.lrs.append(group["lr"] * group["expert_lr_scale"][group["param_expert"][i]])
+                    b.wds.append(group["param_weight_decay"][i])
                 else:
-                    w.lrs.append(group["lr"])
-                    w.wds.append(group["weight_decay"])
-                w.params.append(p)
-                w.grads.append(_local(p.grad))
-                w.eps.append(group["eps"])
-                w.betas.append(group["betas"])
-        if not w.params:
-            return None
-        for p in w.params:
+                    b.lrs.append(group["lr"])
+                    b.wds.append(group["weight_decay"])
+                b.params.append(p)
+                b.grads.append(_local(p.grad))
+                b.eps.append(group["eps"])
+                b.betas.append(group["betas"])
+        if not b.params:
+            return None, []
+        created = []
+        for p in b.params:
             st = self.state[p]
             if not st:
+                created.append(p)
                 st["step"] = torch.tensor(0.0)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            w.local_params.append(_local(p))
-            w.exp_avgs.append(_local(st["exp_avg"]))
-            w.exp_avg_sqs.append(_local(st["exp_avg_sq"]))
-            w.steps.append(st["step"])
-        self._sharded = any(hasattr(p, "to_local") for p in w.params)
-        w.contiguous = all(t.is_contiguous() for ts in (w.local_params, w.grads, w.exp_avgs, w.exp_avg_sqs)
-                           for t in ts)
-        return w
+            b.local_params.append(_local(p))
+            b.exp_avgs.append(_local(st["exp_avg"]))
+            b.exp_avg_sqs.append(_local(st["exp_avg_sq"]))
+            b.steps.append(st["step"])
+        self._sharded = any(hasattr(p, "to_local") for p in b.params)
+        return b, created
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks that share the experts (FSDP); in place, returned."""
+        if self.process_group is not None or self._sharded:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
+        return t
+
+    def _gate(self, batch: ParamBatch, device: torch.device) -> _Gate:
+        """Non-finite gradient flags per parameter and module, on the device (no host read): one
+        multi-tensor max-norm over the gradients (inf for an inf element, NaN for a NaN one)."""
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(batch.grads, float("inf"))).float())
+        if self.process_group is not None or self._sharded:
+            bad = self._reduce(bad.float()) > 0
+        plan = self._plan_for(device)
+        M = len(plan.modules)
+        param_ok = ~bad
+        if batch.molf_index:
+            layout = self._layout_for(batch, plan, device)
+            molf_bad = bad.index_select(0, layout.molf_index)
+            module_bad = torch.zeros(M, device=device).index_add_(0, layout.module_of_param, molf_bad.float()) > 0
+            module_ok = layout.has_grad & ~module_bad
+            param_ok.index_copy_(0, layout.molf_index, module_ok.index_select(0, layout.module_of_param))
+            has_grad = layout.has_grad
+            self._log.grad_skips += (has_grad & module_bad).sum() + bad.sum() - molf_bad.sum()
+        else:
+            has_grad = module_ok = torch.zeros(M, dtype=torch.bool, device=device)
+            self._log.grad_skips += bad.sum()
+        return _Gate(param_ok=param_ok, module_ok=module_ok, has_grad=has_grad)
+
+    def _expect_settle(self, steps: list, param_ok: torch.Tensor, device: torch.device) -> None:
+        """Masked path: every step counter advanced; remember to give it back where ``param_ok`` is
+        False. The flags start their trip to the host now (asynchronously on CUDA)."""
+        if device.type == "cuda":
+            flags = param_ok.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:  # the CPU: already there; other accelerators: a plain copy
+            flags, event = param_ok.to("cpu"), None
+        self._unconfirmed = (steps, flags, event)
+
+    def _settle_steps(self) -> None:
+        """Give the skipped parameters of the last masked step their step counter back."""
+        if self._unconfirmed is None:
+            return
+        steps, flags, event = self._unconfirmed
+        self._unconfirmed = None
+        if event is not None:
+            event.synchronize()
+        for step, ok in zip(steps, flags.tolist()):
+            if not ok:
+                step -= 1
 
     @staticmethod
-    def _bias_corrections(work: _Work) -> tuple[list[float], list[float]]:
+    def _bias_corrections(batch: ParamBatch) -> tuple[list[float], list[float]]:
         """``1 - b1^t`` and ``sqrt(1 - b2^t)`` per parameter, as Python floats exactly as torch's AdamW
         computes them: one host read of all step counters (CPU tensors, so no device sync) and one
         power per distinct (betas, t), in practice one per step."""
+        if not batch.steps:
+            return [], []
         table, bias1, bias2_sqrt = {}, [], []
-        for (b1, b2), t in zip(work.betas, torch.stack(work.steps).tolist()):
+        for (b1, b2), t in zip(batch.betas, torch.stack(batch.steps).tolist()):
             if (b1, b2, t) not in table:
                 table[b1, b2, t] = (1 - b1 ** t, (1 - b2 ** t) ** 0.5)
             c1, c2 = table[b1, b2, t]
@@ -298,128 +435,39 @@ class MoLFAdamW(torch.optim.Optimizer):
             bias2_sqrt.append(c2)
         return bias1, bias2_sqrt
 
-    # ---------------------------------------------------------------- CPU: chunked, cache-resident passes
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
         """One reusable chunk-sized buffer per dtype: no large temporaries (on the CPU, fresh memory
         costs a page fault per 4 KiB, which made temporaries the largest cost of a step)."""
         key = (like.dtype, like.device)
-        if key not in self._scratch_buffers:
-            self._scratch_buffers[key] = torch.empty(CHUNK, dtype=like.dtype, device=like.device)
+        if key not in self._scratch_buffers or self._scratch_buffers[key].numel() < functional.CHUNK:
+            self._scratch_buffers[key] = torch.empty(functional.CHUNK, dtype=like.dtype, device=like.device)
         return self._scratch_buffers[key]
 
-    def _step_chunked(self, work: _Work, bias1, bias2_sqrt) -> None:
-        """CPU path: walk every parameter in chunks of ``CHUNK`` elements, so that the several
-        element-wise ops on a chunk (moments, score terms, update) run on data still in cache.
-
-        Pass 1 (every parameter): advance the moments; plain parameters also take their whole AdamW
-        step; MoLF parameters add up the score's per-parameter sum (``m.u`` for EPD, ``u.u`` for PFN,
-        ``u = m / (sqrt(v) + eps)``, in float64 across chunks). Then route (batched, as everywhere).
-        Pass 2 (winners only): the AdamW update. Losers are not touched. The element-wise ops are the
-        ones torch's foreach AdamW applies, in the same order, so a forced winner moves exactly as
-        ``torch.optim.AdamW(foreach=True)`` would move it.
-        """
-        routed = set(work.molf_index)
-        use_m = self.score_fn.reduction == "m_u"
-        sums = []
-        for i in range(len(work.params)):
-            b1, b2 = work.betas[i]
-            buf = self._scratch(work.exp_avgs[i])
-            total = 0.0
-            for p, g, m, v in _chunks(work.local_params[i], work.grads[i], work.exp_avgs[i], work.exp_avg_sqs[i]):
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                d = buf[:m.numel()]
-                if i in routed:
-                    torch.sqrt(v, out=d).add_(work.eps[i])
-                    u = torch.div(m, d, out=d)
-                    total += torch.dot(m if use_m else u, u).item()
-                else:
-                    _adamw_chunk(p, m, v, d, work.lrs[i], work.wds[i], work.eps[i], bias1[i], bias2_sqrt[i])
-            if i in routed:
-                sums.append(total)
-        if not work.molf_index:
-            return
-        won = self._route(work, torch.device("cpu"), param_sums=torch.tensor(sums, dtype=torch.float64))
-        for i, w in zip(work.molf_index, won.tolist()):
-            if w:
-                buf = self._scratch(work.exp_avgs[i])
-                for p, _, m, v in _chunks(work.local_params[i], work.grads[i], work.exp_avgs[i], work.exp_avg_sqs[i]):
-                    _adamw_chunk(p, m, v, buf[:m.numel()], work.lrs[i], work.wds[i], work.eps[i],
-                                 bias1[i], bias2_sqrt[i])
-
-    # ---------------------------------------------------------------- accelerators: foreach, masks, no sync
-    def _step_foreach(self, work: _Work, bias1, bias2_sqrt, masked: bool, device: torch.device) -> None:
-        """Whole-list ``torch._foreach_*`` ops (one multi-tensor kernel each on CUDA), as torch's foreach
-        AdamW. With ``masked`` the decisions stay on the device and are applied through a 0/1 mask per
-        parameter (a loser's denominator is divided by 0 -> inf, so its step is exactly 0, and its weight
-        decay factor becomes 1): no host sync. Otherwise the decisions are read once and losers skipped.
-        Custom scores (no ``reduction``) use this path on the CPU too: they see whole tensors."""
-        n = len(work.params)
-        by_betas: dict[tuple[float, float], list[int]] = {}
-        for i, b in enumerate(work.betas):
-            by_betas.setdefault(b, []).append(i)
-        for (b1, b2), idx in by_betas.items():
-            m, v, g = ([ts[i] for i in idx] for ts in (work.exp_avgs, work.exp_avg_sqs, work.grads))
-            torch._foreach_lerp_(m, g, 1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, g, g, 1 - b2)
-        denoms = torch._foreach_sqrt(work.exp_avg_sqs)  # sqrt(v): shared by the score and the update
-        win = self._route(work, device, sqrt_v=denoms) if work.molf_index else None
-        torch._foreach_div_(denoms, bias2_sqrt)
-        torch._foreach_add_(denoms, work.eps)
-        step_sizes = [-lr / c1 for lr, c1 in zip(work.lrs, bias1)]
-        decay = [i for i in range(n) if work.wds[i] != 0]  # zero-decay parameters skip the multiply
-        if win is not None and not masked:  # read the decisions once, skip the losers entirely
-            lost = {i for i, w in zip(work.molf_index, win.tolist()) if not w}
-            keep = [i for i in range(n) if i not in lost]
-            decay = [i for i in decay if i not in lost]
-        else:
-            keep = range(n)
-        factors = [1 - work.lrs[i] * work.wds[i] for i in decay]
-        params = [work.local_params[i] for i in decay]
-        if win is not None and masked:
-            layout = self._layout
-            mask = torch.ones(n, device=device)
-            mask.index_copy_(0, layout["molf_index"], win.to(mask.dtype))
-            if decay:
-                factors = self._to_device(factors, torch.float32, device)
-                mask_decay = mask.index_select(0, self._to_device(decay, torch.long, device))
-                factors = torch.where(mask_decay > 0, factors, torch.ones_like(factors))
-                torch._foreach_mul_(params, list(factors.unbind()))
-            torch._foreach_div_(denoms, list(mask.unbind()))
-        elif decay:
-            torch._foreach_mul_(params, factors)
-        torch._foreach_addcdiv_([work.local_params[i] for i in keep], [work.exp_avgs[i] for i in keep],
-                                [denoms[i] for i in keep], [step_sizes[i] for i in keep])
-
-    # ---------------------------------------------------------------- routing, shared by both paths
-    def _route(self, work: _Work, device: torch.device, sqrt_v=None, param_sums=None) -> torch.Tensor:
-        """Score all experts of all modules at once, decide top-k per module on the device; return the
-        winner flag (bool tensor, on the device) of every MoLF parameter of ``work``."""
+    # ---------------------------------------------------------------- routing, shared by every path
+    def _scores(self, batch: ParamBatch, device: torch.device, sqrt_v=None, param_sums=None) -> torch.Tensor:
+        """The score of every expert ([E], on the device) from the MoLF parameters of ``batch``;
+        ``sqrt_v`` per MoLF parameter. Raises when the score returns anything but one value per expert."""
         plan = self._plan_for(device)
-        layout = self._layout_for(work, plan, device)
-        E, P = len(plan["expert_names"]), plan["max_params"]
+        layout = self._layout_for(batch, plan, device)
+        E, P = len(plan.expert_names), plan.max_params
 
         def per_expert_sum(values) -> torch.Tensor:
             # Deterministic segmented sum: scatter into an [E, P] zero matrix, then sum rows.
             values = values if isinstance(values, torch.Tensor) else torch.stack(values)
             padded = torch.zeros(E * P, dtype=torch.float32, device=device)
-            padded[layout["padded_slot"]] = values.float()
-            sums = padded.view(E, P).sum(dim=1)
-            if self.process_group is not None or self._sharded:
-                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
-            return sums
+            padded[layout.padded_slot] = values.float()
+            return self._reduce(padded.view(E, P).sum(dim=1))
 
-        molf = work.molf_index
-        expert_lr = [g["lr"] * g["expert_lr_scale"][k] for g, k in plan["expert_of_group"]]
+        molf = batch.molf_index
+        expert_lr = [g["lr"] * g["expert_lr_scale"][k] for g, k in plan.expert_of_group]
         stats = RouterStats(
-            exp_avgs=[work.exp_avgs[i] for i in molf],
-            exp_avg_sqs=[work.exp_avg_sqs[i] for i in molf],
-            sqrt_exp_avg_sqs=None if sqrt_v is None else [sqrt_v[i] for i in molf],
-            eps=[work.eps[i] for i in molf],
-            lr=self._to_device(expert_lr, torch.float32, device),
-            numel=plan["numel"],
-            expert_names=plan["expert_names"],
+            exp_avgs=[batch.exp_avgs[i] for i in molf],
+            exp_avg_sqs=[batch.exp_avg_sqs[i] for i in molf],
+            sqrt_exp_avg_sqs=sqrt_v,
+            eps=[batch.eps[i] for i in molf],
+            lr=_to_device(expert_lr, torch.float32, device),
+            numel=plan.numel,
+            expert_names=plan.expert_names,
             per_expert_sum=per_expert_sum,
             param_sums=param_sums,
         )
@@ -427,70 +475,77 @@ class MoLFAdamW(torch.optim.Optimizer):
         if not isinstance(scores, torch.Tensor) or scores.shape != (E,):
             raise ValueError(f"score {self.score_name!r} must return a tensor of shape ({E},), one value "
                              f"per expert, got {getattr(scores, 'shape', type(scores).__name__)}")
-        M, K = len(plan["modules"]), plan["K"]
+        return scores
+
+    def _check_score(self, batch: ParamBatch, device: torch.device, impl: str) -> None:
+        """Dry run: call the score once on the current state, the first time a set of parameters is
+        routed, so that a score of the wrong shape fails before anything changes. Built-in scores return
+        one value per expert by construction and skip it."""
+        if not batch.molf_index or self.score_fn in (router.epd, router.pfn):
+            return
+        plan = self._plan_for(device)
+        key = (device, tuple(id(batch.params[i]) for i in batch.molf_index))
+        if key in self._checked:
+            return
+        self._layout_for(batch, plan, device)
+        if impl == "chunked":
+            self._scores(batch, device, param_sums=torch.zeros(len(batch.molf_index), dtype=torch.float64))
+        else:
+            self._scores(batch, device, sqrt_v=torch._foreach_sqrt([batch.exp_avg_sqs[i] for i in batch.molf_index]))
+        self._checked.add(key)
+
+    def _route(self, sqrt_v=None, param_sums=None, *, batch: ParamBatch, device: torch.device,
+               gate: _Gate) -> torch.Tensor:
+        """Score all experts of all modules at once, decide top-k per module on the device; return the
+        winner flag (bool tensor, on the device) of every MoLF parameter of ``batch``. Modules that are
+        skipped (non-finite gradient) or have no gradient are not scored (NaN) and get no winner."""
+        plan = self._plan_for(device)
+        M, K = len(plan.modules), plan.K
+        if M == 0:
+            return torch.zeros(0, dtype=torch.bool, device=device)
         grid = torch.full((M * K,), float("nan"), dtype=torch.float32, device=device)
-        grid[plan["expert_slot"]] = scores.detach().float()
-        grid = grid.view(M, K)
-        winners, finite = decide(grid, plan["valid"], plan["topk"])
-        self._win_counts += winners
-        self._skips += (~finite).sum()
-        self._last = (grid, winners)
-        return winners.view(-1)[layout["slot_of_param"]]
-
-    def _layout_for(self, work: _Work, plan: dict, device: torch.device) -> dict:
-        """Device index tensors for the MoLF parameters that have a gradient; rebuilt only when that set
-        (or the device) changes, so a steady training loop builds them once."""
-        key = (device, tuple(id(work.params[i]) for i in work.molf_index))
-        if self._layout is not None and self._layout["key"] == key:
-            return self._layout
-        P = plan["max_params"]
-        expert_of, padded_slot = [], []
-        for i in work.molf_index:
-            e, position = plan["param_slot"][id(work.params[i])]
-            expert_of.append(e)
-            padded_slot.append(e * P + position)
-        expert_of = torch.tensor(expert_of, dtype=torch.long, device=device)
-        self._layout = {
-            "key": key,
-            "padded_slot": torch.tensor(padded_slot, dtype=torch.long, device=device),
-            "slot_of_param": plan["expert_slot"][expert_of],
-            "molf_index": torch.tensor(work.molf_index, dtype=torch.long, device=device),
-        }
-        return self._layout
-
-    @staticmethod
-    def _to_device(values, dtype, device):
-        """A small per-step host list on the device, without a sync (pinned, non-blocking on CUDA)."""
-        t = torch.tensor(values, dtype=dtype)
-        if device.type == "cuda":
-            return t.pin_memory().to(device, non_blocking=True)
-        return t.to(device)
+        if batch.molf_index:
+            layout = self._layout_for(batch, plan, device)
+            molf_sqrt_v = None if sqrt_v is None else [sqrt_v[i] for i in batch.molf_index]
+            scores = self._scores(batch, device, sqrt_v=molf_sqrt_v, param_sums=param_sums)
+            grid[plan.expert_slot] = scores.detach().float()
+        grid = torch.where(gate.module_ok.unsqueeze(1), grid.view(M, K), float("nan"))
+        winners, finite = decide(grid, plan.valid, plan.topk)
+        log = self._log
+        log.win_counts += winners
+        log.skips += (~finite & gate.has_grad).sum()
+        log.last = (grid, winners)
+        if not batch.molf_index:
+            return torch.zeros(0, dtype=torch.bool, device=device)
+        return winners.view(-1)[layout.slot_of_param]
 
     # ---------------------------------------------------------------- reading the routing back
     def _module_table(self, tensor: torch.Tensor, convert) -> dict:
         plan = self._plan
         rows = tensor.cpu().tolist()
         return {name: {e: convert(rows[m][k]) for k, e in enumerate(g["experts"])}
-                for m, (name, g) in enumerate(zip(plan["module_names"], plan["modules"]))}
+                for m, (name, g) in enumerate(zip(plan.module_names, plan.modules))}
 
     @property
     def last_decisions(self) -> dict[str, tuple[str, ...]]:
-        """Module name -> winning expert names of the last step (empty tuple: skipped)."""
-        if self._last is None:
+        """Module name -> winning expert names of the last step (empty tuple: skipped, or no gradient)."""
+        if self._log is None or self._log.last is None:
             return {}
-        table = self._module_table(self._last[1], bool)
+        table = self._module_table(self._log.last[1], bool)
         return {m: tuple(e for e, won in experts.items() if won) for m, experts in table.items()}
 
     @property
     def last_scores(self) -> dict[str, dict[str, float]]:
-        """Module name -> {expert name: score} of the last step, full precision."""
-        return {} if self._last is None else self._module_table(self._last[0], float)
+        """Module name -> {expert name: score} of the last step, full precision (NaN: not scored)."""
+        if self._log is None or self._log.last is None:
+            return {}
+        return self._module_table(self._log.last[0], float)
 
     def routing_snapshot(self) -> tuple[dict, dict]:
         """``(last_decisions, last_scores)`` with a single device-to-host copy (for logging)."""
-        if self._last is None:
+        if self._log is None or self._log.last is None:
             return {}, {}
-        grid, winners = self._last
+        grid, winners = self._log.last
         both = torch.stack([grid, winners.to(grid.dtype)]).cpu()
         scores = self._module_table(both[0], float)
         won = self._module_table(both[1], bool)
@@ -499,20 +554,29 @@ class MoLFAdamW(torch.optim.Optimizer):
     @property
     def win_counts(self) -> dict[str, dict[str, int]]:
         """Module name -> {expert name: steps won so far}."""
-        return {} if self._win_counts is None else self._module_table(self._win_counts, int)
+        return {} if self._log is None else self._module_table(self._log.win_counts, int)
 
     @property
     def nonfinite_skips(self) -> int:
-        """Module-steps skipped because an expert's score was NaN or inf."""
-        return 0 if self._skips is None else int(self._skips)
+        """Module-steps without a winner because a score or a gradient was NaN or inf."""
+        return 0 if self._log is None else int(self._log.skips)
+
+    @property
+    def nonfinite_grad_skips(self) -> int:
+        """Steps skipped whole (moments, counter and parameters untouched) for a NaN/inf gradient: one per
+        MoLF module and one per plain parameter, each step."""
+        return 0 if self._log is None else int(self._log.grad_skips)
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
+        self._settle_steps()
         sd = super().state_dict()
+        log = self._log
         sd["molf"] = {
-            "win_counts": None if self._win_counts is None else self._win_counts.cpu().clone(),
-            "nonfinite_skips": None if self._skips is None else self._skips.cpu().clone(),
-            "last": None if self._last is None else tuple(t.cpu().clone() for t in self._last),
+            "win_counts": None if log is None else log.win_counts.cpu().clone(),
+            "nonfinite_skips": None if log is None else log.skips.cpu().clone(),
+            "nonfinite_grad_skips": None if log is None else log.grad_skips.cpu().clone(),
+            "last": None if log is None or log.last is None else tuple(t.cpu().clone() for t in log.last),
         }
         return sd
 
@@ -525,16 +589,20 @@ class MoLFAdamW(torch.optim.Optimizer):
             if isinstance(st, dict) and isinstance(st.get("step"), torch.Tensor):
                 st["step"] = st["step"].detach().to("cpu", torch.float32)
         self._plan = None
-        self._layout = None
-        self._reset_routing_log()
+        self._layouts = {}
+        self._unconfirmed = None  # the loaded counters are the truth
+        self._log = None
         if routing and routing.get("win_counts") is not None:
             modules = [g for g in self.param_groups if "molf_module" in g]
             K = max((len(g["experts"]) for g in modules), default=0)
             if tuple(routing["win_counts"].shape) != (len(modules), K):
                 raise ValueError(f"routing counters of shape {tuple(routing['win_counts'].shape)} do not fit "
                                  f"this optimizer's {len(modules)} modules x {K} experts")
-            self._win_counts = routing["win_counts"].clone()
-            self._skips = routing["nonfinite_skips"].clone()
-            self._last = None if routing.get("last") is None else tuple(t.clone() for t in routing["last"])
-            if self._last is not None or self._win_counts is not None:
-                self._plan = self._build_plan(self._win_counts.device)
+            grad_skips = routing.get("nonfinite_grad_skips")  # absent in older checkpoints
+            self._log = _RoutingLog(
+                win_counts=routing["win_counts"].clone(),
+                skips=routing["nonfinite_skips"].clone(),
+                grad_skips=torch.zeros((), dtype=torch.long) if grad_skips is None else grad_skips.clone(),
+                last=None if routing.get("last") is None else tuple(t.clone() for t in routing["last"]),
+            )
+            self._plan = self._build_plan(self._log.win_counts.device)

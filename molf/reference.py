@@ -1,11 +1,14 @@
-"""The naive MoLF AdamW: spec section 2 written out module by module, expert by expert.
+"""The reference MoLF AdamW: the algorithm written out module by module, expert by expert.
 
-This is the oracle for ``tests/test_router_equivalence.py`` and the "naive" line of
-``bench_optimizer.py``: every module is scored in a Python loop and every score is read back to the
-host with ``.item()`` (one device sync per expert per module per step on a GPU), exactly the
+As torch keeps its single-tensor Adam beside the multi-tensor one, this is the readable oracle that
+``molf.MoLFAdamW`` must agree with (``tests/test_router_equivalence.py``) and the "naive" line of
+``benchmarks/bench_optimizer.py``: every module is scored in a Python loop and every score is read back
+to the host with ``.item()`` (one device sync per expert per module per step on a GPU), exactly the
 straightforward implementation that ``molf.MoLFAdamW`` batches. It takes the parameter groups of
 ``molf.param_groups`` and keeps its state per parameter like torch's AdamW. Readable first: no
-foreach, no fusion, no batching.
+foreach, no fusion, no batching. It follows the same rules as ``MoLFAdamW`` where the paper is
+silent: a module (or plain parameter) with a non-finite gradient skips its whole step, and a module
+without any gradient is not routed (empty decision, no scores).
 """
 from __future__ import annotations
 
@@ -64,17 +67,25 @@ class NaiveMoLFAdamW:
         self.last_decisions, self.last_scores = {}, {}
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
-                self._moments(p)
             if "molf_module" not in group:  # embeddings, norms: plain dense AdamW
                 for p in with_grad:
-                    self._update(p, group["lr"], group.get("weight_decay", self.weight_decay))
+                    if torch.isfinite(p.grad).all():  # a non-finite gradient skips the parameter's step
+                        self._moments(p)
+                        self._update(p, group["lr"], group.get("weight_decay", self.weight_decay))
                 continue
+            name = group["molf_module"]
+            if not with_grad:  # nothing to route
+                self.last_decisions[name] = ()
+                continue
+            if not all(torch.isfinite(p.grad).all() for p in with_grad):  # skip the whole module
+                self.last_decisions[name] = ()
+                continue
+            for p in with_grad:
+                self._moments(p)
             experts = group["experts"]
             lrs = [group["lr"] * s for s in group["expert_lr_scale"]]
             members = [[p for p, e in zip(group["params"], group["param_expert"]) if e == k] for k in range(len(experts))]
             scores = [self._score(members[k], lrs[k]) for k in range(len(experts))]
-            name = group["molf_module"]
             self.last_scores[name] = dict(zip(experts, scores))
             if not all(math.isfinite(s) for s in scores):  # a NaN never wins: skip the module
                 self.last_decisions[name] = ()

@@ -17,11 +17,13 @@ PFN, Preconditioned Frobenius Norm (Eq. 11, ablation)::
 
 the size of the preconditioned direction alone, scale-invariant.
 
-Both are sums over parameters of a per-element term of ``u = m / (sqrt(v) + eps)``: ``m * u`` (EPD)
-and ``u * u`` (PFN). A score that declares such a ``reduction`` attribute ("m_u" or "u_u") lets the
-optimizer's CPU path compute that sum per parameter in its chunked moment pass and hand it over as
-``RouterStats.param_sums`` (then ``sqrt_exp_avg_sqs`` is None); scores without one always see whole
-tensors.
+Both are sums over every element of an expert of a per-element term of ``u = m / (sqrt(v) + eps)``,
+``m * u`` (EPD) and ``u * u`` (PFN), turned into a score by a last per-expert formula. A ``Score``
+holds exactly these two pieces, ``term`` and ``finish``, and every path of the optimizer uses them:
+the CPU path sums ``term`` chunk by chunk inside its moment pass and hands the per-parameter sums over
+as ``RouterStats.param_sums`` (then ``sqrt_exp_avg_sqs`` is None); the whole-tensor paths apply
+``term`` to whole tensors. Any other callable ``score(RouterStats) -> Tensor[n_experts]`` works too,
+but only on the whole-tensor paths (it has no term to sum in chunks).
 """
 from __future__ import annotations
 
@@ -45,12 +47,9 @@ class RouterStats:
     numel: torch.Tensor                    # [E] N_e, scalar parameters in the expert (global under FSDP)
     expert_names: list[str]                # [E] "fft", "lora0", ...
     per_expert_sum: Callable[[list[torch.Tensor]], torch.Tensor]  # per-param 0-dim values -> [E] sums
-    # per param: the score's declared ``reduction`` summed over the parameter, when the optimizer
-    # computed it on the fly (CPU path); None otherwise. Accepted by per_expert_sum as is.
+    # per param: the score's ``term`` summed over the parameter, when the optimizer computed it on the
+    # fly (the chunked CPU path, ``Score`` objects only); None otherwise. Accepted by per_expert_sum as is.
     param_sums: torch.Tensor | None = None
-
-
-REDUCTIONS = ("m_u", "u_u")
 
 
 def _preconditioned(stats: RouterStats) -> list[torch.Tensor]:
@@ -61,34 +60,59 @@ def _preconditioned(stats: RouterStats) -> list[torch.Tensor]:
     return u
 
 
-def epd(stats: RouterStats) -> torch.Tensor:
-    if stats.param_sums is None:
-        terms = _preconditioned(stats)
-        torch._foreach_mul_(terms, stats.exp_avgs)             # m^2 / (sqrt(v) + eps) >= 0
-        sums = stats.per_expert_sum(torch._foreach_norm(terms, 1))  # L1 norm of non-negatives = sum
-    else:
-        sums = stats.per_expert_sum(stats.param_sums)
-    return stats.lr / stats.numel * sums
+@dataclass(frozen=True)
+class Score:
+    """A score written as a sum of a per-element term over each expert, then a per-expert formula.
+
+    term    ``term(m, u) -> terms``: lists of tensors (a parameter, or a chunk of one) -> the list of
+            per-element terms. It may overwrite ``u`` in place and return it (no new memory); it must
+            not touch ``m``. Terms must be non-negative: the whole-tensor paths add them up as one
+            multi-tensor L1 norm, the chunked path with a plain sum.
+    finish  ``finish(sums, lr, numel) -> scores``, all ``[E]`` tensors: the term's sum over each expert,
+            the expert's current learning rate and its number of scalar parameters.
+    """
+
+    name: str
+    term: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
+    finish: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def __call__(self, stats: RouterStats) -> torch.Tensor:
+        if stats.param_sums is None:
+            terms = self.term(stats.exp_avgs, _preconditioned(stats))
+            sums = torch._foreach_norm(terms, 1)  # L1 norm of non-negative terms = their sum
+        else:
+            sums = stats.param_sums
+        return self.finish(stats.per_expert_sum(sums), stats.lr, stats.numel)
 
 
-def pfn(stats: RouterStats) -> torch.Tensor:
-    if stats.param_sums is None:
-        norms = torch._foreach_norm(_preconditioned(stats), 2)
-        sums = stats.per_expert_sum(torch._foreach_mul(norms, norms))
-    else:
-        sums = stats.per_expert_sum(stats.param_sums)
-    return torch.sqrt(sums / stats.numel)
+def _m_times_u(m: list[torch.Tensor], u: list[torch.Tensor]) -> list[torch.Tensor]:
+    torch._foreach_mul_(u, m)  # m^2 / (sqrt(v) + eps) >= 0
+    return u
 
 
-epd.reduction = "m_u"
-pfn.reduction = "u_u"
+def _u_squared(m: list[torch.Tensor], u: list[torch.Tensor]) -> list[torch.Tensor]:
+    torch._foreach_mul_(u, u)
+    return u
+
+
+def _epd_finish(sums: torch.Tensor, lr: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+    return lr / numel * sums
+
+
+def _pfn_finish(sums: torch.Tensor, lr: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(sums / numel)
+
+
+epd = Score("epd", term=_m_times_u, finish=_epd_finish)
+pfn = Score("pfn", term=_u_squared, finish=_pfn_finish)
 
 
 SCORES: dict[str, Callable[[RouterStats], torch.Tensor]] = {"epd": epd, "pfn": pfn}
 
 
 def register_score(name: str, fn: Callable[[RouterStats], torch.Tensor]) -> None:
-    """Make ``fn`` available as ``MoLFAdamW(score=name)``."""
+    """Make ``fn`` (a ``Score``, or any callable ``score(RouterStats) -> Tensor[n_experts]``) available
+    as ``MoLFAdamW(score=name)``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"score name must be a non-empty string, got {name!r}")
     if not callable(fn):

@@ -125,9 +125,9 @@ def test_param_groups_layout():
 
 def test_param_groups_rejects_bad_lr():
     model = molf.wrap(toy(), ranks=(4,))
-    with pytest.raises(ValueError, match="lr_fft must be > 0, got -1"):
+    with pytest.raises(ValueError, match="lr_fft must be a finite number > 0, got -1"):
         molf.param_groups(model, lr_fft=-1, lr_lora=1e-3)
-    with pytest.raises(ValueError, match="wd_lora must be >= 0"):
+    with pytest.raises(ValueError, match="wd_lora must be a finite number >= 0"):
         molf.param_groups(model, lr_fft=1e-3, lr_lora=1e-3, wd_lora=-0.1)
 
 

@@ -1,13 +1,15 @@
-"""``MoLFAdamW.step()`` on the accelerator path (``masked_update=True``) never reads a tensor back to the host.
+"""``MoLFAdamW.step()`` on the accelerator path (``impl="masked"``) never reads a tensor back to the host.
 
 No GPU here, so the check is structural: a ``TorchDispatchMode`` sees every ATen op the step runs and
 records the ones that force a device->host sync on an accelerator (``_local_scalar_dense``, behind
 ``.item()``, ``float()``, ``bool()``, ``int()``; ``nonzero``, ``is_nonzero``, ``masked_select``,
 ``unique``, ``equal``; boolean-mask indexing), and ``Tensor.tolist``/``numpy``/``cpu`` are wrapped
 (on CPU tensors they reach no ATen op). Reads of the step counters are allowed: they are CPU tensors
-on purpose, as in torch's AdamW, so reading them is no device sync. A tensor computed only from step
-counters (``torch.stack(steps)``) is a host tensor too; every other tensor, factories included, counts
-as living on the device.
+on purpose, as in torch's AdamW, so reading them is no device sync. So are the previous step's
+per-parameter "finite gradient" flags, which the masked path copies to (pinned) host memory right after
+computing them and reads at the next step to give skipped parameters their step counter back. A tensor
+computed only from such host tensors (``torch.stack(steps)``) is a host tensor too; every other tensor,
+factories included, counts as living on the device.
 """
 import pytest
 import torch
@@ -55,8 +57,10 @@ class SyncDetector(TorchDispatchMode):
 def detect(monkeypatch):
     """``detect(opt)`` -> a context manager counting host reads during ``opt.step()``."""
     def make(opt):
-        steps = [st["step"] for st in opt.state.values()]
-        detector = SyncDetector(steps)
+        host = [st["step"] for st in opt.state.values()]
+        if opt._unconfirmed is not None:  # last step's flags, copied to the host asynchronously
+            host.append(opt._unconfirmed[1])
+        detector = SyncDetector(host)
         for name in ("tolist", "numpy", "cpu"):
             original = getattr(torch.Tensor, name)
 
@@ -70,8 +74,8 @@ def detect(monkeypatch):
 
 def trained(masked, score="epd", steps=2):
     model = molf.wrap(toy(0), ranks=(4, 8))
-    opt = molf.MoLFAdamW(molf.param_groups(model, 1e-2, 3e-3, wd_fft=0.1, wd_lora=0.01), score=score)
-    opt.masked_update = masked
+    opt = molf.MoLFAdamW(molf.param_groups(model, 1e-2, 3e-3, wd_fft=0.1, wd_lora=0.01), score=score,
+                         impl="masked" if masked else "chunked")
     for s in range(steps):  # state exists, the routing plan and index tensors are built
         opt.zero_grad()
         loss_fn(model, batch(s)).backward()

@@ -1,21 +1,16 @@
-"""The batched router makes exactly the decisions of the naive per-module one (benchmarks/naive_molf.py).
+"""The batched router makes exactly the decisions of the naive per-module one (``molf.reference``).
 
 A random toy model with two LoRA experts of rank 4 per module (three-way decisions), 20 steps, EPD and PFN,
 both ways of applying the decisions (the CPU chunked path and the masked foreach path of accelerators),
 and the CPU path with chunks so small that every tensor is split (unaligned tails included).
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from toy import batch, loss_fn, toy
 
 import molf
-import molf.optim
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from naive_molf import NaiveMoLFAdamW  # noqa: E402
+import molf.functional
+from molf.reference import NaiveMoLFAdamW
 
 STEPS = 20
 LR_FFT, LR_LORA = 2e-2, 4e-3   # EPD: every expert wins somewhere (checked below)
@@ -37,12 +32,10 @@ def run(make_opt, score):
 @pytest.mark.parametrize("path", ["chunked", "small_chunks", "masked"])
 def test_batched_router_decides_like_the_naive_one(score, path, monkeypatch):
     if path == "small_chunks":
-        monkeypatch.setattr(molf.optim, "CHUNK", 37)
+        monkeypatch.setattr(molf.functional, "CHUNK", 37)
 
     def batched(groups, score):
-        opt = molf.MoLFAdamW(groups, score=score)
-        opt.masked_update = path == "masked"
-        return opt
+        return molf.MoLFAdamW(groups, score=score, impl="masked" if path == "masked" else "chunked")
 
     naive_log, naive_params = run(lambda groups, score: NaiveMoLFAdamW(groups, score=score), score)
     log, params = run(batched, score)

@@ -1,0 +1,254 @@
+"""The three ways ``MoLFAdamW`` applies a step, as functions with one signature.
+
+As torch keeps ``_single_tensor_adam`` / ``_multi_tensor_adam`` beside its ``Adam`` class, the
+optimizer (``molf.optim``) only collects the parameters and their state, decides which of them take
+part, and calls one of these::
+
+    impl(batch: ParamBatch, route: Route, *, score, scratch) -> None
+
+- ``chunked_step`` (the CPU, ``Score`` objects only): each parameter is walked in cache-sized chunks,
+  moments and score terms in one pass, then the winners' update in a second pass; losers' updates are
+  not computed at all, and no tensor larger than a chunk is ever allocated.
+- ``foreach_step``: whole-list ``torch._foreach_*`` ops as torch's foreach AdamW; the decisions are
+  read back once and the losers skipped.
+- ``masked_step`` (accelerators): the same ops, but the decisions stay on the device and are applied
+  through per-parameter masks, so the step makes no host sync. Parameters the optimizer told to skip
+  (``batch.ok``: a non-finite gradient somewhere in their module) keep their moments through a
+  ``torch.where`` select, since a host-side skip would need the flags on the host.
+
+Each advances the moments of every parameter in ``batch``, calls ``route`` exactly once (with the
+``sqrt(v)`` list or the per-parameter score sums it computed) to learn which MoLF parameters won, and
+applies the decoupled AdamW update to the winners and to the plain parameters. Every element-wise op
+is the one torch's foreach AdamW applies, in the same order, so a forced winner moves exactly as
+``torch.optim.AdamW(foreach=True)`` would move it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .router import Score
+
+# Elements per chunk on the CPU path: 128 Ki float32 = 512 KiB per tensor, so a chunk of p, g, m, v and
+# the scratch buffer stays in L2/L3 across the ~8 element-wise ops applied to it, while the Python
+# overhead per chunk (~10 small op dispatches) stays a few percent of the memory traffic.
+CHUNK = 1 << 17
+
+
+@dataclass
+class ParamBatch:
+    """The parameters taking part in one step, their (rank-local) tensors and per-parameter settings.
+
+    ``bias1`` / ``bias2_sqrt`` are ``1 - b1^t`` and ``sqrt(1 - b2^t)`` after this step's counter
+    advance. ``ok`` (``masked_step`` only) is a device bool per parameter: False means the whole step
+    of that parameter is a no-op (moments and parameter unchanged); None means every parameter steps.
+    """
+    params: list = field(default_factory=list)          # the parameters themselves (identity)
+    local_params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    exp_avgs: list = field(default_factory=list)
+    exp_avg_sqs: list = field(default_factory=list)
+    steps: list = field(default_factory=list)           # CPU step counters, as torch's AdamW keeps them
+    lrs: list = field(default_factory=list)
+    wds: list = field(default_factory=list)
+    eps: list = field(default_factory=list)
+    betas: list = field(default_factory=list)
+    molf_index: list = field(default_factory=list)      # positions of MoLF expert parameters
+    bias1: list = field(default_factory=list)
+    bias2_sqrt: list = field(default_factory=list)
+    ok: torch.Tensor | None = None
+
+    _PER_PARAM = ("params", "local_params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "lrs", "wds",
+                  "eps", "betas")
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def contiguous(self) -> bool:
+        return all(t.is_contiguous() for ts in (self.local_params, self.grads, self.exp_avgs, self.exp_avg_sqs)
+                   for t in ts)
+
+    def subset(self, keep: list[int]) -> ParamBatch:
+        """The parameters at positions ``keep`` (in order), before bias corrections are filled in."""
+        molf = set(self.molf_index)
+        out = ParamBatch(**{name: [getattr(self, name)[i] for i in keep] for name in self._PER_PARAM})
+        out.molf_index = [j for j, i in enumerate(keep) if i in molf]
+        return out
+
+
+# route(sqrt_v=None, param_sums=None) -> bool tensor on the device, one flag per MoLF parameter of the
+# batch (in ``molf_index`` order): did its expert win? ``sqrt_v`` is the full per-parameter list.
+Route = Callable[..., torch.Tensor]
+
+
+def _chunks(*tensors: torch.Tensor):
+    """Aligned views of ``CHUNK`` elements of same-sized contiguous tensors."""
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), CHUNK):
+        yield tuple(t[start:start + CHUNK] for t in flat)
+
+
+def _adamw_chunk(p, m, v, buf, lr, wd, eps, bias1, bias2_sqrt) -> None:
+    """Decoupled AdamW update of one chunk from its advanced moments, with the ops (and order) of torch's
+    foreach AdamW: ``p *= 1 - lr wd``; ``p -= lr/bias1 * m / (sqrt(v)/bias2_sqrt + eps)``."""
+    d = torch.sqrt(v, out=buf).div_(bias2_sqrt).add_(eps)
+    if wd != 0:
+        p.mul_(1 - lr * wd)
+    p.addcdiv_(m, d, value=-lr / bias1)
+
+
+def chunked_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
+    """CPU path: walk every parameter in chunks of ``CHUNK`` elements, so that the several element-wise
+    ops on a chunk (moments, score terms, update) run on data still in cache.
+
+    Pass 1 (every parameter): advance the moments; plain parameters also take their whole AdamW step;
+    MoLF parameters add up ``score.term(m, u)`` (``u = m / (sqrt(v) + eps)``) per parameter, in float64
+    across chunks. Then route (batched, as everywhere). Pass 2 (winners only): the AdamW update. Losers
+    are not touched. ``scratch(like)`` gives a reusable chunk-sized buffer of ``like``'s dtype.
+    """
+    if not isinstance(score, Score):
+        raise ValueError(f"chunked_step needs a molf.router.Score (a per-element term to sum in chunks), "
+                         f"got {score!r}")
+    if batch.ok is not None:
+        raise ValueError("chunked_step skips parameters on the host: give it only the parameters that step")
+    routed = set(batch.molf_index)
+    sums = []
+    for i in range(len(batch)):
+        b1, b2 = batch.betas[i]
+        buf = scratch(batch.exp_avgs[i])
+        total = 0.0
+        for p, g, m, v in _chunks(batch.local_params[i], batch.grads[i], batch.exp_avgs[i], batch.exp_avg_sqs[i]):
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            d = buf[:m.numel()]
+            if i in routed:
+                torch.sqrt(v, out=d).add_(batch.eps[i])
+                u = torch.div(m, d, out=d)
+                total += score.term([m], [u])[0].sum(dtype=opmath_dtype(u.dtype)).item()
+            else:
+                _adamw_chunk(p, m, v, d, batch.lrs[i], batch.wds[i], batch.eps[i], batch.bias1[i],
+                             batch.bias2_sqrt[i])
+        if i in routed:
+            sums.append(total)
+    won = route(param_sums=torch.tensor(sums, dtype=torch.float64))
+    for i, w in zip(batch.molf_index, won.tolist()):
+        if w:
+            buf = scratch(batch.exp_avgs[i])
+            for p, _, m, v in _chunks(batch.local_params[i], batch.grads[i], batch.exp_avgs[i], batch.exp_avg_sqs[i]):
+                _adamw_chunk(p, m, v, buf[:m.numel()], batch.lrs[i], batch.wds[i], batch.eps[i],
+                             batch.bias1[i], batch.bias2_sqrt[i])
+
+
+def foreach_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
+    """Whole-list ``torch._foreach_*`` ops; the decisions are read back once and the losers skipped.
+    Works for any score (custom callables see whole tensors)."""
+    if batch.ok is not None:
+        raise ValueError("foreach_step skips parameters on the host: give it only the parameters that step")
+    _whole_tensor_step(batch, route, masked=False)
+
+
+def masked_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
+    """Whole-list ``torch._foreach_*`` ops with the decisions applied on the device: no host sync.
+
+    A loser's denominator is divided by a 0 mask (-> inf, so its step is exactly 0) and its weight decay
+    factor replaced by 1. Parameters with ``batch.ok`` False also keep their moments: the new moments
+    go to a temporary and a ``torch.where`` keeps the old ones (exact, and NaN-proof, whatever the
+    gradient holds). Masks and weight-decay factors are built in each parameter's compute dtype
+    (``opmath``: float64 for float64 parameters, float32 for float32 and bfloat16 ones), the precision
+    in which the other paths apply their Python-float factors, so the masked path agrees exactly with
+    the chunked one on the CPU (float32, float64 and bfloat16 alike).
+    """
+    _whole_tensor_step(batch, route, masked=True)
+
+
+def _select_(targets: list[torch.Tensor], new: list[torch.Tensor], keep: list[torch.Tensor]) -> None:
+    """``targets[i] <- new[i] if keep[i] else targets[i]``, in place, on the device (keep: 0-dim bools)."""
+    for t, n, k in zip(targets, new, keep):
+        torch.where(k, n, t, out=t)
+
+
+def _whole_tensor_step(batch: ParamBatch, route: Route, masked: bool) -> None:
+    n = len(batch)
+    if n == 0:
+        route()
+        return
+    device = batch.local_params[0].device
+    ok = None if batch.ok is None else list(batch.ok.unbind())
+    by_betas: dict[tuple[float, float], list[int]] = {}
+    for i, b in enumerate(batch.betas):
+        by_betas.setdefault(b, []).append(i)
+    for (b1, b2), idx in by_betas.items():
+        m, v, g = ([ts[i] for i in idx] for ts in (batch.exp_avgs, batch.exp_avg_sqs, batch.grads))
+        if ok is None:
+            torch._foreach_lerp_(m, g, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, g, g, 1 - b2)
+        else:  # the same ops into temporaries (one at a time), then keep the old moments where skipped
+            keep = [ok[i] for i in idx]
+            _select_(m, torch._foreach_lerp(m, g, 1 - b1), keep)
+            new_v = torch._foreach_mul(v, b2)
+            torch._foreach_addcmul_(new_v, g, g, 1 - b2)
+            _select_(v, new_v, keep)
+            del new_v
+    denoms = torch._foreach_sqrt(batch.exp_avg_sqs)  # sqrt(v): shared by the score and the update
+    win = route(sqrt_v=denoms)
+    torch._foreach_div_(denoms, batch.bias2_sqrt)
+    torch._foreach_add_(denoms, batch.eps)
+    step_sizes = [-lr / c1 for lr, c1 in zip(batch.lrs, batch.bias1)]
+    decay = [i for i in range(n) if batch.wds[i] != 0]  # zero-decay parameters skip the multiply
+    if not masked:  # read the decisions once, skip the losers entirely
+        lost = {i for i, w in zip(batch.molf_index, win.tolist()) if not w}
+        keep_idx = [i for i in range(n) if i not in lost]
+        decay = [i for i in decay if i not in lost]
+        if decay:
+            torch._foreach_mul_([batch.local_params[i] for i in decay], [1 - batch.lrs[i] * batch.wds[i] for i in decay])
+    else:
+        keep_idx = range(n)
+        stepping = batch.ok.clone() if batch.ok is not None else torch.ones(n, dtype=torch.bool, device=device)
+        if batch.molf_index:
+            stepping.index_copy_(0, _to_device(batch.molf_index, torch.long, device), win)
+        if decay:
+            on = stepping.index_select(0, _to_device(decay, torch.long, device))
+            factors = _per_dtype_scalars([1 - batch.lrs[i] * batch.wds[i] for i in decay], on, 1.0,
+                                         [batch.local_params[i] for i in decay])
+            torch._foreach_mul_([batch.local_params[i] for i in decay], factors)
+        torch._foreach_div_(denoms, _per_dtype_scalars([1.0] * n, stepping, 0.0, denoms))
+    torch._foreach_addcdiv_([batch.local_params[i] for i in keep_idx], [batch.exp_avgs[i] for i in keep_idx],
+                            [denoms[i] for i in keep_idx], [step_sizes[i] for i in keep_idx])
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch computes element-wise ops on ``dtype`` tensors in (and rounds a Python-float
+    factor to): float32 for the 16-bit floats, the dtype itself otherwise."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _per_dtype_scalars(values: list[float], on: torch.Tensor, off: float,
+                       like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One 0-dim device tensor per entry of ``like``, in that tensor's compute dtype (``opmath_dtype``):
+    ``values[i]`` where ``on[i]`` (a device bool), else ``off``. One upload and one select per dtype."""
+    device = like[0].device
+    out: list[torch.Tensor | None] = [None] * len(like)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(like):
+        by_dtype.setdefault(opmath_dtype(t.dtype), []).append(i)
+    for dtype, idx in by_dtype.items():
+        picked = on if len(idx) == len(like) else on.index_select(0, _to_device(idx, torch.long, device))
+        chosen = torch.where(picked, _to_device([values[i] for i in idx], dtype, device), off)
+        for i, t in zip(idx, chosen.unbind()):
+            out[i] = t
+    return out
+
+
+def _to_device(values, dtype, device):
+    """A small per-step host list on the device, without a sync (pinned, non-blocking on CUDA)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+IMPLEMENTATIONS = {"chunked": chunked_step, "foreach": foreach_step, "masked": masked_step}
