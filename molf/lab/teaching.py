@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 
 import molf
 
@@ -483,6 +484,7 @@ def explain(lesson: Lesson, step: int | None = None, module: str | None = None):
 
     ax_loss.plot(range(len(lesson.losses)), lesson.losses, color="black", marker="o", ms=3)
     ax_loss.axvline(step, color="grey", ls=":", lw=1)
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set_xlabel("training step")
     ax_loss.set_ylabel("training loss (nats/token)")
     ax_loss.set_title("Loss (dotted: the step shown)", fontsize=10)
