@@ -10,7 +10,8 @@ A run directory holds
     steps.csv          step, loss, lr, grad_norm (before clipping), step_time_s
     grad_norms.csv     step, module, expert, grad_norm: every adapted linear module, every expert
     routing.jsonl      (molf, molf_e) one line per step: winners and every expert's score, full precision
-    metrics.json       task metrics after training, times, peak memory, parameter and state sizes
+    metrics.json       task metrics after training, times, tokens per second, peak memory, parameter
+                       and state sizes
     checkpoint.pt      model, optimizer (with routing counters), scheduler, RNG and step: the resume
                        point while a run is unfinished (removed at the end unless keep_checkpoint)
     model/             the final merged model, a plain ``transformers`` checkpoint (+ tokenizer)
@@ -21,6 +22,16 @@ ends identical to an uninterrupted run (the data order is a pure function of the
 On a directory holding a *finished* run of the same config it returns that run without training
 (``Run.model`` is then None); a different config in the same directory is an error.
 ``stop_after=N`` ends a call after N optimizer steps (a resumable chunk, e.g. to fit a time budget).
+
+Training length: give ``steps`` (optimizer steps) or ``epochs`` (passes over the encoded training rows:
+``ceil(epochs * rows / (batch_size * grad_accum))`` steps), never both: ``TrainConfig(steps=None,
+epochs=2)``; giving both (or neither) is a ValueError. Data: ``source="local"`` (the shipped files) or
+``"hub"`` (the paper's datasets, ``molf.lab.tasks.load``), for training and evaluation alike.
+``metric_variant`` picks ours or the reference implementation's metrics (``molf.lab.tasks.evaluate``).
+Scale switches: ``dtype="bfloat16"`` (bf16 weights), ``autocast=True`` (bf16 autocast of the forward and
+loss, weights and optimizer in ``dtype``), ``gradient_checkpointing=True`` (recompute activations in
+the backward pass; same numbers, less memory), ``grad_accum`` (micro-batches per optimizer step; the
+paper's effective batch 32 is ``batch_size=8, grad_accum=4``), ``device="auto"`` (CUDA when present).
 """
 from __future__ import annotations
 
@@ -110,9 +121,11 @@ class TrainConfig:
     topk: int | None = None
     freeze_non_linear: bool | None = None
     train_limit: int | None = None     # use the first N training rows
+    source: str = "local"              # "local" (data/) or "hub" (the paper's datasets)
     eval_split: str = "test"
     eval_limit: int | None = 50
     eval_batch_size: int = 16
+    metric_variant: str = "ours"       # "ours" or "reference" (molf.lab.tasks.evaluate)
     out_dir: str = "runs/default"
     save_every: int = 50               # checkpoint every N steps (and at the end); 0: only at the end
     save_model: bool = True            # write the merged final model to out_dir/model
@@ -120,7 +133,9 @@ class TrainConfig:
     log_grad_norms: bool = True
     log_routing: bool = True
     device: str = "cpu"                # "cpu", "cuda", "auto"
-    dtype: str = "float32"             # "float32" or "bfloat16"
+    dtype: str = "float32"             # "float32" or "bfloat16": the weights' dtype
+    autocast: bool = False             # bf16 autocast of forward and loss (weights stay in dtype)
+    gradient_checkpointing: bool = False
     progress: bool = True
 
     def resolved(self) -> TrainConfig:
@@ -190,6 +205,13 @@ def _validate(c: TrainConfig) -> None:
             raise ValueError(f"topk must be an integer in [1, {n_experts}] (the number of experts), got {c.topk!r}")
     if c.dropout is not None and not 0 <= c.dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
+    if c.source not in tasks.SOURCES:
+        raise ValueError(f"unknown source {c.source!r}; use one of {tasks.SOURCES}")
+    if c.metric_variant not in tasks.METRIC_VARIANTS:
+        raise ValueError(f"unknown metric_variant {c.metric_variant!r}; use one of {tasks.METRIC_VARIANTS}")
+    for name in ("autocast", "gradient_checkpointing"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
     if c.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
     if c.device not in ("cpu", "cuda", "auto") and not str(c.device).startswith("cuda:"):
@@ -313,7 +335,12 @@ def example_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
     return order[:n_needed]
 
 
+def _peak_memory_kind(device: torch.device) -> str:
+    return "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the most memory allocated on ``device`` since the run started; else the process's peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -361,11 +388,14 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if c.device == "auto" else c.device))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     # Data: the same rows, encoding and order for every method.
-    rows = tasks.load(c.task, "train", limit=c.train_limit)
+    rows = tasks.load(c.task, "train", source=c.source, limit=c.train_limit, variant=c.metric_variant)
     if not rows:
-        raise ValueError(f"the {c.task!r} training split in {tasks.data_dir()} has no rows; nothing to train on")
+        where = tasks.data_dir() if c.source == "local" else "the hub dataset"
+        raise ValueError(f"the {c.task!r} training split in {where} has no rows; nothing to train on")
     if model is None or tokenizer is None:
         model, tokenizer = models.load(c.model, dtype=dtype, device=device)
     features = tasks.encode(c.task, rows, tokenizer, max_len=c.seq_len)
@@ -377,6 +407,14 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
 
     torch.manual_seed(c.seed)
     random.seed(c.seed)
+    if c.gradient_checkpointing:
+        # transformers >= 5.x names it activation checkpointing; older releases only have the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raise ValueError("gradient_checkpointing needs a transformers model (activation_checkpointing_enable)")
     model, optimizer = build(c, model, total_steps)
     model.to(device)
     scheduler = make_scheduler(optimizer, c.schedule, total_steps, c.warmup_ratio)
@@ -426,6 +464,7 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
 
     grad_index = [(m, e, ps) for m, es in experts.items() for e, ps in es.items()]
     step_times = []
+    train_tokens = 0  # non-padding tokens trained on in this call (tokens per second: over this call)
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     model.train()
     bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not c.progress,
@@ -439,8 +478,10 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
                 first = (step * c.grad_accum + micro) * c.batch_size
                 batch = tasks.collate([features[i] for i in order[first:first + c.batch_size]],
                                       tokenizer.pad_token_id)
+                train_tokens += int(batch["attention_mask"].sum())
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss / c.grad_accum
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=c.autocast):
+                    loss = model(**batch).loss / c.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
             loss_value = float(loss_sum)
@@ -473,7 +514,10 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
             elapsed = time.perf_counter() - began
             step_times.append(elapsed)
             steps_log.writerow([step, loss_value, lr, float(grad_norm), elapsed])
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if c.progress:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{train_tokens / sum(step_times):.0f}",
+                                mem=f"{_peak_memory_bytes(device) / 2**30:.2f}GiB")
             if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < end:
                 for f in (steps_file, grads_file, routing_file):
                     f and f.flush()
@@ -504,15 +548,21 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     model.eval()
     metrics = {}
     if c.eval_limit != 0:
-        eval_rows = tasks.load(c.task, c.eval_split, limit=c.eval_limit)
-        metrics = tasks.evaluate(c.task, model, tokenizer, eval_rows, batch_size=c.eval_batch_size)
+        eval_rows = tasks.load(c.task, c.eval_split, source=c.source, limit=c.eval_limit, variant=c.metric_variant)
+        metrics = tasks.evaluate(c.task, model, tokenizer, eval_rows, batch_size=c.eval_batch_size,
+                                 variant=c.metric_variant)
     result = {
         "method": c.method, "task": c.task, "model": c.model, "seed": c.seed, "steps": total_steps,
-        "metrics": metrics, "primary_metric": tasks.PRIMARY_METRIC[c.task],
+        "source": c.source, "metric_variant": c.metric_variant,
+        "metrics": metrics, "primary_metric": tasks.primary_metric(c.task, c.metric_variant),
         "final_loss": _final_loss(out),
         "train_time_s": train_time,
         "step_time_s": statistics.median(step_times) if step_times else None,
+        "train_tokens": train_tokens,
+        "tokens_per_s": train_tokens / train_time if train_time > 0 else None,
+        "device": str(device),
         "peak_memory_bytes": _peak_memory_bytes(device),
+        "peak_memory_kind": _peak_memory_kind(device),
         "trainable_params": n_trainable,
         "optimizer_state_bytes": state_bytes,
         "routing": routing_summary,
@@ -550,12 +600,15 @@ def _config_json(c: TrainConfig) -> str:
 
 # Config fields that say where and how a run is written or shown, not what it computes: two configs
 # that differ only in these are the same run (a relative or absolute out_dir, a progress bar, ...).
-NOT_RUN_IDENTITY = ("out_dir", "progress", "save_every", "keep_checkpoint", "save_model")
+# Gradient checkpointing recomputes the same activations: only memory and time change.
+NOT_RUN_IDENTITY = ("out_dir", "progress", "save_every", "keep_checkpoint", "save_model", "gradient_checkpointing")
+# Fields added after runs were already written: a saved config without one ran with its default.
+_LATER_FIELDS = {"source": "local", "metric_variant": "ours", "autocast": False}
 
 
 def run_identity(config: TrainConfig | dict) -> dict:
     """The fields of a (resolved) config that define what a run computes."""
-    values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config)
+    values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else {**_LATER_FIELDS, **config}
     values = json.loads(json.dumps(values, default=list))  # tuples and lists compare alike
     return {k: v for k, v in values.items() if k not in NOT_RUN_IDENTITY}
 
