@@ -249,4 +249,4 @@ results = {
                   "lora_win_share": classroom.lesson.win_share("lora0")},
 }
 nb.write_results(results)
-print(f"{len(results)} result groups -> {nb.runs_dir / (nb.name + '.json')}")
+print(f"key numbers written to {nb.name}.json in runs_dir")
