@@ -38,6 +38,7 @@ from matplotlib.ticker import MaxNLocator
 
 import molf
 
+from ..model import DEFAULT_ALPHA
 from . import analysis, models, plots, runs, tasks
 from . import train as runner
 
@@ -176,7 +177,7 @@ class Settings:
 
     lr_ratio: float = 1.0        # lr_lora / lr_fft
     rank: int = 128
-    alpha: float = 32.0
+    alpha: float = DEFAULT_ALPHA
     score: str = "epd"
     topk: int = 1
     lr_fft: float = 5e-5
