@@ -1,8 +1,9 @@
-"""Run one results table of the small-scale reproduction (issue 7) and write its CSVs.
+"""Run one results table and write its CSVs.
 
     python experiments/grid.py experiments/main.json            # train what is missing, then report
     python experiments/grid.py experiments/main.json --tasks fact --budget-min 60
     python experiments/grid.py experiments/main.json --report   # only aggregate what exists
+    python experiments/grid.py experiments/paper_table2.json --plan   # every cell and its estimated cost
 
 Protocol (the paper's, scaled down): every (task, method, lr, seed) cell trains with the same data,
 schedule and batch and is evaluated on the task's *validation* split; per (task, method) the lr with
@@ -19,13 +20,32 @@ Seeds: the lr sweep runs on the spec's "select_seeds" (default: its first seed);
 sweep is complete, the other "seeds" run at the picked lr only (the paper's protocol at a third of the
 cost). Merged models are deleted once their test score is cached or they can no longer be picked
 (--keep-models keeps them).
+
+Spec keys: "model" (one) or "models" (a list: every model is its own set of cells, the CSVs get a
+"model" column and runs go to runs/<table>/<model>/...), "tasks", "methods" ({label: {"lrs": [...],
+"method": ..., other TrainConfig options}}), "seeds", "select_seeds", "batch_size", "seq_len", "eval_limit",
+"test_limit", and either "steps" or "epochs"; optional TrainConfig fields "grad_accum", "schedule",
+"warmup_ratio", "source", "metric_variant", "dtype", "autocast", "gradient_checkpointing", "device",
+"train_limit", "eval_batch_size", "save_every", "progress". Every CSV has a "metric_variant" column (ours
+or the reference implementation's, molf.lab.tasks) and names its primary metric.
+
+--plan prints every cell, its number of steps and estimated time, and the total, training nothing.
+A cell's step time is, in order of preference: "recorded" (the median step time of a run of the same
+model, task and method in this table's results), "measured" (a few training steps of the model and
+method, timed on this machine, on random tokens of the expected length), or "flops" (parameters x
+tokens per step x 6 for methods that train the base weights, x 4 for those that freeze them, divided by
+a matrix-multiply rate measured on this machine, or --assume-tflops, times --utilisation). Training
+time only: evaluation is not included.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,13 +55,39 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf.lab import analysis, tasks  # noqa: E402
-from molf.lab.train import TrainConfig, run  # noqa: E402
+from molf.lab import analysis, models, tasks  # noqa: E402
+from molf.lab.train import TrainConfig, build, run  # noqa: E402
 
 LR_FIELD = {"fft": "lr", "lora": "lr", "dora": "lr", "adalora": "lr"}  # molf/molf_e sweep lr_fft & lr_lora
+# TrainConfig fields a spec may set for every cell (beside the required ones config_for reads).
+OPTIONAL_FIELDS = {"grad_accum": 1, "schedule": "cosine", "warmup_ratio": 0.1, "save_every": 20, "progress": True,
+                   "device": "cpu", "dtype": "float32", "source": "local", "metric_variant": "ours",
+                   "autocast": False, "gradient_checkpointing": False, "train_limit": None, "eval_batch_size": 16}
+# Training rows of the paper's datasets under our split rule (molf.lab.tasks.HUB_SPLITS), for --plan
+# without a download: gretel 100,000 train rows less every 100th (before rows sqlite cannot run are
+# skipped), MedMCQA 182,822 less every 100th, CounterFact's 21,919 records. A spec's "train_rows" wins.
+HUB_TRAIN_ROWS = {"sql": 99_000, "mcq": 180_993, "fact": 21_919}
+# Parameter counts of the paper's models (and a few of their class), for --plan when the model cannot
+# be loaded here. A spec's "params" ({model: count}) wins.
+KNOWN_PARAMS = {"google/gemma-3-1b-pt": 1.00e9, "Qwen/Qwen2.5-1.5B": 1.54e9, "Qwen/Qwen2.5-3B": 3.09e9,
+                "meta-llama/Llama-3.2-1B": 1.24e9, "Qwen/Qwen2.5-0.5B": 0.49e9}
+FROZEN_BASE = ("lora", "dora", "adalora", "molf_e")  # no weight gradients of the base: ~4 N FLOPs per token
 
 
-def _cell(task, label, m, lr, seed):
+def spec_models(spec: dict) -> list[str]:
+    """The spec's models: "models" (a list) or the one "model"."""
+    if "models" in spec:
+        if not spec["models"] or not all(isinstance(m, str) and m for m in spec["models"]):
+            raise ValueError(f"spec 'models' must be a non-empty list of model names, got {spec['models']!r}")
+        return list(spec["models"])
+    return [spec["model"]]
+
+
+def _model_slug(model: str) -> str:
+    return model.replace("/", "--")
+
+
+def _cell(model, task, label, m, lr, seed):
     kw = {k: v for k, v in m.items() if k not in ("lrs", "method")}
     method = m.get("method", label)
     if method in LR_FIELD:
@@ -53,7 +99,7 @@ def _cell(task, label, m, lr, seed):
     for key in ("ranks", "alphas"):
         if key in kw:
             kw[key] = tuple(kw[key])
-    return task, label, method, lr, seed, kw
+    return model, task, label, method, lr, seed, kw
 
 
 def select_seeds(spec: dict) -> list:
@@ -66,40 +112,58 @@ def select_seeds(spec: dict) -> list:
 
 
 def sweep_cells(spec: dict):
-    """The lr-sweep cells: every (task, method label, lr, selection seed, TrainConfig kwargs)."""
+    """The lr-sweep cells: every (model, task, method label, method, lr, selection seed, TrainConfig kwargs)."""
     # Order: every method's first lr, then every method's second lr, ..., so a partly filled table
     # already compares all methods (each at its first-listed, paper-default lr).
     n_lrs = max(len(m["lrs"]) for m in spec["methods"].values())
-    for task in spec["tasks"]:
-        for seed in select_seeds(spec):
-            for lr_index in range(n_lrs):
-                for label, m in spec["methods"].items():
-                    if lr_index < len(m["lrs"]):
-                        yield _cell(task, label, m, m["lrs"][lr_index], seed)
+    for model in spec_models(spec):
+        for task in spec["tasks"]:
+            for seed in select_seeds(spec):
+                for lr_index in range(n_lrs):
+                    for label, m in spec["methods"].items():
+                        if lr_index < len(m["lrs"]):
+                            yield _cell(model, task, label, m, m["lrs"][lr_index], seed)
 
 
 def seed_cells(spec: dict, picked: dict):
-    """The extra-seed cells: each (task, method) at its picked lr, for the seeds not used to pick it."""
+    """The extra-seed cells: each (model, task, method) at its picked lr (``picked``: (model, task, label)
+    -> lr), for the seeds not used to pick it."""
     extra = [s for s in spec["seeds"] if s not in select_seeds(spec)]
-    for task in spec["tasks"]:
-        for seed in extra:
-            for label, m in spec["methods"].items():
-                if (task, label) in picked:
-                    yield _cell(task, label, m, picked[task, label], seed)
+    for model in spec_models(spec):
+        for task in spec["tasks"]:
+            for seed in extra:
+                for label, m in spec["methods"].items():
+                    if (model, task, label) in picked:
+                        yield _cell(model, task, label, m, picked[model, task, label], seed)
 
 
-def config_for(spec, table, task, label, method, lr, seed, kw, results: Path) -> TrainConfig:
+def run_dir(spec, table, model, task, label, lr, seed, results: Path) -> Path:
+    folder = results / "runs" / table
+    if "models" in spec:
+        folder = folder / _model_slug(model)
+    return folder / task / label / f"lr{lr:g}_s{seed}"
+
+
+def config_for(spec, table, model, task, label, method, lr, seed, kw, results: Path) -> TrainConfig:
+    if ("steps" in spec) == ("epochs" in spec):
+        raise ValueError("a spec gives exactly one of 'steps' and 'epochs'")
+    optional = {k: spec.get(k, default) for k, default in OPTIONAL_FIELDS.items()}
     return TrainConfig(
-        model=spec["model"], task=task, method=method, steps=spec["steps"], batch_size=spec["batch_size"],
-        grad_accum=spec.get("grad_accum", 1), seq_len=spec["seq_len"], schedule=spec.get("schedule", "cosine"),
-        warmup_ratio=spec.get("warmup_ratio", 0.1), seed=seed, eval_split="validation",
-        eval_limit=spec["eval_limit"], out_dir=str(results / "runs" / table / task / label / f"lr{lr:g}_s{seed}"),
-        save_every=spec.get("save_every", 20), save_model=True, progress=spec.get("progress", True),
-        device=spec.get("device", "cpu"), dtype=spec.get("dtype", "float32"), **kw)
+        model=model, task=task, method=method, steps=spec.get("steps"), epochs=spec.get("epochs"),
+        batch_size=spec["batch_size"], seq_len=spec["seq_len"], seed=seed, eval_split="validation",
+        eval_limit=spec["eval_limit"], out_dir=str(run_dir(spec, table, model, task, label, lr, seed, results)),
+        save_model=True, **optional, **kw)
 
 
-def test_metrics(run_dir: Path, task: str, limit) -> dict:
-    """Evaluate a finished run's saved (merged) model on the test split, cached in test_metrics.json."""
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def test_metrics(run_dir: Path, task: str, limit, spec: dict | None = None) -> dict:
+    """Evaluate a finished run's saved (merged) model on the test split, cached in test_metrics.json
+    (on the spec's device, with its data source and metric variant)."""
     cache = run_dir / "test_metrics.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -107,9 +171,14 @@ def test_metrics(run_dir: Path, task: str, limit) -> dict:
         raise FileNotFoundError(f"{run_dir} has no saved model to test (pruned?): delete {run_dir} and rerun "
                                 f"the grid to train it again")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    spec = spec or {}
+    variant, source = spec.get("metric_variant", "ours"), spec.get("source", "local")
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
+    model.to(_device(spec.get("device", "cpu")))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
-    metrics = tasks.evaluate(task, model, tokenizer, tasks.load(task, "test", limit=limit))
+    rows = tasks.load(task, "test", source=source, limit=limit, variant=variant)
+    metrics = tasks.evaluate(task, model, tokenizer, rows, batch_size=spec.get("eval_batch_size", 16),
+                             variant=variant)
     cache.write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -126,30 +195,252 @@ def update_shares(metrics: dict, topk: int | None) -> dict:
     return {f"updated_{e}": sum(counts.get(e, 0) for counts in wins.values()) / decisions for e in experts}
 
 
-def finished_row(out: Path, results: Path, task, label, lr, seed, topk: int | None) -> dict | None:
+def finished_row(out: Path, results: Path, model, task, label, lr, seed, topk: int | None) -> dict | None:
     if not (out / "metrics.json").is_file():
         return None
     m = json.loads((out / "metrics.json").read_text())
-    return {"task": task, "method": label, "lr": lr, "seed": seed, "dir": str(out.relative_to(results)),
-            "val_score": analysis.primary_score(m), "primary_metric": m["primary_metric"],
+    return {"model": model, "task": task, "method": label, "lr": lr, "seed": seed,
+            "dir": str(out.relative_to(results)), "val_score": analysis.primary_score(m),
+            "primary_metric": m["primary_metric"], "metric_variant": m.get("metric_variant", "ours"),
             "final_loss": m["final_loss"], "train_time_s": m["train_time_s"],
             "trainable_params": m["trainable_params"], **update_shares(m, topk)}
 
 
 def pick_lrs(sweep: pd.DataFrame, spec: dict) -> tuple[dict, set]:
-    """(task, method) -> the lr with the best mean validation score over the selection seeds (ties go to
-    the smaller lr), and the set of (task, method) whose sweep is complete (every lr x selection seed)."""
+    """(model, task, method) -> the lr with the best mean validation score over the selection seeds (ties
+    go to the smaller lr), and the set of (model, task, method) whose sweep is complete (every lr x
+    selection seed)."""
     picked, complete = {}, set()
     if sweep.empty:
         return picked, complete
-    means = sweep.groupby(["task", "method", "lr"])["val_score"].agg(["mean", "count"]).reset_index()
-    for (task, label), g in means.groupby(["task", "method"]):
+    means = sweep.groupby(["model", "task", "method", "lr"])["val_score"].agg(["mean", "count"]).reset_index()
+    for (model, task, label), g in means.groupby(["model", "task", "method"]):
         best = g.sort_values(["mean", "lr"], ascending=[False, True]).iloc[0]
-        picked[task, label] = float(best.lr)
+        picked[model, task, label] = float(best.lr)
         lrs = spec["methods"][label]["lrs"]
         if len(g) == len(lrs) and (g["count"] == len(select_seeds(spec))).all():
-            complete.add((task, label))
+            complete.add((model, task, label))
     return picked, complete
+
+
+# ------------------------------------------------------------------------------------------- --plan
+
+def _train_rows(spec: dict, task: str) -> tuple[int, str]:
+    """How many rows a cell of ``task`` trains on, and where the number comes from."""
+    if task in spec.get("train_rows", {}):
+        rows, basis = int(spec["train_rows"][task]), "spec train_rows"
+    elif spec.get("source", "local") == "local":
+        rows, basis = len(tasks.load(task, "train", variant=spec.get("metric_variant", "ours"))), "local rows"
+    else:
+        rows, basis = HUB_TRAIN_ROWS[task], "upstream size"
+    limit = spec.get("train_limit")
+    return (min(rows, limit) if limit else rows), basis
+
+
+def cell_steps(spec: dict, rows: int) -> int:
+    """Optimizer steps of a cell: the spec's steps, or epochs x rows / effective batch (as the runner)."""
+    if "steps" in spec:
+        return int(spec["steps"])
+    per_step = spec["batch_size"] * spec.get("grad_accum", 1)
+    return max(1, math.ceil(spec["epochs"] * rows / per_step))
+
+
+def _loadable_here(model: str) -> bool:
+    """Whether ``model`` loads without a network: an alias of molf.lab.models, a folder, or in the hub cache."""
+    if model.lower() in models.ALIASES or Path(model).is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # any failure means: not here
+        return False
+
+
+def _tokens_per_row(spec: dict, model: str, task: str, cache: dict) -> tuple[float, str]:
+    """Mean tokens of one training row (capped at seq_len) and how it was obtained."""
+    if task in spec.get("tokens_per_row", {}):
+        return float(spec["tokens_per_row"][task]), "spec"
+    if spec.get("source", "local") != "local":
+        return float(spec["seq_len"]), "seq_len cap"
+    key = (model if _loadable_here(model) else "smollm2-135m", task)
+    if key not in cache:
+        tokenizer = models.load_tokenizer(key[0])
+        rows = tasks.load(task, "train", limit=2000, variant=spec.get("metric_variant", "ours"))
+        features = tasks.encode(task, rows, tokenizer, max_len=spec["seq_len"])
+        cache[key] = sum(len(f["input_ids"]) for f in features) / len(features)
+    return cache[key], "local rows" + ("" if key[0] == model else " (SmolLM2 tokenizer)")
+
+
+def param_count(spec: dict, model: str) -> float | None:
+    """Parameters of ``model``: the spec's "params", KNOWN_PARAMS, or counted from its config (no weights)."""
+    if model in spec.get("params", {}):
+        return float(spec["params"][model])
+    if model in KNOWN_PARAMS:
+        return KNOWN_PARAMS[model]
+    if not _loadable_here(model):
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+    key = models.ALIASES.get(model.lower())
+    if key == "tiny":
+        config = models.tiny_config(len(models.load_tokenizer("tiny")))
+    else:
+        config = AutoConfig.from_pretrained(models.smollm2_path() if key else model)
+    with torch.device("meta"):
+        return float(sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()))
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """A square matrix multiply's rate on ``device`` in ``dtype``, TFLOP/s (the best of a few)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = math.inf
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return 2 * n ** 3 / best / 1e12
+
+
+def measure_step(spec: dict, model_name: str, method: str, kw: dict, tokens: int, device: torch.device,
+                 n_steps: int) -> float:
+    """Median seconds of ``n_steps`` optimizer steps (after one warm-up step) of ``method`` on
+    ``model_name``: the spec's batch, accumulation, dtype, autocast and checkpointing, random tokens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(model=model_name, method=method, steps=100, batch_size=spec["batch_size"],
+                             grad_accum=spec.get("grad_accum", 1), seq_len=spec["seq_len"], out_dir=tmp,
+                             dtype=spec.get("dtype", "float32"), **kw).resolved()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    model, _ = models.load(model_name, dtype=dtype, device=device)
+    if spec.get("gradient_checkpointing"):
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, optimizer = build(config, model, 100)
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(n_steps + 1):
+        began = time.perf_counter()
+        for _ in range(config.grad_accum):
+            ids = torch.randint(0, model.config.vocab_size, (config.batch_size, tokens), generator=generator)
+            ids = ids.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(spec.get("autocast"))):
+                loss = model(input_ids=ids, labels=ids).loss / config.grad_accum
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - began)
+    del model, optimizer
+    return statistics.median(times[1:])
+
+
+def _recorded_step_time(folder: Path) -> float | None:
+    """The median step time of the runs under ``folder`` (one model, task and method; any lr or seed)."""
+    found = []
+    for metrics in folder.glob("*/metrics.json"):
+        value = json.loads(metrics.read_text()).get("step_time_s")
+        if value:
+            found.append(float(value))
+    if not found:
+        for steps in folder.glob("*/steps.csv"):
+            times = pd.read_csv(steps)["step_time_s"].tolist()[1:]  # the first step warms up
+            if times:
+                found.append(statistics.median(times))
+    return statistics.median(found) if found else None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours < 48 else f"{hours / 24:.1f} days"
+
+
+def plan(spec: dict, table: str, results: Path, train_tasks: set, measure_steps: int = 2,
+         assume_tflops: float | None = None, utilisation: float = 0.4) -> tuple[pd.DataFrame, dict]:
+    """Every cell of the table (sweep cells, then the extra seeds at the lr still to be picked) with its
+    steps, tokens per step, estimated seconds per step and where that comes from, and estimated time;
+    and a dict describing the estimate. Trains nothing."""
+    device = _device(spec.get("device", "cpu"))
+    bf16 = spec.get("autocast") or spec.get("dtype") == "bfloat16"
+    if assume_tflops:
+        rate, rate_basis = assume_tflops, f"{assume_tflops:g} TFLOP/s assumed (--assume-tflops)"
+    else:
+        rate = matmul_tflops(device, torch.bfloat16 if bf16 else torch.float32)
+        rate_basis = f"{rate:.3g} TFLOP/s measured ({'bf16' if bf16 else 'fp32'} matmul on {device})"
+    first_lr = {(m, t, label): spec["methods"][label]["lrs"][0]
+                for m in spec_models(spec) for t in spec["tasks"] for label in spec["methods"]}
+    cells = [(c, False) for c in sweep_cells(spec)] + [(c, True) for c in seed_cells(spec, first_lr)]
+    rows, token_cache, measured, train_rows = [], {}, {}, {}
+    for (model, task, label, method, lr, seed, kw), picked_later in cells:
+        if task not in train_tasks:
+            continue
+        if task not in train_rows:
+            train_rows[task] = _train_rows(spec, task)
+        steps = cell_steps(spec, train_rows[task][0])
+        tokens_row, tokens_basis = _tokens_per_row(spec, model, task, token_cache)
+        tokens_step = tokens_row * spec["batch_size"] * spec.get("grad_accum", 1)
+        folder = run_dir(spec, table, model, task, label, lr, seed, results)
+        done = (folder / "metrics.json").is_file() and not picked_later
+        step_s, basis = _recorded_step_time(folder.parent), "recorded"
+        if step_s is None and measure_steps > 0 and _loadable_here(model):
+            key = (model, label, round(tokens_row))
+            if key not in measured:
+                measured[key] = measure_step(spec, model, method, kw, max(2, round(tokens_row)), device, measure_steps)
+            step_s, basis = measured[key], f"measured on {device}"
+        if step_s is None:
+            n = param_count(spec, model)
+            factor = (4 if method in FROZEN_BASE else 6) + (2 if spec.get("gradient_checkpointing") else 0)
+            step_s = None if n is None else factor * n * tokens_step / (rate * 1e12 * utilisation)
+            basis = "flops" if n is not None else "unknown model size"
+        rows.append({"model": model, "task": task, "method": label, "lr": "picked" if picked_later else f"{lr:g}",
+                     "seed": seed, "steps": steps, "tokens_per_step": round(tokens_step),
+                     "s_per_step": step_s, "basis": basis,
+                     "est_s": None if step_s is None else steps * step_s, "status": "done" if done else "to train",
+                     "tokens_basis": tokens_basis})
+    where = f"a device of {assume_tflops:g} TFLOP/s" if assume_tflops else str(device)
+    info = {"device": where, "rate": rate_basis, "utilisation": utilisation, "train_rows": train_rows,
+            "measured_device": str(device)}
+    return pd.DataFrame(rows), info
+
+
+def print_plan(spec: dict, table: str, results: Path, train_tasks: set, args) -> None:
+    frame, info = plan(spec, table, results, train_tasks, args.measure_steps, args.assume_tflops, args.utilisation)
+    if frame.empty:
+        print(f"[plan] {table}: no cells")
+        return
+    shown = frame.drop(columns=["tokens_basis"] + ([] if "models" in spec else ["model"]))
+    shown["s_per_step"] = shown["s_per_step"].map(lambda v: "unknown" if pd.isna(v) else f"{v:.3g}")
+    shown["est_time"] = frame["est_s"].map(lambda v: _duration(None if pd.isna(v) else v))
+    print(f"[plan] {table}: {len(frame)} cells on {info['device']}, trains nothing")
+    print(shown.drop(columns=["est_s"]).to_string(index=False))
+    todo = frame[frame.status == "to train"]
+    total = 0.0 if todo.empty else (todo["est_s"].sum() if todo["est_s"].notna().all() else None)
+    if "models" in spec:
+        for model, g in todo.groupby("model", sort=False):
+            print(f"  {model}: {len(g)} cells to train, {_duration(g['est_s'].sum(min_count=1))}")
+    print(f"\ntotal: {len(frame)} cells, {len(frame) - len(todo)} done, {len(todo)} to train; "
+          f"estimated training time of the cells to train: {_duration(total)} on {info['device']} "
+          f"(evaluation not included)")
+    for task, (rows, basis) in info["train_rows"].items():
+        tokens = sorted(set(frame[frame.task == task]["tokens_basis"]))
+        print(f"  {task}: {rows} training rows ({basis}); tokens per row from {', '.join(tokens)}")
+    print("  s_per_step basis: recorded = median step time of finished runs of the same model/task/method; "
+          "measured = timed training steps on random tokens here; flops = parameters x tokens per step x "
+          f"(6 training the base, 4 frozen base, +2 with checkpointing) / ({info['rate']} x "
+          f"{info['utilisation']:g} utilisation)")
+    if info["measured_device"] == "cpu" and not args.assume_tflops and (frame.basis == "flops").any():
+        print("  (measured on a CPU: for a GPU estimate pass --assume-tflops with its dense bf16 rate, e.g. 989 "
+              "for an H100/H200, 312 for an A100)")
 
 
 def main(argv=None) -> int:
@@ -165,6 +456,16 @@ def main(argv=None) -> int:
                              "its test score is cached; a SmolLM2 model is ~540 MB)")
     parser.add_argument("--results", type=Path, default=ROOT / "results",
                         help="where the CSVs and runs/ go (default: results/ of the repository)")
+    parser.add_argument("--plan", action="store_true",
+                        help="train nothing: print every cell, its steps and estimated time, and the total")
+    parser.add_argument("--measure-steps", type=int, default=2,
+                        help="--plan: time this many training steps of each (model, method) that loads here "
+                             "(after one warm-up step); 0: never load a model, estimate from FLOPs")
+    parser.add_argument("--assume-tflops", type=float, default=None,
+                        help="--plan: a FLOP estimate uses this device rate (TFLOP/s, e.g. a GPU's dense bf16 "
+                             "peak) instead of a matrix multiply measured here")
+    parser.add_argument("--utilisation", type=float, default=0.4,
+                        help="--plan: the share of the FLOP rate a training step achieves (default 0.4)")
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
     results = args.results.resolve()
@@ -173,23 +474,28 @@ def main(argv=None) -> int:
         raise ValueError(f"--tasks {sorted(set(args.tasks) - set(spec['tasks']))} not in {args.spec}'s tasks "
                          f"{spec['tasks']}")
     train_tasks = set(args.tasks or spec["tasks"])
+    if args.plan:
+        print_plan(spec, table, results, train_tasks, args)
+        return 0
     started = time.time()
     stopped = False  # the budget ran out: start no more cells, still collect the finished ones
+    multi = "models" in spec  # the CSVs get a model column
 
     def visit(cell_list) -> list[dict]:
         nonlocal stopped
         rows = []
-        for task, label, method, lr, seed, kw in cell_list:
-            config = config_for(spec, table, task, label, method, lr, seed, kw, results)
+        for model, task, label, method, lr, seed, kw in cell_list:
+            config = config_for(spec, table, model, task, label, method, lr, seed, kw, results)
             out = Path(config.out_dir)
             if not args.report and not stopped and task in train_tasks and not (out / "metrics.json").is_file():
                 if args.budget_min is not None and time.time() - started >= 60 * args.budget_min:
                     print("budget reached; rerun the same command to continue", flush=True)
                     stopped = True
                 else:
-                    print(f"[{table}] {task} {label} lr={lr:g} seed={seed}", flush=True)
+                    what = f"{model} {task}" if multi else task
+                    print(f"[{table}] {what} {label} lr={lr:g} seed={seed}", flush=True)
                     run(config)
-            row = finished_row(out, results, task, label, lr, seed, config.topk)
+            row = finished_row(out, results, model, task, label, lr, seed, config.topk)
             if row:
                 rows.append(row)
         return rows
@@ -204,31 +510,37 @@ def main(argv=None) -> int:
         return 0
     results.mkdir(parents=True, exist_ok=True)
     val = pd.concat([sweep, extra], ignore_index=True)
-    val.to_csv(results / f"{table}_validation.csv", index=False)
+    keys = ["model", "task", "method"] if multi else ["task", "method"]
+    drop = [] if multi else ["model"]
+    val.drop(columns=drop).to_csv(results / f"{table}_validation.csv", index=False)
 
     shares = [c for c in val.columns if c.startswith("updated_")]
     test_rows = []
-    for (task, label), lr in sorted(picked.items()):
-        for _, r in val[(val.task == task) & (val.method == label) & (val.lr == lr)].iterrows():
-            metrics = test_metrics(results / r.dir, r.task, spec.get("test_limit"))
-            test_rows.append({"task": r.task, "method": r.method, "lr": r.lr, "seed": r.seed,
+    for (model, task, label), lr in sorted(picked.items()):
+        chosen = val[(val.model == model) & (val.task == task) & (val.method == label) & (val.lr == lr)]
+        for _, r in chosen.iterrows():
+            metrics = test_metrics(results / r.dir, r.task, spec.get("test_limit"), spec)
+            test_rows.append({"model": r.model, "task": r.task, "method": r.method, "lr": r.lr, "seed": r.seed,
                               "test_score": metrics[r.primary_metric], "val_score": r.val_score,
-                              "sweep_complete": (task, label) in complete,
+                              "primary_metric": r.primary_metric, "metric_variant": r.metric_variant,
+                              "sweep_complete": (model, task, label) in complete,
                               **{f"test_{k}": v for k, v in metrics.items() if k != r.primary_metric},
                               **{k: r[k] for k in shares if pd.notna(r[k])}})
     if not args.keep_models:
         for _, r in val.iterrows():
-            run_dir = results / r.dir
-            tested = (run_dir / "test_metrics.json").is_file()
-            dropped = (r.task, r.method) in complete and r.lr != picked[r.task, r.method]
-            if (tested or dropped) and (run_dir / "model").is_dir():
-                shutil.rmtree(run_dir / "model")
+            folder = results / r.dir
+            tested = (folder / "test_metrics.json").is_file()
+            key = (r.model, r.task, r.method)
+            dropped = key in complete and r.lr != picked[key]
+            if (tested or dropped) and (folder / "model").is_dir():
+                shutil.rmtree(folder / "model")
     test = pd.DataFrame(test_rows)
-    test.to_csv(results / f"{table}.csv", index=False)
-    summary = (test.groupby(["task", "method"])
+    test.drop(columns=drop).to_csv(results / f"{table}.csv", index=False)
+    summary = (test.groupby(keys)
                .agg(lr=("lr", "first"), mean=("test_score", "mean"),
                     std=("test_score", lambda s: s.std(ddof=1) if len(s) > 1 else float("nan")),
                     seeds=("test_score", "count"), sweep_complete=("sweep_complete", "all"),
+                    primary_metric=("primary_metric", "first"), metric_variant=("metric_variant", "first"),
                     **{c: (c, "mean") for c in shares if c in test})
                .reset_index())
     summary.to_csv(results / f"{table}_summary.csv", index=False)

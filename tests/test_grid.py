@@ -134,3 +134,85 @@ def test_tasks_limits_training_not_the_tables(tmp_path):
     assert set(pd.read_csv(results / "tbl_summary.csv").task) == {"fact", "sql"}
     with pytest.raises(ValueError, match=r"--tasks \['med'\] not in"):
         grid.main([str(path), "--results", str(results), "--tasks", "med"])
+
+
+# ------------------------------------------------------------------------------------------ --plan
+
+def plan_lines(capsys):
+    return capsys.readouterr().out.splitlines()
+
+
+def test_plan_prints_every_cell_with_a_measured_step_time_and_trains_nothing(tmp_path, capsys):
+    spec = {**SPEC, "steps": None, "epochs": 0.5, "grad_accum": 2}
+    del spec["steps"]
+    results = tmp_path / "results"
+    assert grid.main([str(write_spec(tmp_path, spec)), "--results", str(results), "--plan",
+                      "--measure-steps", "1"]) == 0
+    lines = plan_lines(capsys)
+    assert not results.exists()  # nothing trained, nothing written
+    # 3 sweep cells on seed 0, then 2 extra-seed cells (seed 1, at the lr still to be picked)
+    cells = [line.split() for line in lines if line.split()[:1] == ["fact"]]
+    assert [(c[1], c[2], c[3]) for c in cells] == [("lora", "0.001", "0"), ("molf", "0.0001", "0"),
+                                                   ("lora", "1e-06", "0"), ("lora", "picked", "1"),
+                                                   ("molf", "picked", "1")]
+    # 182 fact rows, 0.5 epochs, effective batch 2 x 2: ceil(91 / 4) = 23 steps per cell
+    assert all(c[4] == "23" for c in cells) and all(c[7:9] == ["measured", "on"] for c in cells)
+    assert all(float(c[6]) > 0 for c in cells)
+    total = [line for line in lines if line.startswith("total:")]
+    assert total and "5 cells, 0 done, 5 to train" in total[0] and "evaluation not included" in total[0]
+    assert any("fact: 182 training rows (local rows)" in line for line in lines)
+
+
+def test_plan_uses_recorded_step_times_marks_done_cells_and_falls_back_to_flops(tmp_path, capsys):
+    results = tmp_path / "results"
+    spec = {**SPEC, "methods": {"lora": {"lrs": [1e-3], "ranks": [4]}}, "seeds": [0]}
+    path = write_spec(tmp_path, spec)
+    assert grid.main([str(path), "--results", str(results), "--sweep-only"]) == 0
+    capsys.readouterr()
+    assert grid.main([str(path), "--results", str(results), "--plan"]) == 0
+    lines = plan_lines(capsys)
+    cell = [line.split() for line in lines if line.split()[:1] == ["fact"]]
+    recorded = json.loads(next((results / "runs").rglob("metrics.json")).read_text())["step_time_s"]
+    assert len(cell) == 1 and cell[0][7:9] == ["recorded", "done"] and float(cell[0][6]) == pytest.approx(
+        recorded, rel=1e-2)
+    assert "1 cells, 1 done, 0 to train" in [line for line in lines if line.startswith("total:")][0]
+
+    # no model to time (never load one): parameters x tokens / a measured matmul rate, said so
+    assert grid.main([str(write_spec(tmp_path, SPEC, "other")), "--results", str(results), "--plan",
+                      "--measure-steps", "0"]) == 0
+    lines = plan_lines(capsys)
+    cells = [line.split() for line in lines if line.split()[:1] == ["fact"]]
+    assert len(cells) == 5 and all(c[7] == "flops" for c in cells)
+    assert any("TFLOP/s measured (fp32 matmul on cpu) x 0.4 utilisation" in line for line in lines)
+
+
+def test_plan_of_hub_models_estimates_from_known_sizes_per_model(tmp_path, capsys):
+    spec = {**SPEC, "models": ["Qwen/Qwen2.5-3B", "someone/unknown-model"], "source": "hub",
+            "metric_variant": "reference", "epochs": 2, "batch_size": 8, "grad_accum": 4, "seq_len": 512,
+            "seeds": [0], "methods": {"fft": {"lrs": [5e-5]}, "lora": {"lrs": [5e-4], "ranks": [32]}}}
+    del spec["steps"]
+    assert grid.main([str(write_spec(tmp_path, spec)), "--results", str(tmp_path / "r"), "--plan",
+                      "--assume-tflops", "1000", "--utilisation", "0.5"]) == 0
+    lines = plan_lines(capsys)
+    qwen = [line.split() for line in lines if line.split()[:1] == ["Qwen/Qwen2.5-3B"]]
+    # CounterFact: 21,919 records x 2 epochs / 32 = 1370 steps; 8 x 4 x 512 tokens per step (the cap)
+    assert [(c[2], c[5], c[6]) for c in qwen] == [("fft", "1370", "16384"), ("lora", "1370", "16384")]
+    fft_s = 6 * grid.KNOWN_PARAMS["Qwen/Qwen2.5-3B"] * 16384 / (1000e12 * 0.5)
+    assert float(qwen[0][7]) == pytest.approx(fft_s, rel=1e-2) and float(qwen[1][7]) == pytest.approx(
+        fft_s * 4 / 6, rel=1e-2)
+    unknown = [line.split() for line in lines if line.split()[:1] == ["someone/unknown-model"]]
+    assert all("unknown" in c for c in unknown)
+    assert any(line.strip().startswith("Qwen/Qwen2.5-3B: 2 cells to train") for line in lines)
+    assert any("fact: 21919 training rows (upstream size); tokens per row from seq_len cap" in line for line in lines)
+
+
+def test_paper_table2_spec_plans_as_is(capsys):
+    path = ROOT / "experiments" / "paper_table2.json"
+    spec = json.loads(path.read_text())
+    assert spec["epochs"] == 2 and spec["batch_size"] * spec["grad_accum"] == 32 and spec["source"] == "hub"
+    assert grid.main([str(path), "--plan", "--assume-tflops", "989", "--measure-steps", "0"]) == 0
+    lines = plan_lines(capsys)
+    cells = [line for line in lines if line.split()[:1] and line.split()[0] in spec["models"]]
+    # per model and task: 6 sweep cells (fft x 3 lrs, lora x 2, molf x 1) + 2 extra seeds x 3 methods
+    assert len(cells) == 3 * 3 * (6 + 2 * 3)
+    assert "108 cells, 0 done, 108 to train" in [line for line in lines if line.startswith("total:")][0]
