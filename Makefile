@@ -4,7 +4,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: demo test test-all lint bench venv clean notebooks
+.PHONY: demo test test-all lint bench venv clean notebooks figures golden
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv .venv
@@ -20,6 +20,14 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m molf.lab.suite $(ARGS)
+
+# The main job, writing its figures over the committed ones in figures/ (a plain run leaves them alone).
+figures: $(STAMP)
+	$(PY) -m molf.lab.suite --figures-dir figures $(ARGS)
+
+# Rewrite the regression mode's golden numbers (notebooks/golden/) after a change meant to move them.
+golden: $(STAMP)
+	$(PY) -m molf.lab.suite --tiny --update-golden --runs-dir runs/tiny $(ARGS)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)

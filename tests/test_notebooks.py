@@ -1,8 +1,10 @@
 """The notebook suite, executed headlessly with papermill on the tiny model (``python -m molf.lab.suite --tiny``).
 
-Checks what the suite produced: every executed notebook, real PNG figures, finite in-range numbers, a
-routing heatmap with exactly one cell per wrapped module, shared runs; and that a bad parameter stops a
-notebook with the runner's own ValueError, shown by the suite.
+Checks what the suite produced: every executed notebook, real PNG figures (under the runs folder, the
+committed figures/ untouched), finite in-range numbers, the same key numbers as the golden files (the
+suite's own ``--check``, on the same run), a routing heatmap with exactly one cell per wrapped module,
+shared runs, clean output (no progress bars, no stray paths, no interrupted-kernel noise); and that a
+bad parameter stops a notebook with the runner's own ValueError, shown by the suite.
 """
 from __future__ import annotations
 
@@ -37,7 +39,10 @@ POSITIVE_KEYS = ("final_loss", "min_loss", "mean_loss_last", "train_time_s", "st
                  "optimizer_state_bytes", "peak_memory_bytes", "optimizer_state_mb")
 
 
-def _suite(*args, cwd=ROOT, timeout=600):
+CELL_TIMEOUT = "300"  # seconds per cell: a hung kernel fails the run instead of stalling CI
+
+
+def _suite(*args, cwd=ROOT, timeout=900):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # the tiny model needs no threads
     return subprocess.run([sys.executable, "-m", "molf.lab.suite", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -45,12 +50,22 @@ def _suite(*args, cwd=ROOT, timeout=600):
 
 @pytest.fixture(scope="module")
 def produced(tmp_path_factory):
-    """Run the whole suite once on the tiny model; yield (runs_dir, figures_dir, stdout)."""
+    """Run the whole suite once on the tiny model, with the golden check; yield (runs_dir, figures_dir, stdout).
+
+    No --figures-dir: the default must keep the figures under the runs folder. Exit status 3 (every
+    notebook ran, the golden check found a difference) is left to ``test_golden_numbers_match``."""
     base = tmp_path_factory.mktemp("suite")
-    runs_dir, figures_dir = base / "runs", base / "figures"
-    result = _suite("--tiny", "--runs-dir", str(runs_dir), "--figures-dir", str(figures_dir))
-    assert result.returncode == 0, f"suite failed:\n{result.stdout}\n{result.stderr}"
-    return runs_dir, figures_dir, result.stdout
+    runs_dir = base / "runs"
+    committed = _committed_figures()
+    result = _suite("--tiny", "--check", "--timeout", CELL_TIMEOUT, "--runs-dir", str(runs_dir))
+    assert result.returncode in (0, 3), f"suite failed:\n{result.stdout}\n{result.stderr}"
+    (base / "stderr.txt").write_text(result.stderr)
+    (base / "committed_figures.json").write_text(json.dumps({"before": committed, "after": _committed_figures()}))
+    return runs_dir, runs_dir / "figures", result.stdout
+
+
+def _committed_figures() -> dict:
+    return {p.name: [p.stat().st_mtime_ns, p.stat().st_size] for p in sorted((ROOT / "figures").glob("*.png"))}
 
 
 def _results(runs_dir, name) -> dict:
@@ -87,6 +102,31 @@ def test_committed_notebook_is_clean_and_parameterised(name):
 
 
 # ---------------------------------------------------------------------------- what the suite produced
+def test_golden_numbers_match(produced):
+    _, _, stdout = produced
+    assert "golden check passed" in stdout, f"the key numbers moved from notebooks/golden/:\n{stdout}"
+
+
+def test_a_plain_run_leaves_the_committed_figures_alone(produced):
+    runs_dir, figures_dir, _ = produced
+    assert figures_dir == runs_dir / "figures" and list(figures_dir.glob("*.png"))
+    seen = json.loads((runs_dir.parent / "committed_figures.json").read_text())
+    assert seen["before"] == seen["after"], "the suite rewrote figures/ without --figures-dir figures"
+
+
+def test_output_is_clean(produced):
+    runs_dir, _, _ = produced
+    stderr = (runs_dir.parent / "stderr.txt").read_text()
+    assert "KeyboardInterrupt" not in stderr, stderr
+    for name in suite.NOTEBOOKS:
+        nb = nbformat.read(runs_dir / f"{name}.ipynb", as_version=4)
+        for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+            for out in cell.outputs:
+                text = out.get("text", "") + str(out.get("data", {}).get("text/plain", ""))
+                assert "PosixPath(" not in text, f"{name} code cell {i} shows a path: {text[:200]}"
+                assert "it/s]" not in text and "s/it]" not in text, f"{name} code cell {i} shows a progress bar"
+
+
 def test_every_notebook_ran_with_a_progress_line(produced):
     runs_dir, _, stdout = produced
     for i, name in enumerate(suite.NOTEBOOKS, 1):

@@ -4,11 +4,17 @@
     python -m molf.lab.suite --tiny                           # the regression mode: tiny model, tiny steps
     python -m molf.lab.suite --model Qwen/Qwen2.5-1.5B --steps 400 -p batch_size 8 -p device cuda
     python -m molf.lab.suite --only 02_routing_dynamics --only 04_router_explorer
+    python -m molf.lab.suite --tiny --check                   # ... and compare with the golden numbers
+    python -m molf.lab.suite --figures-dir figures            # refresh the committed figures (make figures)
 
 Executed notebooks go to ``--runs-dir`` (default ``runs/``, with each notebook's numbers as
 ``<notebook>.json`` beside it and the training runs under ``runs/train/``), figures to
-``--figures-dir`` (default ``figures/``). One progress line per notebook; the exit status is non-zero
-when a notebook fails, and the failing cell's error is printed.
+``--figures-dir`` (default ``<runs-dir>/figures``: a plain run leaves the checkout as it was; the
+figures committed under ``figures/`` change only when that folder is asked for). One progress line per
+notebook; the exit status is 1 when a notebook fails (the failing cell's error is printed), 2 on bad
+arguments and 3 when every notebook ran but ``--check`` found numbers that moved from the golden
+files (``<notebooks-dir>/golden/``; see ``molf.lab.regression``). ``--timeout`` bounds each cell
+(default: none; 600 s in ``--tiny`` mode), so a hung kernel fails the run instead of stalling it.
 
 Parameters (``-p key value``; values are Python literals, anything else is a string) go to every
 selected notebook that declares them in its ``parameters`` cell; a key that no selected notebook
@@ -38,6 +44,7 @@ KERNEL = "python3"
 # The regression mode: the 2-layer random Llama and a handful of steps (the whole suite in ~1-2 min).
 TINY = {"model": "tiny", "steps": 8, "batch_size": 2, "seq_len": 48, "eval_limit": 4, "live_steps": 4,
         "live_chunk": 2}
+TINY_TIMEOUT = 600  # seconds per cell in --tiny mode: the longest cell takes ~30 s on 2 cores
 
 
 # ---------------------------------------------------------------------------- helpers for notebooks
@@ -108,6 +115,27 @@ def figure_path(figures_dir, notebook: str, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- the runner
+def _kernel_manager_class():
+    from jupyter_client.manager import AsyncKernelManager
+
+    class Quiet(AsyncKernelManager):
+        """A kernel manager that does not interrupt the kernel on the way to shutting it down.
+
+        jupyter_client sends SIGINT before every graceful shutdown, to stop a running cell. The suite
+        shuts a kernel down only after its last cell finished (or timed out, when the shutdown request
+        and then a kill follow anyway), and a SIGINT that lands while the kernel is still finishing a
+        message (common on a loaded machine) is logged by ipykernel as "KeyboardInterrupt caught in
+        kernel" on the suite's stderr."""
+
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+    Quiet.__name__ = Quiet.__qualname__ = "QuietShutdownKernelManager"
+    return Quiet
+
+
 def _literal(text: str):
     try:
         return ast.literal_eval(text)
@@ -136,15 +164,25 @@ def main(argv=None) -> int:
                         help="a notebook parameter (Python literal or string); repeatable")
     parser.add_argument("--only", action="append", choices=NOTEBOOKS, help="run only this notebook (repeatable)")
     parser.add_argument("--runs-dir", default="runs", help="executed notebooks, numbers and training runs")
-    parser.add_argument("--figures-dir", default="figures", help="PNG figures")
+    parser.add_argument("--figures-dir", default=None,
+                        help="PNG figures (default: <runs-dir>/figures; 'figures' refreshes the committed ones)")
     parser.add_argument("--notebooks-dir", default=None,
                         help="folder of the notebooks (default: $MOLF_NOTEBOOKS, else the checkout's notebooks/)")
-    parser.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    parser.add_argument("--timeout", type=int, default=None,
+                        help=f"per-cell timeout in seconds (default: none; {TINY_TIMEOUT} with --tiny)")
+    golden = parser.add_mutually_exclusive_group()
+    golden.add_argument("--check", action="store_true",
+                        help="after the run, compare every notebook's key numbers with its golden file")
+    golden.add_argument("--update-golden", action="store_true",
+                        help="after the run, rewrite the golden files from it (on purpose)")
+    parser.add_argument("--golden-dir", default=None, help="golden files (default: <notebooks-dir>/golden)")
     args = parser.parse_args(argv)
 
     runs_dir = Path(args.runs_dir).resolve()
-    figures_dir = Path(args.figures_dir).resolve()
+    figures_dir = Path(args.figures_dir).resolve() if args.figures_dir else runs_dir / "figures"
+    timeout = args.timeout if args.timeout is not None else (TINY_TIMEOUT if args.tiny else None)
     notebooks_dir = paths.notebooks_dir(args.notebooks_dir).resolve()
+    golden_dir = Path(args.golden_dir).resolve() if args.golden_dir else notebooks_dir / "golden"
     params: dict = dict(TINY) if args.tiny else {}
     if args.model:
         params["model"] = args.model
@@ -176,6 +214,7 @@ def main(argv=None) -> int:
     import logging
 
     import papermill
+    QuietShutdownKernelManager = _kernel_manager_class()
     from papermill.exceptions import PapermillExecutionError
     logging.getLogger("papermill").setLevel(logging.ERROR)
     # The kernel spec may launch a bare "python": make it this interpreter (the virtualenv's).
@@ -199,7 +238,7 @@ def main(argv=None) -> int:
         try:
             papermill.execute_notebook(str(source), str(target), parameters=given, kernel_name=KERNEL,
                                        cwd=str(notebooks_dir), progress_bar=False, log_output=False,
-                                       execution_timeout=args.timeout,
+                                       execution_timeout=timeout, kernel_manager_class=QuietShutdownKernelManager,
                                        extra_arguments=["--IPKernelApp.log_level=ERROR"])
         except PapermillExecutionError as error:
             seconds = time.perf_counter() - started
@@ -207,14 +246,33 @@ def main(argv=None) -> int:
             print(f"error in {name} (cell {error.exec_count}): {_error_summary(error)}", file=sys.stderr)
             print(f"the executed notebook with the full traceback: {target}", file=sys.stderr)
             return 1
-        except Exception as error:  # kernel died, notebook unreadable, ...
+        except Exception as error:  # kernel died, a cell timed out, notebook unreadable, ...
             seconds = time.perf_counter() - started
             print(f"[{i}/{len(selected)}] {name:22s} FAILED {seconds:7.1f} s", flush=True)
             print(f"error in {name}: {_error_summary(error)}", file=sys.stderr)
+            if type(error).__name__ == "CellTimeoutError":
+                print(f"a cell ran longer than --timeout {timeout} s; the notebook as far as it got: {target}",
+                      file=sys.stderr)
             return 1
         seconds = time.perf_counter() - started
         print(f"[{i}/{len(selected)}] {name:22s} ok     {seconds:7.1f} s", flush=True)
     print(f"done: {len(selected)} notebook(s) in {time.perf_counter() - began:.1f} s", flush=True)
+    parameters = {k: v for k, v in params.items() if k not in ("runs_dir", "figures_dir")}
+    if args.update_golden:
+        from . import regression
+        for path in regression.write_golden(golden_dir, runs_dir, selected, parameters):
+            print(f"golden numbers written: {path}")
+    if args.check:
+        from . import regression
+        differences = regression.check(runs_dir, golden_dir, selected, parameters)
+        if differences:
+            print(f"golden check FAILED: {len(differences)} difference(s) from {golden_dir}", flush=True)
+            for line in differences:
+                print(f"  {line}", flush=True)
+            print("if the change is meant, rewrite the golden files: python -m molf.lab.suite --tiny "
+                  "--update-golden", flush=True)
+            return 3
+        print(f"golden check passed: {len(selected)} notebook(s) match {golden_dir}", flush=True)
     return 0
 
 
