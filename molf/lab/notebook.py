@@ -24,7 +24,8 @@ from pathlib import Path
 from . import plots, suite
 
 # The settings every training run of the suite's notebooks shares, read from the parameters cell.
-COMMON = ("model", "task", "steps", "batch_size", "seq_len", "eval_limit", "seed", "device")
+COMMON = ("model", "task", "steps", "batch_size", "seq_len", "eval_limit", "seed", "device", "source",
+          "metric_variant")
 # MoLF's own hyper-parameters; a notebook that sets one to None leaves the paper's default.
 MOLF_HP = ("lr_fft", "lr_lora", "ranks", "score", "topk")
 PROGRESS_VARIABLE = "MOLF_PROGRESS"
