@@ -496,7 +496,8 @@ def ablation_plot(runs: dict, axis_name: str, expert: str = "fft"):
     left.set_xlabel("module type (projection)")
     left.set_ylabel(f"share of steps won by {expert_label(expert)} (fraction)")
     left.set_title("Routing")
-    left.legend(fontsize=8, title=axis_name, title_fontsize=8)
+    # beside the bars, not over them (a legend inside the axes hid the tallest ones)
+    left.legend(fontsize=8, title=axis_name, title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     left.grid(alpha=0.3, axis="y")
 
     scores = [primary_score(runs[l].metrics) for l in labels]
@@ -512,7 +513,7 @@ def ablation_plot(runs: dict, axis_name: str, expert: str = "fft"):
     twin = right.twinx()
     twin.plot(x, losses, color="black", marker="D", lw=1.5, label="final loss")
     twin.set_ylabel("final training loss (nats/token)")
-    twin.legend(fontsize=8, loc="upper right")
+    # no legend: the title and the right-hand label name the line, and a legend box hid bar tops or points
     right.set_title(f"Result: {metric} (bars), final loss (line)")
     fig.suptitle(f"Ablation: {axis_name}")
     return fig
