@@ -22,7 +22,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch, Rectangle
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from . import analysis, plots, runs
 
@@ -101,9 +102,13 @@ class RouterExplorer:
             cmap = ListedColormap(["#dddddd"] + colors)
             image = ax_map.imshow(self.winner[si] + 1, cmap=cmap, vmin=-0.5, vmax=len(self.experts) + 0.5,
                                   aspect="auto", interpolation="nearest")
-            handles = [Patch(color=c, label=plots.expert_label(e, config)) for e, c in zip(self.experts, colors)]
-            ax_map.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
-                          title="expert updated at this step", title_fontsize=7)
+            # a discrete colour bar where the cumulative mode has its continuous one: switching modes keeps the
+            # map in place, and nothing sits below the x label
+            bar = fig.colorbar(image, ax=ax_map, ticks=range(len(self.experts) + 1),
+                               label="expert updated at this step")
+            bar.ax.set_yticklabels(["none (skipped)"] + [plots.expert_label(e, config) for e in self.experts],
+                                   fontsize=8)
+            bar.ax.tick_params(length=0)
             ax_map.set_title(f"Routing decisions at step {step}")
         else:
             image = ax_map.imshow(self.cumulative[si], cmap=plots.WIN_CMAP, vmin=0, vmax=1, aspect="auto",
@@ -127,10 +132,11 @@ class RouterExplorer:
             won = self.winner[:, li, ti] == ei
             ax_trace.scatter(self.steps[won], trace[won], color=color, s=12, zorder=3)
         ax_trace.axvline(step, color="black", ls=":", lw=1)
+        ax_trace.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_trace.set_xlabel("training step")
         ax_trace.set_ylabel("log10 routing score")
         ax_trace.set_title(f"Scores of {module.removeprefix('model.')} (dot: won)", fontsize=10)
-        ax_trace.legend(fontsize=7)
+        ax_trace.legend(fontsize=7, loc="best")
         ax_trace.grid(alpha=0.3)
 
         # 3. the selected layer at this step
@@ -185,7 +191,9 @@ class RouterExplorer:
                            layout=w.Layout(width="160px"))
         module_type = w.Dropdown(options=self.types, value=default[1], description="module",
                                  layout=w.Layout(width="200px"))
-        mode = w.ToggleButtons(options=MODES, value=MODES[0])
+        # wide enough for the longer label ("cumulative win share"), which the default width cuts off
+        mode = w.ToggleButtons(options=MODES, value=MODES[0], description="mode",
+                               style={"button_width": "190px"})
         out = w.Output()
         info = w.HTML()
 
@@ -232,8 +240,8 @@ def explore(folder):
     found = find_runs(folder)
     if not found:
         raise ValueError(f"no routed runs (routing.jsonl) under {folder}; train a molf or molf_e run first")
-    picker = w.Dropdown(options=[(f"{_describe(p)}  [{p.name}]", p) for p in found], description="run",
-                        layout=w.Layout(width="720px"))
+    picker = w.Dropdown(options=[(f"{label}  [{p.name}]", p) for label, p in zip(run_labels(found), found)],
+                        description="run", layout=w.Layout(width="820px"))
     holder = w.VBox()
 
     def load(*_):
@@ -244,12 +252,32 @@ def explore(folder):
     return w.VBox([picker, holder])
 
 
-def _describe(path: Path) -> str:
+# what every run picker label shows; the other fields appear only where the listed runs differ in them
+_ALWAYS = ("method", "model", "task", "steps")
+
+
+def run_labels(paths) -> list[str]:
+    """One label per run directory: method, model, task and steps, then every other field that defines
+    a run (``train.run_identity``) in which the listed runs differ, e.g. ``lr_lora=0.0005``; "(unfinished)"
+    for a run without metrics.json."""
     import json
-    c = json.loads((path / "config.json").read_text())
-    extra = f" score={c.get('score')} topk={c.get('topk')} ranks={c.get('ranks')}"
-    done = "" if (path / "metrics.json").is_file() else " (unfinished)"
-    return f"{plots.method_label(c['method'])} {c['model']} {c['task']} {c['steps']} steps{extra}{done}"
+
+    from .train import run_identity
+    configs = [run_identity(json.loads((Path(p) / "config.json").read_text())) for p in paths]
+    keys = sorted({k for c in configs for k in c} - set(_ALWAYS))
+    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    labels = []
+    for path, c in zip(paths, configs):
+        extra = "".join(f" {k}={_value(c.get(k))}" for k in differ)
+        done = "" if (Path(path) / "metrics.json").is_file() else " (unfinished)"
+        labels.append(f"{plots.method_label(c['method'])} {c['model']} {c['task']} {c['steps']} steps{extra}{done}")
+    return labels
+
+
+def _value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(_value(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 # ---------------------------------------------------------------------------- live training
@@ -264,6 +292,7 @@ def live_frame(data, expert: str | None = None):
     plots.routing_heatmap(data, expert, ax=left, title=f"Win share so far (steps 0..{steps_done - 1})")
     right.plot(data.steps["step"], data.steps["loss"], color="black", marker="o", ms=3)
     right.set_xlim(-0.5, max(total or steps_done, steps_done) - 0.5)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("training step")
     right.set_ylabel("training loss (nats/token)")
     right.set_title("Loss so far")
