@@ -9,6 +9,12 @@ part, and calls one of these::
 - ``chunked_step`` (the CPU, ``Score`` objects only): each parameter is walked in cache-sized chunks,
   moments and score terms in one pass, then the winners' update in a second pass; losers' updates are
   not computed at all, and no tensor larger than a chunk is ever allocated.
+- ``compiled_step`` (the CPU, ``Score`` objects only; ``impl="compiled"``): pass 1 is one
+  ``torch.compile``'d kernel per parameter (``molf._compiled``, built from the score's ``term``) that
+  reads g, m, v once and returns the score's sum over the advanced moments, writing nothing; pass 2 is
+  torch's fused AdamW kernel over every parameter of the batch, with the real learning rate and weight
+  decay for the winners and plain parameters and ``lr = wd = 0`` for the losers (their moments advance,
+  their parameters stay exactly as they are). Falls back to ``chunked_step`` when compiling fails.
 - ``foreach_step``: whole-list ``torch._foreach_*`` ops as torch's foreach AdamW; the decisions are
   read back once and the losers skipped.
 - ``masked_step`` (accelerators): the same ops, but the decisions stay on the device and are applied
@@ -18,9 +24,10 @@ part, and calls one of these::
 
 Each advances the moments of every parameter in ``batch``, calls ``route`` exactly once (with the
 ``sqrt(v)`` list or the per-parameter score sums it computed) to learn which MoLF parameters won, and
-applies the decoupled AdamW update to the winners and to the plain parameters. Every element-wise op
-is the one torch's foreach AdamW applies, in the same order, so a forced winner moves exactly as
-``torch.optim.AdamW(foreach=True)`` would move it.
+applies the decoupled AdamW update to the winners and to the plain parameters. On the chunked, foreach
+and masked paths every element-wise op is the one torch's foreach AdamW applies, in the same order, so
+a forced winner moves exactly as ``torch.optim.AdamW(foreach=True)`` would move it; on the compiled
+path it moves as ``torch.optim.AdamW(fused=True)`` would.
 """
 from __future__ import annotations
 
@@ -142,6 +149,52 @@ def chunked_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
                              batch.bias1[i], batch.bias2_sqrt[i])
 
 
+def compiled_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
+    """CPU path with a compiled pass 1 and torch's fused AdamW kernel as pass 2 (module docstring).
+
+    Pass 1 only reads, so a kernel that fails (to compile or to run) leaves every tensor as it was and
+    the step is taken by ``chunked_step`` instead, now and later (one warning line). The moments come
+    out of the fused kernel, which rounds differently from the foreach ops of the other paths (about an
+    ulp per step); the score sums are computed from the same advanced moments in float32 and summed in
+    float64, so decisions agree with the other paths and parameters agree to rounding.
+    """
+    from . import _compiled  # torch.compile machinery: loaded only when asked for
+
+    if not isinstance(score, Score):
+        raise ValueError(f"compiled_step builds its kernel from a molf.router.Score's term, got {score!r}")
+    if batch.ok is not None:
+        raise ValueError("compiled_step skips parameters on the host: give it only the parameters that step")
+    sums = []
+    try:
+        consts: dict = {}
+        for i in batch.molf_index:
+            m = batch.exp_avgs[i]
+            fn = _compiled.kernel(score, m.dtype)
+            if fn is None:
+                return chunked_step(batch, route, score=score, scratch=scratch)
+            b1, b2 = batch.betas[i]
+            key = (b1, b2, batch.eps[i])
+            if key not in consts:
+                consts[key] = _compiled.constants(b1, b2, batch.eps[i])
+            sums.append(fn(batch.grads[i].view(-1), m.view(-1), batch.exp_avg_sqs[i].view(-1), consts[key]))
+    except Exception as err:  # noqa: BLE001 - nothing was written yet: take the eager path
+        _compiled.give_up(score, err)
+        return chunked_step(batch, route, score=score, scratch=scratch)
+    param_sums = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+    won = route(param_sums=param_sums)
+    lost = {i for i, w in zip(batch.molf_index, won.tolist()) if not w}
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(batch)):
+        b1, b2 = batch.betas[i]
+        lr, wd = (0.0, 0.0) if i in lost else (batch.lrs[i], batch.wds[i])
+        groups.setdefault((batch.local_params[i].dtype, b1, b2, batch.eps[i], lr, wd), []).append(i)
+    for (_, b1, b2, eps, lr, wd), idx in groups.items():
+        torch._fused_adamw_([batch.local_params[i] for i in idx], [batch.grads[i] for i in idx],
+                            [batch.exp_avgs[i] for i in idx], [batch.exp_avg_sqs[i] for i in idx], [],
+                            [batch.steps[i] for i in idx], amsgrad=False, lr=lr, beta1=b1, beta2=b2,
+                            weight_decay=wd, eps=eps, maximize=False)
+
+
 def foreach_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
     """Whole-list ``torch._foreach_*`` ops; the decisions are read back once and the losers skipped.
     Works for any score (custom callables see whole tensors)."""
@@ -251,4 +304,4 @@ def _to_device(values, dtype, device):
     return t.to(device)
 
 
-IMPLEMENTATIONS = {"chunked": chunked_step, "foreach": foreach_step, "masked": masked_step}
+IMPLEMENTATIONS = {"chunked": chunked_step, "compiled": compiled_step, "foreach": foreach_step, "masked": masked_step}
