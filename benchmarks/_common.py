@@ -48,9 +48,16 @@ def interleaved(fns: dict, warmup: int, reps: int) -> dict[str, list[float]]:
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
+            sync()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a timing covers it (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def median(xs):

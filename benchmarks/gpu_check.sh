@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Checks that need a CUDA GPU: run from anywhere on a machine with one, after `make venv`:
-#     bash benchmarks/gpu_check.sh            # PY=... to use another interpreter, OUT=... for the outputs
+#     bash benchmarks/gpu_check.sh [OUT_DIR]  # PY=... to use another interpreter; outputs in OUT_DIR (or $OUT)
 # Every section is a plain list of pytest / python commands; the first failing command stops the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-$(mktemp -d)}
+OUT=${1:-${OUT:-$(mktemp -d)}}
+mkdir -p "$OUT"
 echo "outputs in $OUT"
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: these checks need a GPU')"
 
@@ -36,6 +37,22 @@ cat > "$OUT/gpu_plan.json" <<'JSON'
              "molf": {"lrs": [5e-5], "ranks": [128], "alphas": [32]}}}
 JSON
 "$PY" experiments/grid.py "$OUT/gpu_plan.json" --plan --results "$OUT/plan_results"
+
+# =====================================================================================================
+# The optimizer on the device: the masked path against the reference optimizer, and step() under
+# torch.cuda.set_sync_debug_mode("error") (a host sync fails the test), float32 and bf16 (~1 min).
+# Then both benchmarks on the embedded SmolLM2-135M in bf16 (ratios side by side; put the tables in
+# docs/benchmarks.md labelled with the device), and the notebook suite at 50 steps on CUDA.
+# =====================================================================================================
+"$PY" -m pytest -q -rs tests/test_cuda_optimizer.py tests/test_router_equivalence.py tests/test_no_sync.py \
+    2>&1 | tee "$OUT/optimizer_tests.txt"
+timeout 150 "$PY" benchmarks/bench_optimizer.py --device cuda --dtype bfloat16 --no-memory --reps 10 \
+    --config smollm2-135m:16 --config smollm2-135m:128 | tee "$OUT/bench_optimizer_cuda_bf16.md"
+timeout 150 "$PY" benchmarks/bench_train_step.py --device cuda --dtype bfloat16 --no-memory --reps 5 \
+    | tee "$OUT/bench_train_step_cuda_bf16.md"
+timeout 240 "$PY" -m molf.lab.suite --steps 50 -p device cuda --runs-dir "$OUT/suite" 2>&1 | tail -40 \
+    | tee "$OUT/suite.txt"
+echo "gpu_check: all sections passed; outputs in $OUT"
 
 # =====================================================================================================
 # (further GPU checks go below, each in its own section)

@@ -30,12 +30,14 @@ def parse_table(text):
 def test_bench_optimizer_quick():
     out = run("bench_optimizer.py", "--quick", "--no-memory", "--reps", "2")
     rows = parse_table(out)
-    assert [r["method"] for r in rows] == ["molf", "molf_masked", "adamw_foreach", "adamw_fused", "naive"]
+    assert [r["method"] for r in rows] == ["molf", "molf_compiled", "molf_masked", "adamw_foreach", "adamw_fused",
+                                           "naive"]
     for r in rows:
         assert float(r["median ms"]) > 0 and float(r["min ms"]) > 0
     fused = next(r for r in rows if r["method"] == "adamw_fused")
     assert float(fused["x fused (median)"]) == 1.0
     assert "target MoLFAdamW.step <= 1.3 x AdamW(fused): tiny r16:" in out
+    assert "impl=compiled:" in out
 
 
 def test_bench_train_step_quick():
@@ -45,6 +47,8 @@ def test_bench_train_step_quick():
     assert float(rows["fft"]["x fft"]) == 1.0
     for r in rows.values():
         assert float(r["step ms"]) >= float(r["opt step ms"]) > 0
+        assert float(r["tokens/s"]) > 0
+        assert r["fwd+bwd share"].endswith("%") and r["opt share"].endswith("%")
     # trainable parameters: LoRA < MoLF-Efficient (two experts + embeddings); FFT < MoLF (FFT + LoRA)
     trainable = {m: float(r["trainable (M)"]) for m, r in rows.items()}
     assert trainable["lora"] < trainable["molf_e"] and trainable["fft"] < trainable["molf"]
@@ -54,4 +58,5 @@ def test_bench_train_step_quick():
         assert int(rows[m]["opt state MiB"]) >= 1
     assert rows["molf"]["peak RSS MiB"] == "-"
     assert "target MoLF step <= 1.15 x (fft step + lora fwd/bwd):" in out
+    assert "MoLF step excess over fft:" in out and "extra LoRA FLOPs" in out
     assert "target molf_e peak memory <= 1.1 x lora (r=128):" in out
