@@ -30,11 +30,17 @@
 #
 # - **step** slider (▶ plays through training), **layer** and **module** pickers, and a **mode** toggle:
 #   the experts chosen at that step, or each module's cumulative FFT win share up to it;
-# - left: the routing map with the selected module outlined; right: that module's scores over training
-#   and every module of the selected layer at the chosen step.
+# - left: the routing map with the selected module outlined; right: that module's scores over training and
+#   every module of the selected layer at the chosen step.
 #
-# Open it with `jupyter lab notebooks/04_router_explorer.ipynb` and run all cells. Read headlessly
-# (papermill, GitHub) the widgets do not render, so the notebook also draws the final frame as a picture.
+# Open it with `jupyter lab notebooks/04_router_explorer.ipynb` and choose **Run ▸ Run All Cells**. First a
+# small run trains live (its routing map redraws as it goes), then the explorer appears and answers the
+# controls at once: everything after it takes a second or two. Read headlessly (papermill, GitHub) the
+# widgets do not render, so the notebook also draws the final frame as a picture.
+#
+# *Why the live run comes first:* a kernel does one thing at a time, and a moved slider is handled only
+# after every cell that "Run all" has queued. Any training placed below the explorer would leave it frozen
+# until that training ends. Set `live = False` to skip the live run.
 
 # %% tags=["parameters"]
 model = "smollm2-135m"     # "tiny" for a 2-layer random Llama; a hub id / local path for a bigger model
@@ -54,18 +60,36 @@ ranks = None
 score = None
 topk = None
 run_dir = None              # a run directory to explore; None: the default MoLF run (trained if missing)
-live = True                 # train a small run and redraw its routing map as it goes
+live = True                 # first train a small run and redraw its routing map as it goes
 live_steps = 6              # steps of the live run
 live_chunk = 3              # redraw every live_chunk steps
 
 # %%
-from molf.lab import analysis, notebook, runs
+from molf.lab import analysis, explorer, notebook, runs
 
 nb = notebook.setup("04_router_explorer", globals())
 
-# %%
-from molf.lab import explorer
+# %% [markdown]
+# ## Live mode
+#
+# Trains a small run in resumable chunks (`molf.lab.train.run(config, stop_after=live_chunk)`) and redraws the
+# routing map after each chunk. The run is kept: a second execution shows the finished run at once.
 
+# %%
+live_result = None
+if live:
+    live_config = nb.run_config(method="molf", **{**nb.common, "steps": live_steps}, **nb.molf_hp,
+                                   save_every=0)
+    live_result, fig = explorer.live(live_config, chunk=live_chunk)
+    nb.save(fig, "live_final")
+
+# %% [markdown]
+# ## The explorer
+#
+# Trains (or reuses) the run to explore, then shows the app. This is the last cell that trains: the cells
+# below only draw, so the controls respond as soon as the app is shown.
+
+# %%
 if run_dir is None:
     run_dir = nb.train(method="molf", **nb.common, **nb.molf_hp).path
 app = explorer.RouterExplorer(run_dir)
@@ -83,24 +107,11 @@ nb.save(fig, "final_frame")
 # %% [markdown]
 # ### Any run
 #
-# Every routed run (MoLF or MoLF-E) under `runs_dir`, newest first.
+# Every routed run (MoLF or MoLF-E) under `runs_dir`, newest first. The picker names each run by method,
+# model, task and steps, and by every setting in which the listed runs differ (e.g. `lr_lora=0.0005`).
 
 # %%
 explorer.explore(runs_dir)
-
-# %% [markdown]
-# ## Live mode
-#
-# Trains a small run in resumable chunks (`molf.lab.train.run(config, stop_after=live_chunk)`) and redraws the
-# routing map after each chunk. The run is kept: a second execution shows the finished run at once.
-
-# %%
-live_result = None
-if live:
-    live_config = nb.run_config(method="molf", **{**nb.common, "steps": live_steps}, **nb.molf_hp,
-                                   save_every=0)
-    live_result, fig = explorer.live(live_config, chunk=live_chunk)
-    nb.save(fig, "live_final")
 
 # %%
 data = app.data

@@ -192,8 +192,7 @@ class RouterExplorer:
         module_type = w.Dropdown(options=self.types, value=default[1], description="module",
                                  layout=w.Layout(width="200px"))
         # wide enough for the longer label ("cumulative win share"), which the default width cuts off
-        mode = w.ToggleButtons(options=MODES, value=MODES[0], description="mode",
-                               style={"button_width": "190px"})
+        mode = w.ToggleButtons(options=MODES, value=MODES[0], style={"button_width": "190px"})
         out = w.Output()
         info = w.HTML()
 

@@ -1,0 +1,323 @@
+"""The router explorer in a real browser: JupyterLab driven by headless Chromium (playwright).
+
+A JupyterLab server on 127.0.0.1 (random port and token) serves a temporary copy of
+``04_router_explorer`` whose parameters point at the tiny model (runs and figures in the same temporary
+folder). The test opens it in a fresh workspace, runs all cells from the Run menu, and checks that the
+widgets render as real controls, that moving the step slider and changing the layer, the module and the
+mode each redraw the figure, that the app responds as soon as it is shown, and that the browser console
+stays free of errors. The browser only talks to 127.0.0.1: any other request is aborted and fails the test.
+
+Needs Debian's ``chromium`` and the ``playwright`` package (its own browser download is not used); without
+them the test is skipped, or fails when ``MOLF_REQUIRE_BROWSER=1`` (CI sets it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = "04_router_explorer"
+CHROMIUM = Path("/usr/bin/chromium")
+PLAYWRIGHT_PIN = next((line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+                       if line.startswith("playwright==")), "playwright")
+INSTALL = f"apt-get install -y chromium && pip install {PLAYWRIGHT_PIN}"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+# The notebook's parameters for the test: the 2-layer random Llama and a handful of steps.
+TINY = {"model": "tiny", "steps": 8, "batch_size": 2, "seq_len": 48, "eval_limit": 4, "live_steps": 4,
+        "live_chunk": 2, "device": "cpu"}
+SERVER_START_S = 90      # JupyterLab answering /api/status
+RUN_ALL_S = 150          # every cell executed (tiny training, evaluation, live run)
+REDRAW_S = 30            # one control's redraw: a figure of the tiny model takes well under a second
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
+# Console lines that are not errors of the app, each with its reason (matched as substrings).
+BENIGN_CONSOLE = {
+    # none so far: every console error fails the test
+}
+
+
+def _browser_or_skip():
+    """playwright's sync API, or a skip (a failure under MOLF_REQUIRE_BROWSER=1) naming the install command."""
+    missing = []
+    if not CHROMIUM.is_file():
+        missing.append(str(CHROMIUM))
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+        missing.append("the playwright package")
+    if missing:
+        message = f"no {' and no '.join(missing)}: install the browser: {INSTALL}"
+        if os.environ.get("MOLF_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"MOLF_REQUIRE_BROWSER=1 but {message}")
+        pytest.skip(message)
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_notebook(folder: Path) -> Path:
+    """Copy the (output-free) notebook into ``folder`` with tiny parameters in a cell after its parameters
+    cell (as papermill injects them), runs and figures under ``folder``."""
+    nb = nbformat.read(ROOT / "notebooks" / f"{NOTEBOOK}.ipynb", as_version=4)
+    runs_dir = folder / "runs"
+    values = {**TINY, "runs_dir": str(runs_dir), "figures_dir": str(runs_dir / "figures")}
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+    source = "# Parameters for the browser test\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+    path = folder / f"{NOTEBOOK}.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def _lab_settings(folder: Path) -> dict:
+    """Environment for a JupyterLab that reads and writes only under ``folder`` (no user settings, no news)."""
+    settings = folder / "lab-settings"
+    news = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    news.parent.mkdir(parents=True)
+    news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    return {"JUPYTER_CONFIG_DIR": str(folder / "config"), "JUPYTER_DATA_DIR": str(folder / "data"),
+            "JUPYTER_RUNTIME_DIR": str(folder / "runtime"), "JUPYTERLAB_SETTINGS_DIR": str(settings),
+            "JUPYTERLAB_WORKSPACES_DIR": str(folder / "workspaces")}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server on 127.0.0.1 over a tiny copy of the notebook: yields (base url, token, folder)."""
+    _browser_or_skip()
+    folder = tmp_path_factory.mktemp("browser")
+    root = folder / "notebooks"
+    root.mkdir()
+    _tiny_notebook(root)
+    port, token = _free_port(), secrets.token_hex(16)
+    jupyter = Path(sys.executable).with_name("jupyter")
+    env = {**os.environ, **_lab_settings(folder), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    log = (folder / "lab.log").open("w")
+    server = subprocess.Popen(
+        [str(jupyter), "lab", "--allow-root", "--no-browser", "--ip", "127.0.0.1", f"--port={port}",
+         "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         "--LabApp.news_url=", "--ServerApp.shutdown_no_activity_timeout=600"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited ({server.returncode}):\n{(folder / 'lab.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab not up after {SERVER_START_S} s:\n"
+                                       f"{(folder / 'lab.log').read_text()}") from None
+                time.sleep(0.5)
+        yield base, token, folder
+    finally:
+        _shut_down(server, base, token)
+        log.close()
+
+
+def _shut_down(server: subprocess.Popen, base: str, token: str) -> None:
+    """Ask the server to stop (it stops its kernels), then make sure its whole process group is gone."""
+    if server.poll() is None:
+        try:
+            request = urllib.request.Request(f"{base}/api/shutdown", method="POST",
+                                             headers={"Authorization": f"token {token}"})
+            urllib.request.urlopen(request, timeout=10).close()
+            server.wait(timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            continue
+    server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page(lab):
+    """A headless Chromium page, local traffic only; yields (page, console errors, requests refused)."""
+    sync_playwright = _browser_or_skip()
+    base, token, folder = lab
+    errors: list[str] = []
+    refused: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1500, "height": 1100})
+
+            def local_only(route):
+                url = route.request.url
+                if url.startswith(("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:")):
+                    route.continue_()
+                else:
+                    refused.append(url)
+                    route.abort()
+
+            context.route("**/*", local_only)
+            pg = context.new_page()
+            pg.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+            pg.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            pg.set_default_timeout(30_000)
+            yield pg, errors, refused, folder
+        finally:
+            browser.close()
+
+
+APP = "[data-browser-test=app]"
+FIGURE = f"{APP} .widget-output img"
+# every code cell has run: its prompt shows an execution count, none is waiting or running
+ALL_CELLS_RAN = """(panel) => {
+  const prompts = [...document.querySelectorAll(panel + ' .jp-CodeCell .jp-InputPrompt')];
+  return prompts.length > 0 && prompts.every(p => /^\\[\\d+\\]:$/.test(p.textContent.trim()));
+}"""
+NEW_FIGURE = """([selector, before]) => {
+  const img = document.querySelector(selector);
+  return img !== null && img.complete && img.naturalWidth > 0 && img.src !== before;
+}"""
+
+
+def _figure(pg) -> str:
+    return pg.locator(FIGURE).first.get_attribute("src") or ""
+
+
+def _redraw(pg, action, what: str) -> float:
+    """Do ``action`` and wait (bounded) until the app shows a new, decoded figure; return the seconds taken."""
+    before = _figure(pg)
+    start = time.monotonic()
+    action()
+    try:
+        pg.wait_for_function(NEW_FIGURE, arg=[FIGURE, before], timeout=REDRAW_S * 1000, polling=100)
+    except Exception as error:
+        raise AssertionError(f"the figure did not change within {REDRAW_S} s after {what}") from error
+    return time.monotonic() - start
+
+
+def _run_all(pg, base: str, token: str) -> None:
+    pg.goto(f"{base}/lab/workspaces/browser-test/tree/{NOTEBOOK}.ipynb?reset&token={token}")
+    pg.locator(PANEL).locator(".jp-Cell").first.wait_for(timeout=60_000)
+    # the kernel must be connected and idle, or Run all opens the "Select Kernel" dialog instead
+    pg.locator(".jp-StatusBar-TextItem", has_text="| Idle").first.wait_for(timeout=60_000)
+    pg.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    pg.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
+def test_explorer_in_jupyterlab(page, lab):
+    pg, errors, refused, folder = page
+    base, token, _ = lab
+    shots = folder / "screenshots"
+    shots.mkdir(exist_ok=True)
+    try:
+        _check_explorer(pg, base, token, shots)
+    except BaseException:
+        pg.screenshot(path=str(shots / "failure.png"), full_page=True)
+        print(f"screenshots in {shots}; JupyterLab log:\n{(folder / 'lab.log').read_text()[-4000:]}")
+        raise
+    unexplained = [e for e in errors if not any(benign in e for benign in BENIGN_CONSOLE)]
+    assert not unexplained, "browser console errors:\n" + "\n".join(unexplained)
+    assert not refused, f"the page asked for something other than 127.0.0.1: {refused}"
+
+
+def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
+    t0 = time.monotonic()
+    _run_all(pg, base, token)
+    panel = pg.locator(PANEL)
+    app = panel.locator(".jp-OutputArea-output", has=pg.locator(".widget-slider")).first
+    app.locator(".widget-output img").first.wait_for(timeout=RUN_ALL_S * 1000)
+    app.evaluate("el => el.setAttribute('data-browser-test', 'app')")
+    shown = time.monotonic() - t0
+
+    # the app answers at once: nothing slow is queued below it
+    slider = pg.locator(f"{APP} .widget-slider")
+    readout = slider.locator(".widget-readout")
+    last = int(readout.inner_text())
+    handle = slider.locator(".noUi-handle").first
+    first_redraw = _redraw(pg, lambda: (handle.focus(), handle.press("Home")), "moving the step slider")
+    assert int(readout.inner_text()) != last, "the slider did not move"
+    pg.wait_for_function(ALL_CELLS_RAN, arg=PANEL, timeout=RUN_ALL_S * 1000, polling=250)
+    print(f"app shown {shown:.1f} s after Run all; first redraw {first_redraw:.1f} s after moving the slider; "
+          f"all cells done {time.monotonic() - t0:.1f} s after Run all")
+
+    text = panel.inner_text()
+    for bad in ("Box(children=", "Error displaying widget", "Traceback"):
+        assert bad not in text, f"the notebook shows {bad!r}"
+    # real controls: slider with play button, two dropdowns, the two mode buttons
+    assert pg.locator(f"{APP} .widget-play button").count() >= 1
+    selects = pg.locator(f"{APP} .widget-dropdown select")
+    assert selects.count() == 2
+    modes = pg.locator(f"{APP} .widget-toggle-button")
+    assert modes.count() == 2
+    cut = modes.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth).map(e => e.textContent)")
+    assert not cut, f"mode button labels cut off: {cut}"
+
+    layer, module = selects.nth(0), selects.nth(1)
+    other_layer = next(o for o in layer.locator("option").all_inner_texts() if o != layer.input_value())
+    timings = {"slider": first_redraw}
+    timings["layer"] = _redraw(pg, lambda: layer.select_option(label=other_layer), "changing the layer")
+    timings["module"] = _redraw(pg, lambda: module.select_option(label="v_proj"), "changing the module")
+    timings["mode"] = _redraw(pg, lambda: modes.filter(has_text="cumulative").click(), "changing the mode")
+    timings["slider again"] = _redraw(pg, lambda: (handle.focus(), handle.press("End")), "moving the slider")
+    print("redraw seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    info = pg.locator(f"{APP} .widget-html").all_inner_texts()
+    assert any("v_proj" in t for t in info), f"the info line does not name the selected module: {info}"
+
+    # the run picker: one distinct label per run
+    picker = panel.locator(".widget-dropdown", has_text="run").locator("select").first
+    labels = picker.locator("option").all_inner_texts()
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), f"run picker labels: {labels}"
+
+    pg.wait_for_timeout(1000)  # a redrawn figure is decoded, not half drawn
+    pg.locator(APP).scroll_into_view_if_needed()
+    pg.screenshot(path=str(shots / "explorer.png"))
+
+
+def test_nothing_trains_below_the_explorer():
+    """A kernel handles a widget event only after every queued cell: so that the app answers as soon as
+    "Run all" shows it, the live run comes before it and no cell after it trains."""
+    cells = [c.source for c in nbformat.read(ROOT / "notebooks" / f"{NOTEBOOK}.ipynb", as_version=4).cells
+             if c.cell_type == "code"]
+    app = next(i for i, source in enumerate(cells) if "app.widget()" in source)
+    live = next(i for i, source in enumerate(cells) if "explorer.live(" in source)
+    assert live < app
+    trains = ("explorer.live(", "nb.train(", "train.run(", ".fit(")
+    late = [source for source in cells[app + 1:] if any(t in source for t in trains)]
+    assert not late, f"cells below the explorer train, freezing it until they finish: {late}"
+
+
+def test_run_picker_labels_name_what_differs(tmp_path):
+    """Runs that differ only in lr_lora get different labels in the run picker, naming lr_lora."""
+    from molf.lab import explorer
+    base = {"method": "molf", "model": "tiny", "task": "fact", "steps": 8, "lr_fft": 5e-5, "ranks": [128],
+            "score": "epd", "topk": 1, "progress": True}
+    for name, lr_lora in (("a", 5e-5), ("b", 5e-4)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({**base, "lr_lora": lr_lora, "out_dir": str(run)}))
+        (run / "routing.jsonl").write_text("")
+    runs = sorted(explorer.find_runs(tmp_path))
+    labels = explorer.run_labels(runs)
+    assert labels == ["MoLF tiny fact 8 steps lr_lora=5e-05 (unfinished)",
+                      "MoLF tiny fact 8 steps lr_lora=0.0005 (unfinished)"]
+    # fields the runs share (and where a run is written) stay out of the label
+    assert explorer.run_labels(runs[:1]) == ["MoLF tiny fact 8 steps (unfinished)"]
