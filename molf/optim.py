@@ -161,7 +161,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.score_name = score if isinstance(score, str) else (
             score.name if isinstance(score, Score) else getattr(score, "__name__", "custom"))
         if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+            eager = tuple(i for i in IMPLS if i != "compiled")
+            raise ValueError(f"impl must be one of {eager}, got {impl!r}, or 'compiled' (the torch.compile "
+                             f"CPU path)")
         if impl in ("chunked", "compiled") and not isinstance(self.score_fn, Score):
             raise ValueError(f"impl={impl!r} sums the score's per-element term chunk by chunk, but score "
                              f"{self.score_name!r} is a plain callable with no term: write it as a "
