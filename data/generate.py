@@ -32,6 +32,14 @@ mcq   four-option questions in the schema of MedMCQA (``id``, ``question``, ``op
       computed, not recalled from a source: drug dose by body weight, infusion rates, unit
       conversions, arithmetic and chemical symbols. Distinct question texts; in every split the
       correct option sits equally often at A, B, C and D. 1000 train / 100 validation / 100 test.
+mcq2  four-option questions in the same schema (plus ``category`` and ``quadruple``) that a small model
+      can answer from what it already knows: "Which of these is a fruit?" with one common word from
+      each of four categories (MCQ2_CATEGORIES, twenty of them, no word in two). Questions come in
+      quadruples: the same four words, each category asked once, so any rule that looks only at the
+      options (longest, shortest, alphabetical, most often right in train, ...) is right exactly once
+      per quadruple; the correct option sits equally often at A, B, C and D in every split. Each
+      category's words are cut into disjoint train / validation / test pools, so no test word is
+      trained on. 800 train / 100 validation / 200 test.
 """
 from __future__ import annotations
 
@@ -573,9 +581,106 @@ def generate_mcq(rng: random.Random) -> dict[str, list[dict]]:
     return out
 
 
+# -------------------------------------------------------------------------------------------- mcq2
+
+# Common words of one category each (no word belongs to two of them: "orange", "gold", "cricket",
+# "Turkey", "Mercury", birds beside animals are left out). The question names a category; the options
+# are one word from each of four categories; the answer is the word of the named category.
+MCQ2_CATEGORIES = {
+    "an animal": ["dog", "cat", "horse", "cow", "sheep", "goat", "rabbit", "elephant", "lion", "tiger",
+                  "giraffe", "zebra", "monkey", "bear", "wolf", "fox", "deer", "camel", "donkey", "kangaroo",
+                  "squirrel", "pig"],
+    "a colour": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "grey",
+                 "beige", "turquoise", "crimson", "scarlet", "magenta"],
+    "a fruit": ["apple", "banana", "pear", "grape", "mango", "cherry", "strawberry", "peach", "plum",
+                "pineapple", "watermelon", "lemon", "apricot", "papaya", "coconut", "raspberry", "blueberry"],
+    "a vegetable": ["carrot", "potato", "onion", "cabbage", "broccoli", "spinach", "lettuce", "cucumber",
+                    "celery", "cauliflower", "garlic", "turnip", "radish", "leek", "asparagus", "beetroot"],
+    "a country": ["France", "Germany", "Japan", "Brazil", "Canada", "Egypt", "Kenya", "India", "Mexico",
+                  "Peru", "Norway", "Sweden", "Italy", "Spain", "Chile", "China", "Russia", "Poland", "Greece"],
+    "a musical instrument": ["piano", "guitar", "violin", "flute", "trumpet", "drum", "cello", "harp",
+                             "saxophone", "clarinet", "trombone", "accordion", "banjo", "harmonica", "tuba"],
+    "a part of the body": ["elbow", "knee", "shoulder", "ankle", "wrist", "finger", "thumb", "nose",
+                           "forehead", "chin", "stomach", "lung", "liver", "kidney", "skull", "toe"],
+    "a vehicle": ["car", "bus", "bicycle", "truck", "train", "motorcycle", "tractor", "van", "tram",
+                  "scooter", "taxi", "helicopter", "airplane", "submarine", "ambulance"],
+    "a piece of clothing": ["shirt", "trousers", "jacket", "sweater", "skirt", "dress", "sock", "scarf",
+                            "coat", "glove", "blouse", "jeans", "hoodie", "pyjamas", "raincoat"],
+    "a drink": ["coffee", "tea", "milk", "juice", "lemonade", "cola", "beer", "wine", "cocoa", "smoothie",
+                "milkshake", "whisky", "vodka", "espresso"],
+    "a sport": ["football", "tennis", "basketball", "golf", "hockey", "rugby", "volleyball", "baseball",
+                "swimming", "boxing", "skiing", "badminton", "wrestling", "archery", "judo", "karate"],
+    "a job": ["doctor", "teacher", "farmer", "nurse", "pilot", "baker", "lawyer", "plumber", "carpenter",
+              "dentist", "engineer", "firefighter", "butcher", "electrician", "journalist", "mechanic"],
+    "a metal": ["iron", "copper", "zinc", "aluminium", "nickel", "titanium", "platinum", "cobalt",
+                "magnesium", "chromium", "tungsten", "sodium"],
+    "a tool": ["hammer", "screwdriver", "saw", "wrench", "drill", "chisel", "pliers", "spanner", "axe",
+               "shovel", "rake", "spade"],
+    "a piece of furniture": ["chair", "table", "sofa", "bed", "wardrobe", "desk", "bookcase", "stool",
+                             "bench", "cupboard", "armchair", "couch"],
+    "a month": ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+                "October", "November", "December"],
+    "a day of the week": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+    "a planet": ["Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"],
+    "an emotion": ["happiness", "sadness", "anger", "fear", "joy", "jealousy", "surprise", "disgust",
+                   "pride", "guilt", "shame", "loneliness"],
+    "a shape": ["circle", "square", "triangle", "rectangle", "hexagon", "oval", "pentagon", "octagon",
+                "trapezoid", "rhombus"],
+}
+MCQ2_SPLIT_SIZES = {"train": 800, "validation": 100, "test": 200}  # multiples of 4: whole quadruples
+MCQ2_POOL_SHARES = {"validation": 0.15, "test": 0.3}  # of each category's words; the rest trains
+
+
+def mcq2_word_pools(rng: random.Random) -> dict[str, dict[str, list[str]]]:
+    """Each category's words cut into disjoint train / validation / test pools (at least one each)."""
+    pools = {split: {} for split in MCQ2_SPLIT_SIZES}
+    for category, words in MCQ2_CATEGORIES.items():
+        words = list(words)
+        rng.shuffle(words)
+        n_val = max(1, round(MCQ2_POOL_SHARES["validation"] * len(words)))
+        n_test = max(1, round(MCQ2_POOL_SHARES["test"] * len(words)))
+        pools["validation"][category] = words[:n_val]
+        pools["test"][category] = words[n_val:n_val + n_test]
+        pools["train"][category] = words[n_val + n_test:]
+    return pools
+
+
+def generate_mcq2(rng: random.Random) -> dict[str, list[dict]]:
+    every = [w for words in MCQ2_CATEGORIES.values() for w in words]
+    assert len(set(every)) == len(every), "a word in two categories"
+    pools = mcq2_word_pools(rng)
+    out, serial = {}, 0
+    for split, size in MCQ2_SPLIT_SIZES.items():
+        quadruples, seen = [], set()
+        while len(quadruples) < size // 4:
+            categories = rng.sample(sorted(MCQ2_CATEGORIES), 4)
+            words = tuple(rng.choice(pools[split][c]) for c in categories)
+            if frozenset(words) in seen:
+                continue
+            seen.add(frozenset(words))
+            quadruples.append((len(quadruples), categories, words))
+        items = [(q, categories[k], words[k], words) for q, categories, words in quadruples for k in range(4)]
+        rng.shuffle(items)
+        positions = [i % 4 for i in range(len(items))]  # every letter equally often in every split
+        rng.shuffle(positions)
+        rows = []
+        for (quadruple, category, answer, words), correct in zip(items, positions):
+            options = [w for w in words if w != answer]
+            rng.shuffle(options)
+            options.insert(correct, answer)
+            serial += 1
+            rows.append({"id": f"mcq2-{serial:04d}", "question": f"Which of these is {category}?",
+                         "opa": options[0], "opb": options[1], "opc": options[2], "opd": options[3],
+                         "cop": correct, "choice_type": "single", "category": category.split(" ", 1)[1],
+                         "quadruple": f"{split}-{quadruple:03d}"})
+        out[split] = rows
+    return out
+
+
 # -------------------------------------------------------------------------------------------- main
 
-GENERATORS = {"sql": (generate_sql, 1), "fact": (generate_fact, 2), "mcq": (generate_mcq, 3)}
+GENERATORS = {"sql": (generate_sql, 1), "fact": (generate_fact, 2), "mcq": (generate_mcq, 3),
+              "mcq2": (generate_mcq2, 4)}
 
 
 def generate(out_dir: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from torch import nn
 from molf.lab import models, tasks
 
 REPO = Path(__file__).resolve().parent.parent
-SIZES = {"sql": (1000, 100, 100), "mcq": (1000, 100, 100), "fact": (182, 19, 37)}
+SIZES = {"sql": (1000, 100, 100), "mcq": (1000, 100, 100), "fact": (182, 19, 37), "mcq2": (800, 100, 200)}
 
 CONTEXT = ("CREATE TABLE employees (id INT, name TEXT, department TEXT, salary INT); "
            "INSERT INTO employees (id, name, department, salary) VALUES "
@@ -387,14 +387,24 @@ def test_fact_efficacy_follows_the_models_preference(tokenizer):
     true = tasks._first_token(tokenizer, " Spanish")
     vocab = len(tokenizer)
     records = fact_records()
+    # a global shift to the new answer: every edit "succeeds", but so does every neighbour: edit score 0
     prefers_new = tasks.evaluate("fact", FirstTokenPreference(tokenizer, vocab, new, true), tokenizer, records)
-    assert prefers_new == {"efficacy": 1.0, "paraphrase_efficacy": 1.0, "neighborhood_specificity": 0.0, "n": 4.0}
+    assert prefers_new == pytest.approx({"efficacy": 1.0, "paraphrase_efficacy": 1.0, "neighborhood_specificity": 0.0,
+                                         "edit_score": 0.0, "logprob_margin": 5.0, "n": 4.0})
     prefers_true = tasks.evaluate("fact", FirstTokenPreference(tokenizer, vocab, true, new), tokenizer, records)
-    assert prefers_true == {"efficacy": 0.0, "paraphrase_efficacy": 0.0, "neighborhood_specificity": 1.0, "n": 4.0}
+    assert prefers_true == pytest.approx({"efficacy": 0.0, "paraphrase_efficacy": 0.0, "neighborhood_specificity": 1.0,
+                                          "edit_score": 0.0, "logprob_margin": -5.0, "n": 4.0})
     # the new fact took hold for Spain only, and neighbours are untouched: exactly 1 of 4 records
     edited_spain = FirstTokenPreference(tokenizer, vocab, new, true, subjects=["Spain"])
-    assert tasks.evaluate("fact", edited_spain, tokenizer, records, batch_size=3) == {
-        "efficacy": 0.25, "paraphrase_efficacy": 0.25, "neighborhood_specificity": 1.0, "n": 4.0}
+    metrics, items = tasks.evaluate("fact", edited_spain, tokenizer, records, batch_size=3, return_items=True)
+    assert metrics == pytest.approx({"efficacy": 0.25, "paraphrase_efficacy": 0.25, "neighborhood_specificity": 1.0,
+                                     "edit_score": 0.25, "logprob_margin": -2.5, "n": 4.0})
+    assert [(i["id"], i["prediction"], i["correct"]) for i in items] == [
+        (0, "new", 1), (1, "true", 0), (2, "true", 0), (3, "true", 0)]
+    assert items[0] == pytest.approx({"id": 0, "prediction": "new", "correct": 1, "paraphrase_efficacy": 1.0,
+                                      "neighborhood_specificity": 1.0, "neighbour_flip": 0.0, "edit_score": 1.0,
+                                      "margin": 5.0})
+    assert sum(i["edit_score"] for i in items) / 4 == pytest.approx(metrics["edit_score"])
 
 
 def test_mcq_accuracy_is_the_share_of_rows_whose_answer_letter_wins(tokenizer):
@@ -479,3 +489,107 @@ def test_smollm2_already_knows_the_fact_records_it_is_asked_to_forget():
     metrics = tasks.evaluate("fact", model, tokenizer, tasks.load("fact", "test", limit=8))
     assert metrics["n"] == 8.0
     assert metrics["efficacy"] <= 0.25 and metrics["neighborhood_specificity"] >= 0.75, metrics
+
+
+# ------------------------------------------------------------------------------- per-item records
+
+@pytest.mark.parametrize("variant", tasks.METRIC_VARIANTS)
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_every_task_and_variant_returns_one_record_per_item_agreeing_with_the_metrics(tokenizer, task, variant):
+    model, _ = models.load("tiny")
+    rows = tasks.load(task, "test", limit=4, variant=variant)
+    metrics, items = tasks.evaluate(task, model, tokenizer, rows, max_new_tokens=4, variant=variant,
+                                    return_items=True)
+    assert metrics == tasks.evaluate(task, model, tokenizer, rows, max_new_tokens=4, variant=variant)
+    assert len(items) == metrics["n"] == 4
+    assert [i["id"] for i in items] == [r.get("id", r.get("case_id")) for r in rows]
+    assert all({"id", "prediction", "correct"} <= set(i) and i["correct"] in (0, 1) for i in items)
+    json.dumps(items)  # JSON-ready
+    primary = tasks.primary_metric(task, variant)
+    assert sum(i["correct"] for i in items) / 4 == pytest.approx(metrics[primary])
+
+
+# -------------------------------------------------------------------------------------------- mcq2
+
+def test_mcq2_is_balanced_in_letters_quadruples_and_words_with_disjoint_word_pools():
+    words = {}
+    for split in tasks.SPLITS:
+        rows = tasks.load("mcq2", split)
+        counts = Counter(r["cop"] for r in rows)
+        assert set(counts) == {0, 1, 2, 3} and max(counts.values()) - min(counts.values()) <= 1, (split, counts)
+        by_quadruple = {}
+        for r in rows:
+            by_quadruple.setdefault(r["quadruple"], []).append(r)
+        for group in by_quadruple.values():  # the same four words, each one right once
+            assert len(group) == 4
+            assert len({frozenset(r[f] for f in tasks.OPTION_FIELDS) for r in group}) == 1
+            assert len({r[tasks.OPTION_FIELDS[r["cop"]]] for r in group}) == 4
+        words[split] = {r[f] for r in rows for f in tasks.OPTION_FIELDS}
+    assert not words["train"] & words["test"] and not words["train"] & words["validation"]
+    assert not words["validation"] & words["test"]
+
+
+def _binomial_tail(n: int, k: int, p: float = 0.25) -> float:
+    """P(Binomial(n, p) >= k)."""
+    import math
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+def test_mcq2_simple_heuristics_stay_at_chance_on_test():
+    train, test = tasks.load("mcq2", "train"), tasks.load("mcq2", "test")
+    right_in_train = Counter(r[tasks.OPTION_FIELDS[r["cop"]]] for r in train)
+    shown_in_train = Counter(r[f] for r in train for f in tasks.OPTION_FIELDS)
+    letter_by_category = {c: Counter(r["cop"] for r in train if r["category"] == c).most_common(1)[0][0]
+                          for c in {r["category"] for r in train}}
+    shown_in_test = Counter(r[f] for r in test for f in tasks.OPTION_FIELDS)
+
+    def options(r):
+        return [r[f] for f in tasks.OPTION_FIELDS]
+
+    def by(key, pick=max):
+        return lambda r: pick(range(4), key=lambda i: key(options(r)[i]))
+
+    heuristics = {
+        **{f"always {letter}": (lambda r, i=i: i) for i, letter in enumerate(tasks.OPTION_LETTERS)},
+        "longest": by(len), "shortest": by(len, min),
+        "median length": lambda r: sorted(range(4), key=lambda i: len(options(r)[i]))[1],
+        "alphabetically first": by(str.lower, min), "alphabetically last": by(str.lower),
+        "capitalised": by(lambda o: o[:1].isupper()),
+        "most often right in train": by(lambda o: right_in_train[o]),
+        "least often shown in train": by(lambda o: shown_in_train[o], min),
+        "most often shown in test": by(lambda o: shown_in_test[o]),
+        "category's commonest letter in train": lambda r: letter_by_category.get(r["category"], 0),
+    }
+    bound = 0.001 / len(heuristics)  # one-sided, Bonferroni over the heuristics
+    for name, rule in heuristics.items():
+        correct = sum(rule(r) == r["cop"] for r in test)
+        assert _binomial_tail(len(test), correct) > bound, (name, correct, len(test))
+        assert correct <= 0.35 * len(test), (name, correct)
+
+
+def test_mcq2_trains_on_the_answer_text_and_scores_the_options_text(tokenizer):
+    row = {"id": "x", "question": "Which of these is a fruit?", "opa": "dog", "opb": "banana", "opc": "red",
+           "opd": "piano", "cop": 1}
+    prompt, target = tasks.prompt_and_target("mcq2", row)
+    assert prompt.endswith("D. piano\nAnswer:") and target == " banana"
+    favoured = set(tokenizer(" banana", add_special_tokens=False)["input_ids"]) | {tokenizer.eos_token_id}
+
+    class Likes(nn.Module):  # every position favours the tokens of " banana" and EOS
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            logits = torch.zeros(*input_ids.shape, len(tokenizer))
+            logits[..., sorted(favoured)] = 8.0
+            return SimpleNamespace(logits=logits)
+
+    wrong = {**row, "id": "y", "opa": "banana", "opb": "apple", "cop": 1}
+    metrics, items = tasks.evaluate("mcq2", Likes(), tokenizer, [row, wrong], return_items=True)
+    assert metrics == {"accuracy": 0.5, "n": 2.0}
+    assert [(i["id"], i["prediction"], i["correct"]) for i in items] == [("x", "B", 1), ("y", "A", 0)]
+    assert items[0]["margin"] > 0 > items[1]["margin"]
+    with pytest.raises(ValueError, match="local data only"):
+        tasks.load("mcq2", "test", source="hub")
+    with pytest.raises(ValueError, match="distinct"):
+        tasks.validate_row("mcq2", {**row, "opc": "dog"}, "here")

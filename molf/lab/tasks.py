@@ -81,12 +81,13 @@ import torch
 
 from . import paths
 
-TASKS = ("sql", "fact", "mcq")
+TASKS = ("sql", "fact", "mcq", "mcq2")
 SPLITS = ("train", "validation", "test")
 SOURCES = ("local", "hub")
-PRIMARY_METRIC = {"sql": "execution_accuracy", "fact": "efficacy", "mcq": "accuracy"}
+PRIMARY_METRIC = {"sql": "execution_accuracy", "fact": "efficacy", "mcq": "accuracy", "mcq2": "accuracy"}
 METRIC_VARIANTS = ("ours", "reference")
-REFERENCE_PRIMARY_METRIC = {"sql": "execution_accuracy_set", "fact": "efficacy_full", "mcq": "accuracy_generate"}
+REFERENCE_PRIMARY_METRIC = {"sql": "execution_accuracy_set", "fact": "efficacy_full", "mcq": "accuracy_generate",
+                            "mcq2": "accuracy_generate"}
 MCQ_MAX_NEW_TOKENS = 16
 OPTION_FIELDS = ("opa", "opb", "opc", "opd")
 OPTION_LETTERS = ("A", "B", "C", "D")
@@ -185,13 +186,17 @@ def validate_row(name: str, row, where: str, allow_writes: bool = False) -> None
         if problem:
             field = "sql_context" if problem.startswith("sql_context") else "sql"
             raise ValueError(f"{where}: field {field!r}: {problem}")
-    elif name == "mcq":
+    elif name in ("mcq", "mcq2"):
         _field(row, "question", str, where)
         for field in OPTION_FIELDS:
             _field(row, field, str, where)
         cop = _field(row, "cop", int, where)
         if cop not in range(4):
             raise ValueError(f"{where}: field 'cop' must be 0..3 (the index of the correct option), got {cop}")
+        if name == "mcq2":
+            options = [row[field].strip() for field in OPTION_FIELDS]
+            if not all(options) or len(set(options)) != 4:
+                raise ValueError(f"{where}: mcq2 options must be four distinct non-empty texts, got {options}")
     else:
         prompt = _field(row, "requested_rewrite.prompt", str, where)
         if "{}" not in prompt:
@@ -229,6 +234,8 @@ def load(name: str, split: str, source: str = "local", limit: int | None = None,
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
     writes = variant == "reference"
+    if source == "hub" and name not in HUB_SPLITS:
+        raise ValueError(f"task {name!r} has local data only (source='local'); hub data: {', '.join(HUB_SPLITS)}")
     return _load_local(name, split, limit, writes) if source == "local" else _load_hub(name, split, limit, writes)
 
 
@@ -269,6 +276,8 @@ def convert_hub_row(name: str, row: dict) -> dict:
     A missing field raises ValueError naming it.
     """
     _check_choice("task", name, TASKS)
+    if name not in HUB_SPLITS:
+        raise ValueError(f"task {name!r} has no hub dataset (local data only)")
     if not isinstance(row, dict):
         raise ValueError(f"a {name} hub row must be a dict, got {type(row).__name__}")
 
@@ -366,9 +375,12 @@ def prompt_and_target(name: str, row: dict) -> tuple[str, str]:
     _check_choice("task", name, TASKS)
     if name == "sql":
         return f"Context: {row['sql_context']}\nQuestion: {row['sql_prompt']}\nSQL:", " " + row["sql"]
-    if name == "mcq":
+    if name in ("mcq", "mcq2"):
         options = "\n".join(f"{letter}. {row[field]}" for letter, field in zip(OPTION_LETTERS, OPTION_FIELDS))
-        return f"Question: {row['question']}\n{options}\nAnswer:", " " + OPTION_LETTERS[row["cop"]]
+        prompt = f"Question: {row['question']}\n{options}\nAnswer:"
+        if name == "mcq2":  # the answer's text, not its letter
+            return prompt, " " + row[OPTION_FIELDS[row["cop"]]].strip()
+        return prompt, " " + OPTION_LETTERS[row["cop"]]
     rewrite = row["requested_rewrite"]
     return fill_subject(rewrite["prompt"], rewrite["subject"]), " " + rewrite["target_new"]["str"]
 
@@ -647,7 +659,8 @@ def _next_token_logprobs(model, tokenizer, prompts: list[str], candidates: list[
     return scores
 
 
-def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int) -> list[list[float]]:
+def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int,
+                     append_eos: bool = False) -> list[list[float]]:
     """For each (prompt, target) pair, the log-probability of every token of ``target`` given the prompt
     and the target tokens before it (prompt tokenized with special tokens, the target without: the
     split ``encode`` trains on). Batches are right-padded, so padding changes nothing."""
@@ -658,6 +671,8 @@ def _target_logprobs(model, tokenizer, prompts: list[str], targets: list[str], b
             target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
             if not target_ids:
                 raise ValueError(f"{target!r} tokenizes to nothing")
+            if append_eos:
+                target_ids = target_ids + [tokenizer.eos_token_id]
             pairs.append((tokenizer(prompt)["input_ids"], target_ids))
         sequences = [p + t for p, t in pairs]
         width = max(map(len, sequences))
@@ -724,9 +739,14 @@ def _greedy_generate(model, tokenizer, prompts: list[str], batch_size: int, max_
 # -------------------------------------------------------------------------------------- evaluate
 
 def evaluate(name: str, model, tokenizer, rows: list[dict], batch_size: int = 16,
-             max_new_tokens: int = 64, variant: str = "ours") -> dict[str, float]:
+             max_new_tokens: int = 64, variant: str = "ours", return_items: bool = False):
     """Score ``model`` on ``rows`` of task ``name`` (metrics and the two ``variant``s, "ours" and
     "reference", in the module docstring).
+
+    ``return_items=True`` returns ``(metrics, items)``: one JSON-ready record per scored row, in row
+    order, with ``id`` (the row's ``id``, or ``case_id`` for fact, else its position), ``prediction`` and
+    ``correct`` (1/0 on the primary metric of ``variant``), plus task-specific fields (see
+    ``ITEM_FIELDS``). Paired comparisons of two runs read these records item by item.
 
     Runs under ``torch.no_grad()`` in eval mode on the model's device and restores the model's
     train/eval mode afterwards."""
@@ -742,30 +762,50 @@ def evaluate(name: str, model, tokenizer, rows: list[dict], batch_size: int = 16
         with torch.no_grad():
             if variant == "reference":
                 if name == "sql":
-                    return _evaluate_sql_reference(model, tokenizer, rows, batch_size, max_new_tokens)
-                if name == "fact":
-                    return _evaluate_fact_reference(model, tokenizer, rows, batch_size)
-                return _evaluate_mcq_reference(model, tokenizer, rows, batch_size)
-            if name == "sql":
-                return _evaluate_sql(model, tokenizer, rows, batch_size, max_new_tokens)
-            if name == "fact":
-                return _evaluate_fact(model, tokenizer, rows, batch_size)
-            return _evaluate_mcq(model, tokenizer, rows, batch_size)
+                    metrics, items = _evaluate_sql_reference(model, tokenizer, rows, batch_size, max_new_tokens)
+                elif name == "fact":
+                    metrics, items = _evaluate_fact_reference(model, tokenizer, rows, batch_size)
+                elif name == "mcq2":
+                    metrics, items = _evaluate_mcq2_reference(model, tokenizer, rows, batch_size)
+                else:
+                    metrics, items = _evaluate_mcq_reference(model, tokenizer, rows, batch_size)
+            elif name == "sql":
+                metrics, items = _evaluate_sql(model, tokenizer, rows, batch_size, max_new_tokens)
+            elif name == "fact":
+                metrics, items = _evaluate_fact(model, tokenizer, rows, batch_size)
+            elif name == "mcq2":
+                metrics, items = _evaluate_mcq2(model, tokenizer, rows, batch_size)
+            else:
+                metrics, items = _evaluate_mcq(model, tokenizer, rows, batch_size)
     finally:
         model.train(was_training)
+    return (metrics, items) if return_items else metrics
+
+
+def item_id(row: dict, position: int):
+    """The id a per-item record carries: the row's ``id``, else its ``case_id``, else its position."""
+    for key in ("id", "case_id"):
+        if row.get(key) is not None:
+            return row[key]
+    return position
 
 
 def _evaluate_sql(model, tokenizer, rows, batch_size, max_new_tokens) -> dict[str, float]:
     prompts = [prompt_and_target("sql", row)[0] for row in rows]
     predictions = [extract_sql(t) for t in _greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens)]
     correct = exact = errors = 0
-    for row, predicted in zip(rows, predictions):
+    items = []
+    for position, (row, predicted) in enumerate(zip(rows, predictions)):
         score, error = sql_execution_match(predicted, row["sql"], row["sql_context"])
+        same = normalize_sql(predicted) == normalize_sql(row["sql"])
         correct += score
         errors += error is not None
-        exact += normalize_sql(predicted) == normalize_sql(row["sql"])
+        exact += same
+        items.append({"id": item_id(row, position), "prediction": predicted, "correct": int(score),
+                      "exact_match": int(same), "error": error})
     n = len(rows)
-    return {"execution_accuracy": correct / n, "exact_match": exact / n, "error_rate": errors / n, "n": float(n)}
+    return ({"execution_accuracy": correct / n, "exact_match": exact / n, "error_rate": errors / n, "n": float(n)},
+            items)
 
 
 def _evaluate_sql_reference(model, tokenizer, rows, batch_size, max_new_tokens) -> dict[str, float]:
@@ -773,19 +813,25 @@ def _evaluate_sql_reference(model, tokenizer, rows, batch_size, max_new_tokens) 
     predictions = [extract_sql(t) for t in _greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens)]
     correct = valid = exact = 0
     ours, n_query = 0.0, 0
-    for row, predicted in zip(rows, predictions):
+    items = []
+    for position, (row, predicted) in enumerate(zip(rows, predictions)):
         score, error = sql_execution_match_reference(predicted, row["sql"], row["sql_context"])
+        same = normalize_sql(predicted) == normalize_sql(row["sql"])
         correct += score
         valid += error is None
-        exact += normalize_sql(predicted) == normalize_sql(row["sql"])
+        exact += same
+        item = {"id": item_id(row, position), "prediction": predicted, "correct": int(score),
+                "exact_match": int(same), "error": error}
         if _is_query(row["sql"]):
             n_query += 1
-            ours += sql_execution_match(predicted, row["sql"], row["sql_context"])[0]
+            item["correct_ours"] = int(sql_execution_match(predicted, row["sql"], row["sql_context"])[0])
+            ours += item["correct_ours"]
+        items.append(item)
     n = len(rows)
     metrics = {"execution_accuracy_set": correct / n, "valid_sql_rate": valid / n, "exact_match": exact / n}
     if n_query:
         metrics["execution_accuracy"] = ours / n_query
-    return {**metrics, "n": float(n), "n_write_gold": float(n - n_query)}
+    return {**metrics, "n": float(n), "n_write_gold": float(n - n_query)}, items
 
 
 def _evaluate_mcq_reference(model, tokenizer, rows, batch_size) -> dict[str, float]:
@@ -795,44 +841,78 @@ def _evaluate_mcq_reference(model, tokenizer, rows, batch_size) -> dict[str, flo
     n = len(rows)
     invalid = sum(a is None for a in answers)
     correct = sum(a == row["cop"] for a, row in zip(answers, rows))
-    return {"accuracy_generate": correct / n, "invalid_answers": float(invalid), "invalid_rate": invalid / n,
-            **_evaluate_mcq(model, tokenizer, rows, batch_size)}
+    ours, ours_items = _evaluate_mcq(model, tokenizer, rows, batch_size)
+    items = [{"id": o["id"], "prediction": None if a is None else OPTION_LETTERS[a], "correct": int(a == row["cop"]),
+              "generation": text, "prediction_ours": o["prediction"], "correct_ours": o["correct"]}
+             for a, text, row, o in zip(answers, generations, rows, ours_items)]
+    return ({"accuracy_generate": correct / n, "invalid_answers": float(invalid), "invalid_rate": invalid / n,
+             **ours}, items)
 
 
-def _evaluate_fact_reference(model, tokenizer, rows, batch_size) -> dict[str, float]:
+def _fact_prompts(row: dict):
+    """(kind, prompt) pairs of one fact record: its rewrite prompt, paraphrases and neighbour prompts."""
+    rewrite = row["requested_rewrite"]
+    for kind, texts in (("rewrite", [fill_subject(rewrite["prompt"], rewrite["subject"])]),
+                        ("paraphrase", row["paraphrase_prompts"]),
+                        ("neighborhood", row["neighborhood_prompts"])):
+        for text in texts:
+            yield kind, text
+
+
+def _fact_record(identifier, outcomes: dict[str, list[tuple[bool, bool]]], margin: float, suffix: str = "") -> dict:
+    """One fact record's per-item fields from its per-prompt outcomes (``outcomes[kind]``: for each
+    prompt, whether the new target beat the true one and whether the true one beat the new) and its
+    rewrite-prompt margin: efficacy, paraphrase efficacy, neighbourhood specificity (the true answer still
+    wins on a never-edited neighbour), the neighbours' flip rate (the new target wins there too) and the
+    edit score, efficacy minus that flip rate."""
+    def share(kind, which):
+        return sum(o[which] for o in outcomes[kind]) / len(outcomes[kind])
+
+    efficacy = share("rewrite", 0)
+    flip = share("neighborhood", 0)
+    return {"id": identifier, "prediction": "new" if efficacy else "true", "correct": int(efficacy),
+            f"paraphrase_efficacy{suffix}": share("paraphrase", 0),
+            f"neighborhood_specificity{suffix}": share("neighborhood", 1),
+            f"neighbour_flip{suffix}": flip, f"edit_score{suffix}": efficacy - flip, f"margin{suffix}": margin}
+
+
+def _evaluate_fact_reference(model, tokenizer, rows, batch_size):
     prompts, targets, owners, kinds = [], [], [], []
     for index, row in enumerate(rows):
         rewrite = row["requested_rewrite"]
-        for kind, texts in (("rewrite", [fill_subject(rewrite["prompt"], rewrite["subject"])]),
-                            ("paraphrase", row["paraphrase_prompts"]),
-                            ("neighborhood", row["neighborhood_prompts"])):
-            for text in texts:
-                for target in (rewrite["target_new"]["str"], rewrite["target_true"]["str"]):
-                    prompts.append(text)
-                    targets.append(" " + target)
-                owners.append(index)
-                kinds.append(kind)
+        for kind, text in _fact_prompts(row):
+            for target in (rewrite["target_new"]["str"], rewrite["target_true"]["str"]):
+                prompts.append(text)
+                targets.append(" " + target)
+            owners.append(index)
+            kinds.append(kind)
     scores = _target_logprobs(model, tokenizer, prompts, targets, batch_size)
-    per_record: dict[str, dict[int, list[bool]]] = {"rewrite": {}, "paraphrase": {}, "neighborhood": {}}
+    per_record: dict[int, dict[str, list[tuple[bool, bool]]]] = {i: {"rewrite": [], "paraphrase": [], "neighborhood": []}
+                                                     for i in range(len(rows))}
+    margins = {}
     for i, (owner, kind) in enumerate(zip(owners, kinds)):
         new, true = scores[2 * i], scores[2 * i + 1]
-        success = full_target_wins(new, true) if kind != "neighborhood" else full_target_wins(true, new)
-        per_record[kind].setdefault(owner, []).append(success)
-
-    def mean_of_means(by_record):
-        return sum(sum(v) / len(v) for v in by_record.values()) / len(by_record)
-
-    metrics = {"efficacy_full": mean_of_means(per_record["rewrite"]),
-               "paraphrase_efficacy_full": mean_of_means(per_record["paraphrase"]),
-               "neighborhood_specificity_full": mean_of_means(per_record["neighborhood"]),
-               "n": float(len(rows))}
+        per_record[owner][kind].append((full_target_wins(new, true), full_target_wins(true, new)))
+        if kind == "rewrite":  # mean log-probability per token, new minus true
+            margins[owner] = sum(new) / len(new) - sum(true) / len(true)
+    items = [_fact_record(item_id(row, i), per_record[i], margins[i], "_full") for i, row in enumerate(rows)]
+    n = len(items)
+    metrics = {"efficacy_full": sum(it["correct"] for it in items) / n,
+               "paraphrase_efficacy_full": sum(it["paraphrase_efficacy_full"] for it in items) / n,
+               "neighborhood_specificity_full": sum(it["neighborhood_specificity_full"] for it in items) / n,
+               "n": float(n)}
     distinct = [r for r in rows if _first_token(tokenizer, " " + r["requested_rewrite"]["target_new"]["str"])
                 != _first_token(tokenizer, " " + r["requested_rewrite"]["target_true"]["str"])]
     if distinct:  # ours, on the records the first token can tell apart (no warning: counted here)
-        first = _evaluate_fact(model, tokenizer, distinct, batch_size)
+        first, first_items = _evaluate_fact(model, tokenizer, distinct, batch_size)
         metrics.update({k: first[k] for k in ("efficacy", "paraphrase_efficacy", "neighborhood_specificity")})
+        ours = {it["id"]: it for it in first_items}
+        for it in items:
+            if it["id"] in ours:
+                it.update({"correct_ours": ours[it["id"]]["correct"], "edit_score": ours[it["id"]]["edit_score"],
+                           "margin": ours[it["id"]]["margin"]})
     metrics["n_first_token"] = float(len(distinct))
-    return metrics
+    return metrics, items
 
 
 def _evaluate_mcq(model, tokenizer, rows, batch_size) -> dict[str, float]:
@@ -841,47 +921,83 @@ def _evaluate_mcq(model, tokenizer, rows, batch_size) -> dict[str, float]:
         raise ValueError(f"the tokenizer gives the option letters overlapping first tokens {letters}")
     prompts = [prompt_and_target("mcq", row)[0] for row in rows]
     scores = _next_token_logprobs(model, tokenizer, prompts, [letters] * len(rows), batch_size)
-    correct = sum(max(range(4), key=s.__getitem__) == row["cop"] for s, row in zip(scores, rows))
-    return {"accuracy": correct / len(rows), "n": float(len(rows))}
+    picks = [max(range(4), key=s.__getitem__) for s in scores]
+    items = [{"id": item_id(row, position), "prediction": OPTION_LETTERS[pick], "correct": int(pick == row["cop"])}
+             for position, (pick, row) in enumerate(zip(picks, rows))]
+    return {"accuracy": sum(i["correct"] for i in items) / len(rows), "n": float(len(rows))}, items
 
 
-def _evaluate_fact(model, tokenizer, rows, batch_size) -> dict[str, float]:
+def _evaluate_mcq2(model, tokenizer, rows, batch_size):
+    """Cloze scoring: the option whose text (then EOS: the whole answer, as trained) has the highest total
+    log-probability after the prompt is the prediction."""
+    prompts, targets = [], []
+    for row in rows:
+        prompt = prompt_and_target("mcq2", row)[0]
+        for field in OPTION_FIELDS:
+            prompts.append(prompt)
+            targets.append(" " + row[field].strip())
+    scores = [sum(s) for s in _target_logprobs(model, tokenizer, prompts, targets, batch_size, append_eos=True)]
+    items = []
+    for position, row in enumerate(rows):
+        options = scores[4 * position:4 * position + 4]
+        pick = max(range(4), key=options.__getitem__)
+        items.append({"id": item_id(row, position), "prediction": OPTION_LETTERS[pick],
+                      "correct": int(pick == row["cop"]),
+                      "margin": options[row["cop"]] - max(s for i, s in enumerate(options) if i != row["cop"])})
+    return {"accuracy": sum(i["correct"] for i in items) / len(rows), "n": float(len(rows))}, items
+
+
+def _evaluate_mcq2_reference(model, tokenizer, rows, batch_size):
+    """Greedy generation after "Answer:", parsed by ``parse_answer`` (a letter or an option's text)."""
+    prompts = [prompt_and_target("mcq2", row)[0] for row in rows]
+    generations = _greedy_generate(model, tokenizer, prompts, batch_size, MCQ_MAX_NEW_TOKENS)
+    answers = [parse_answer(text, [row[f] for f in OPTION_FIELDS]) for text, row in zip(generations, rows)]
+    ours, ours_items = _evaluate_mcq2(model, tokenizer, rows, batch_size)
+    items = [{"id": o["id"], "prediction": None if a is None else OPTION_LETTERS[a], "correct": int(a == row["cop"]),
+              "generation": text, "prediction_ours": o["prediction"], "correct_ours": o["correct"]}
+             for a, text, row, o in zip(answers, generations, rows, ours_items)]
+    n, invalid = len(rows), sum(a is None for a in answers)
+    return ({"accuracy_generate": sum(i["correct"] for i in items) / n, "invalid_answers": float(invalid),
+             "invalid_rate": invalid / n, **ours}, items)
+
+
+def _evaluate_fact(model, tokenizer, rows, batch_size):
     prompts, candidates, owners, kinds = [], [], [], []
-    skipped = 0
+    kept = []
     for index, row in enumerate(rows):
         rewrite = row["requested_rewrite"]
         pair = [_first_token(tokenizer, " " + rewrite["target_new"]["str"]),
                 _first_token(tokenizer, " " + rewrite["target_true"]["str"])]
         if pair[0] == pair[1]:  # the first-token comparison cannot tell them apart
-            skipped += 1
             continue
-        for kind, texts in (("rewrite", [fill_subject(rewrite["prompt"], rewrite["subject"])]),
-                            ("paraphrase", row["paraphrase_prompts"]),
-                            ("neighborhood", row["neighborhood_prompts"])):
-            for text in texts:
-                prompts.append(text)
-                candidates.append(pair)
-                owners.append(index)
-                kinds.append(kind)
-    if skipped:
-        warnings.warn(f"fact: skipped {skipped} of {len(rows)} records whose target_new and target_true "
-                      f"start with the same token", stacklevel=2)
+        kept.append(index)
+        for kind, text in _fact_prompts(row):
+            prompts.append(text)
+            candidates.append(pair)
+            owners.append(index)
+            kinds.append(kind)
+    if len(kept) < len(rows):
+        warnings.warn(f"fact: skipped {len(rows) - len(kept)} of {len(rows)} records whose target_new and "
+                      f"target_true start with the same token", stacklevel=3)
     if not prompts:
         raise ValueError("fact: no record has target_new and target_true with different first tokens")
     scores = _next_token_logprobs(model, tokenizer, prompts, candidates, batch_size)
-    per_record: dict[str, dict[int, list[bool]]] = {"rewrite": {}, "paraphrase": {}, "neighborhood": {}}
+    per_record: dict[int, dict[str, list[tuple[bool, bool]]]] = {i: {"rewrite": [], "paraphrase": [], "neighborhood": []}
+                                                     for i in kept}
+    margins = {}
     for (new, true), owner, kind in zip(scores, owners, kinds):
-        # efficacy: the new fact wins; specificity: the neighbour keeps its true answer
-        success = new > true if kind != "neighborhood" else true > new
-        per_record[kind].setdefault(owner, []).append(success)
+        per_record[owner][kind].append((new > true, true > new))
+        if kind == "rewrite":
+            margins[owner] = new - true
+    items = [_fact_record(item_id(rows[i], i), per_record[i], margins[i]) for i in kept]
+    n = len(items)
 
-    def mean_of_means(by_record):
-        return sum(sum(v) / len(v) for v in by_record.values()) / len(by_record)
+    def mean(key):
+        return sum(it[key] for it in items) / n
 
-    return {"efficacy": mean_of_means(per_record["rewrite"]),
-            "paraphrase_efficacy": mean_of_means(per_record["paraphrase"]),
-            "neighborhood_specificity": mean_of_means(per_record["neighborhood"]),
-            "n": float(len(per_record["rewrite"]))}
+    return {"efficacy": mean("correct"), "paraphrase_efficacy": mean("paraphrase_efficacy"),
+            "neighborhood_specificity": mean("neighborhood_specificity"), "edit_score": mean("edit_score"),
+            "logprob_margin": mean("margin"), "n": float(n)}, items
 
 
 # ------------------------------------------------------------------------------------------- CLI
