@@ -1,11 +1,14 @@
 """The router explorer in a real browser: JupyterLab driven by headless Chromium (playwright).
 
-A JupyterLab server on 127.0.0.1 (random port and token) serves a temporary copy of
-``04_router_explorer`` whose parameters point at the tiny model (runs and figures in the same temporary
-folder). The test opens it in a fresh workspace, runs all cells from the Run menu, and checks that the
-widgets render as real controls, that moving the step slider and changing the layer, the module and the
-mode each redraw the figure, that the app responds as soon as it is shown, and that the browser console
-stays free of errors. The browser only talks to 127.0.0.1: any other request is aborted and fails the test.
+A JupyterLab server on 127.0.0.1 (random port and token, settings and workspaces in a temporary folder)
+serves a temporary copy of ``04_router_explorer`` whose parameters point at the tiny model, with its runs
+and figures in the same temporary folder. The test opens it in a fresh workspace, runs all cells from the
+Run menu and checks that the widgets render as real controls (no "Box(children=" text, no "Error displaying
+widget"), that the mode buttons show their whole labels, that moving the step slider (right away, while
+the last cells still run) and changing the layer, the module and the mode each redraw the figure, that the
+run picker gives each run its own label, and that the browser console stays free of errors. The browser
+only talks to 127.0.0.1: any other request is aborted and fails the test. Screenshots are left in the
+temporary folder (printed on failure).
 
 Needs Debian's ``chromium`` and the ``playwright`` package (its own browser download is not used); without
 them the test is skipped, or fails when ``MOLF_REQUIRE_BROWSER=1`` (CI sets it).
@@ -41,10 +44,9 @@ SERVER_START_S = 90      # JupyterLab answering /api/status
 RUN_ALL_S = 150          # every cell executed (tiny training, evaluation, live run)
 REDRAW_S = 30            # one control's redraw: a figure of the tiny model takes well under a second
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
-# Console lines that are not errors of the app, each with its reason (matched as substrings).
-BENIGN_CONSOLE = {
-    # none so far: every console error fails the test
-}
+# Console errors that are not the app's, as {substring: the reason it is harmless}. None so far: every
+# console error and uncaught page error fails the test.
+BENIGN_CONSOLE: dict[str, str] = {}
 
 
 def _browser_or_skip():
@@ -260,7 +262,7 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
           f"all cells done {time.monotonic() - t0:.1f} s after Run all")
 
     text = panel.inner_text()
-    for bad in ("Box(children=", "Error displaying widget", "Traceback"):
+    for bad in ("Box(children=", "Error displaying widget", "Traceback", "PosixPath("):
         assert bad not in text, f"the notebook shows {bad!r}"
     # real controls: slider with play button, two dropdowns, the two mode buttons
     assert pg.locator(f"{APP} .widget-play button").count() >= 1
@@ -276,6 +278,8 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
     timings = {"slider": first_redraw}
     timings["layer"] = _redraw(pg, lambda: layer.select_option(label=other_layer), "changing the layer")
     timings["module"] = _redraw(pg, lambda: module.select_option(label="v_proj"), "changing the module")
+    pg.wait_for_timeout(1000)  # a redrawn figure is decoded, not half drawn
+    pg.locator(APP).screenshot(path=str(shots / "decision.png"))
     timings["mode"] = _redraw(pg, lambda: modes.filter(has_text="cumulative").click(), "changing the mode")
     timings["slider again"] = _redraw(pg, lambda: (handle.focus(), handle.press("End")), "moving the slider")
     print("redraw seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))

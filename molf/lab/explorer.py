@@ -113,9 +113,11 @@ class RouterExplorer:
         else:
             image = ax_map.imshow(self.cumulative[si], cmap=plots.WIN_CMAP, vmin=0, vmax=1, aspect="auto",
                                   interpolation="nearest")
-            fig.colorbar(image, ax=ax_map, label=f"share of steps 0..{step} won by "
-                                                 f"{plots.expert_label(self.expert, config)} (fraction)")
+            bar = fig.colorbar(image, ax=ax_map, label=f"share of steps 0..{step} won by "
+                                                       f"{plots.expert_label(self.expert, config)} (fraction)")
             ax_map.set_title(f"Cumulative win share up to step {step}")
+        # the bar's label on the map's side, so it is not read as the y label of the panels to its right
+        bar.ax.yaxis.set_label_position("left")
         ax_map.set_xticks(range(len(self.types)), [plots.short_type(t) for t in self.types])
         ax_map.set_yticks(range(len(self.layers)), self.layers, fontsize=7 if len(self.layers) > 12 else 9)
         ax_map.set_xlabel("module type (projection)")
