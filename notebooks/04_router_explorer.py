@@ -51,6 +51,8 @@ seq_len = 64                # tokens per example (longer ones are truncated)
 eval_limit = 32             # evaluation examples after training (0: skip evaluation)
 seed = 0
 device = "cpu"              # "cpu", "cuda" or "auto"
+source = "local"            # "local" (the shipped data/) or "hub" (the paper's datasets; needs a network)
+metric_variant = "ours"     # "ours" or "reference" (the reference implementation's metrics; docs/tasks.md)
 runs_dir = "../runs"        # training runs, executed notebooks and <notebook>.json
 figures_dir = "../runs/figures"  # PNG figures (the committed ../figures change only on purpose)
 # MoLF hyper-parameters (None = the paper's default: lr 5e-5 for both experts, one LoRA expert r=128, EPD, top-1)
