@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..model import DEFAULT_ALPHA, merge, param_groups, wrap, wrapped_modules
+from ..model import DEFAULT_ALPHA, merge, no_weight_decay, param_groups, wrap, wrapped_modules
 from ..optim import MoLFAdamW
 from ..router import SCORES
 from ..routing_log import RoutingRecord
@@ -259,7 +259,7 @@ def build(config: TrainConfig, model: torch.nn.Module, total_steps: int):
     if c.method == "fft":
         decay, no_decay = [], []
         for name, p in model.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+            (no_decay if no_weight_decay(name, p) else decay).append(p)  # the rule MoLF's plain groups use
         groups = [{"params": decay, "weight_decay": c.wd}, {"params": no_decay, "weight_decay": 0.0}]
         return model, torch.optim.AdamW(groups, lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
     if c.method in PEFT_METHODS:
