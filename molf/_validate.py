@@ -1,4 +1,4 @@
-"""The input checks of the core (``layer``, ``model``, ``optim``), written once.
+"""The input checks, written once: the core (``layer``, ``model``, ``optim``) and the lab's runner use them.
 
 Every check returns the cleaned value or raises ``ValueError`` with a message that names the argument
 and repeats the value it got. Numbers must be finite: an infinite learning rate or weight decay is

@@ -275,7 +275,7 @@ def test_explorer_widget_redraws_on_the_slider(produced):
 # ---------------------------------------------------------------------------- failures
 @pytest.mark.parametrize("key, value, message", [
     ("method", "sgd", "ValueError: unknown method 'sgd'"),
-    ("lr_fft", "-1", "ValueError: lr_fft must be a number > 0, got -1"),
+    ("lr_fft", "-1", "ValueError: lr_fft must be a finite number > 0, got -1"),
 ])
 def test_bad_parameter_fails_with_the_runners_error(tmp_path, key, value, message):
     result = _suite("--tiny", "--only", "01_train", "-p", key, value, "--runs-dir", str(tmp_path / "runs"),

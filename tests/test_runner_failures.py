@@ -220,3 +220,15 @@ def test_command_line_names_a_bad_flag_value(capsys):
 def test_command_line_reports_a_bad_config_as_an_error(tmp_path, capsys):
     assert main(["--model", "tiny", "--method", "fft", "--topk", "2", "--out-dir", str(tmp_path / "x")]) == 2
     assert "method 'fft' does not take ['topk']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("wd_fft", float("inf"), "wd_fft must be a finite number >= 0, got inf"),
+    ("lr_lora", float("nan"), "lr_lora must be a finite number > 0, got nan"),
+    ("max_grad_norm", float("inf"), "max_grad_norm must be a finite number > 0, got inf"),
+    ("epochs", float("inf"), "epochs must be a finite number > 0, got inf"),
+])
+def test_non_finite_settings_are_refused_by_name(tmp_path, field, value, message):
+    extra = {"steps": None} if field == "epochs" else {}
+    with pytest.raises(ValueError, match=message):
+        cfg(tmp_path, **{field: value}, **extra).resolved()

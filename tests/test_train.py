@@ -88,8 +88,8 @@ def test_final_model_is_merged_and_reloads_in_plain_transformers(tmp_path):
 @pytest.mark.parametrize("kw, match", [
     (dict(method="sgd"), "unknown method 'sgd'"),
     (dict(task="poetry"), "unknown task 'poetry'"),
-    (dict(method="fft", lr=0.0), "lr must be a number > 0, got 0.0"),
-    (dict(method="molf", lr_fft=-1e-4), "lr_fft must be a number > 0"),
+    (dict(method="fft", lr=0.0), "lr must be a finite number > 0, got 0.0"),
+    (dict(method="molf", lr_fft=-1e-4), "lr_fft must be a finite number > 0"),
     (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
     (dict(method="fft", score="epd"), "method 'fft' does not take \\['score'\\]"),
     (dict(method="fft", topk=1, lr_lora=1e-3), "does not take \\['lr_lora', 'topk'\\]"),

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import _validate as _check
 from ..model import DEFAULT_ALPHA, merge, no_weight_decay, param_groups, wrap, wrapped_modules
 from ..optim import MoLFAdamW
 from ..router import SCORES
@@ -166,29 +167,24 @@ def _validate(c: TrainConfig) -> None:
     if extra:
         raise ValueError(f"method {c.method!r} does not take {extra}; it takes {sorted(_ALLOWED[c.method])}")
     for name in ("lr", "lr_fft", "lr_lora"):
-        value = getattr(c, name)
-        if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        if getattr(c, name) is not None:
+            _check.number(name, getattr(c, name), positive=True)
     for name in ("wd", "wd_fft", "wd_lora"):
-        value = getattr(c, name)
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if getattr(c, name) is not None:
+            _check.number(name, getattr(c, name))
     for name in ("batch_size", "grad_accum", "seq_len"):
-        value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        _check.integer(name, getattr(c, name))
     if (c.steps is None) == (c.epochs is None):
         raise ValueError(f"give exactly one of steps and epochs, got steps={c.steps!r}, epochs={c.epochs!r}")
-    if c.steps is not None and (isinstance(c.steps, bool) or not isinstance(c.steps, int) or c.steps < 1):
-        raise ValueError(f"steps must be an integer >= 1, got {c.steps!r}")
-    if c.epochs is not None and not (isinstance(c.epochs, (int, float)) and c.epochs > 0):
-        raise ValueError(f"epochs must be a number > 0, got {c.epochs!r}")
+    if c.steps is not None:
+        _check.integer("steps", c.steps)
+    if c.epochs is not None:
+        _check.number("epochs", c.epochs, positive=True)
     if c.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {c.schedule!r}; use one of {SCHEDULES}")
-    if not 0 <= c.warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {c.warmup_ratio!r}")
-    if c.max_grad_norm is not None and not c.max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {c.max_grad_norm!r}")
+    _check.fraction("warmup_ratio", c.warmup_ratio)
+    if c.max_grad_norm is not None:
+        _check.number("max_grad_norm", c.max_grad_norm, positive=True)
     if c.score is not None and c.score not in SCORES:
         raise ValueError(f"unknown score {c.score!r}; use one of {sorted(SCORES)}")
     if c.ranks is not None:
@@ -203,8 +199,8 @@ def _validate(c: TrainConfig) -> None:
         n_experts = len(c.ranks or _DEFAULTS[c.method]["ranks"]) + (c.method == "molf")
         if isinstance(c.topk, bool) or not isinstance(c.topk, int) or not 1 <= c.topk <= n_experts:
             raise ValueError(f"topk must be an integer in [1, {n_experts}] (the number of experts), got {c.topk!r}")
-    if c.dropout is not None and not 0 <= c.dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
+    if c.dropout is not None:
+        _check.fraction("dropout", c.dropout)
     if c.source not in tasks.SOURCES:
         raise ValueError(f"unknown source {c.source!r}; use one of {tasks.SOURCES}")
     if c.metric_variant not in tasks.METRIC_VARIANTS:
