@@ -87,9 +87,33 @@ def _model_slug(model: str) -> str:
     return model.replace("/", "--")
 
 
+def lora_scale(rank: int, alpha: float | None = None) -> float:
+    """The rsLoRA scale ``alpha / sqrt(r)`` of a LoRA expert of rank ``rank`` (alpha: molf.lab.train's LoRA
+    default round(2 sqrt(r)) when None)."""
+    alpha = float(round(2 * math.sqrt(rank))) if alpha is None else float(alpha)
+    return alpha / math.sqrt(rank)
+
+
+def adalora_alpha_matching_lora(rank: int) -> float:
+    """The ``lora_alpha`` that gives peft's AdaLoRA (target rank ``rank``) LoRA's initial scale.
+
+    peft's AdaLoRA ignores rsLoRA: it scales by ``lora_alpha / ranknum``, ranknum being its initial rank
+    (molf.lab.train.build starts it at round(1.5 r)); LoRA of rank r here scales by ``alpha / sqrt(r)``."""
+    return lora_scale(rank) * max(1, round(1.5 * rank))
+
+
+ALPHA_RULES = ("match_lora_scale",)
+
+
 def _cell(model, task, label, m, lr, seed):
-    kw = {k: v for k, v in m.items() if k not in ("lrs", "method")}
+    kw = {k: v for k, v in m.items() if k not in ("lrs", "method", "alpha_rule")}
     method = m.get("method", label)
+    rule = m.get("alpha_rule")
+    if rule is not None:
+        if rule not in ALPHA_RULES or method != "adalora" or "alphas" in m:
+            raise ValueError(f"method {label!r}: alpha_rule {rule!r} is for adalora without 'alphas' "
+                             f"(rules: {ALPHA_RULES})")
+        kw["alphas"] = [adalora_alpha_matching_lora(int(m.get("ranks", [32])[0]))]
     if method in LR_FIELD:
         kw["lr"] = lr
     else:
@@ -111,18 +135,47 @@ def select_seeds(spec: dict) -> list:
     return chosen
 
 
-def sweep_cells(spec: dict):
-    """The lr-sweep cells: every (model, task, method label, method, lr, selection seed, TrainConfig kwargs)."""
+def sweep_lrs(spec: dict, model: str, task: str, label: str, extended: dict | None = None) -> list[float]:
+    """The lrs swept for (model, task, method): the spec's, then any the edge rule added (``extended``)."""
+    return list(spec["methods"][label]["lrs"]) + list((extended or {}).get((model, task, label), []))
+
+
+def sweep_cells(spec: dict, extended: dict | None = None):
+    """The lr-sweep cells: every (model, task, method label, method, lr, selection seed, TrainConfig kwargs);
+    ``extended``: (model, task, label) -> lrs the edge rule added (``extend_sweeps``)."""
     # Order: every method's first lr, then every method's second lr, ..., so a partly filled table
     # already compares all methods (each at its first-listed, paper-default lr).
-    n_lrs = max(len(m["lrs"]) for m in spec["methods"].values())
     for model in spec_models(spec):
         for task in spec["tasks"]:
+            lrs = {label: sweep_lrs(spec, model, task, label, extended) for label in spec["methods"]}
+            n_lrs = max(map(len, lrs.values()))
             for seed in select_seeds(spec):
                 for lr_index in range(n_lrs):
                     for label, m in spec["methods"].items():
-                        if lr_index < len(m["lrs"]):
-                            yield _cell(model, task, label, m, m["lrs"][lr_index], seed)
+                        if lr_index < len(lrs[label]):
+                            yield _cell(model, task, label, m, lrs[label][lr_index], seed)
+
+
+def extend_sweeps(spec: dict, picked: dict, complete: set, extended: dict) -> bool:
+    """The edge rule: a complete sweep whose picked lr is its largest (smallest) lr gets one more lr, a
+    step further up (down), the step being the ratio of the two nearest lrs of the spec's list; at most
+    the spec's "extend_sweep" times per (model, task, method) (default 0: off). Updates ``extended``;
+    returns whether it added an lr."""
+    limit = int(spec.get("extend_sweep", 0))
+    added = False
+    for key, lr in picked.items():
+        if key not in complete or len(extended.get(key, [])) >= limit:
+            continue
+        lrs = sorted(sweep_lrs(spec, *key, extended))
+        if len(lrs) < 2 or lr not in (lrs[0], lrs[-1]):
+            continue
+        if lr == lrs[-1]:
+            new = lrs[-1] * lrs[-1] / lrs[-2]
+        else:
+            new = lrs[0] * lrs[0] / lrs[1]
+        extended.setdefault(key, []).append(float(f"{new:.6g}"))
+        added = True
+    return added
 
 
 def seed_cells(spec: dict, picked: dict):
@@ -161,11 +214,26 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def test_split(spec: dict, task: str) -> str:
+    """The split a task's test evaluation reads: the spec's "test_split" ({task: split}), else "test"."""
+    split = (spec or {}).get("test_split", {}).get(task, "test")
+    if split not in tasks.SPLITS:
+        raise ValueError(f"test_split {split!r} of task {task!r} is not one of {tasks.SPLITS}")
+    return split
+
+
+def test_limit(spec: dict, task: str, limit):
+    """A test row limit: an int (every task) or {task: int}; None: every row."""
+    return limit.get(task) if isinstance(limit, dict) else limit
+
+
 def test_metrics(run_dir: Path, task: str, limit, spec: dict | None = None) -> dict:
-    """Evaluate a finished run's saved (merged) model on the test split, cached in test_metrics.json
-    (on the spec's device, with its data source and metric variant)."""
-    cache = run_dir / "test_metrics.json"
-    if cache.is_file():
+    """Evaluate a finished run's saved (merged) model on the test split (the spec's "test_split" of the
+    task), cached in test_metrics.json, with one record per item in test_predictions.jsonl beside it
+    (on the spec's device, with its data source and metric variant). A cached score without predictions
+    (an older run) is evaluated again when its model is still there, else returned as it is."""
+    cache, predictions = run_dir / "test_metrics.json", run_dir / "test_predictions.jsonl"
+    if cache.is_file() and (predictions.is_file() or not (run_dir / "model").is_dir()):
         return json.loads(cache.read_text())
     if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir} has no saved model to test (pruned?): delete {run_dir} and rerun "
@@ -176,10 +244,14 @@ def test_metrics(run_dir: Path, task: str, limit, spec: dict | None = None) -> d
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
     model.to(_device(spec.get("device", "cpu")))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
-    rows = tasks.load(task, "test", source=source, limit=limit, variant=variant)
-    metrics = tasks.evaluate(task, model, tokenizer, rows, batch_size=spec.get("eval_batch_size", 16),
-                             variant=variant)
-    cache.write_text(json.dumps(metrics, indent=2))
+    split = test_split(spec, task)
+    rows = tasks.load(task, split, source=source, limit=test_limit(spec, task, limit), variant=variant)
+    metrics, items = tasks.evaluate(task, model, tokenizer, rows, batch_size=spec.get("eval_batch_size", 16),
+                                    variant=variant, return_items=True)
+    predictions.write_text("".join(json.dumps(item) + "\n" for item in items))
+    if split != "test":
+        metrics["split"] = split
+    cache.write_text(json.dumps(metrics, indent=2))  # written last: a cached score has its predictions
     return metrics
 
 
@@ -195,6 +267,20 @@ def update_shares(metrics: dict, topk: int | None) -> dict:
     return {f"updated_{e}": sum(counts.get(e, 0) for counts in wins.values()) / decisions for e in experts}
 
 
+def last_quarter_drop(losses) -> float | None:
+    """How much the training loss still fell in the last quarter of training, relative to where the
+    quarter began: ``(L(3/4) - L(1)) / L(3/4)``, each L the mean loss of a window of max(1, steps // 10)
+    steps ending at that point (a smoothed loss). Near 0: the loss has flattened. None under 4 steps."""
+    losses = [float(x) for x in losses]
+    if len(losses) < 4:
+        return None
+    window = max(1, len(losses) // 10)
+    end_of_third = (3 * len(losses)) // 4
+    start = statistics.fmean(losses[max(0, end_of_third - window):end_of_third])
+    end = statistics.fmean(losses[-window:])
+    return (start - end) / start if start else None
+
+
 def finished_row(out: Path, results: Path, model, task, label, lr, seed, topk: int | None) -> dict | None:
     if not (out / "metrics.json").is_file():
         return None
@@ -203,10 +289,18 @@ def finished_row(out: Path, results: Path, model, task, label, lr, seed, topk: i
             "dir": str(out.relative_to(results)), "val_score": analysis.primary_score(m),
             "primary_metric": m["primary_metric"], "metric_variant": m.get("metric_variant", "ours"),
             "final_loss": m["final_loss"], "train_time_s": m["train_time_s"],
-            "trainable_params": m["trainable_params"], **update_shares(m, topk)}
+            "trainable_params": m["trainable_params"], "last_quarter_drop": _loss_drop(out),
+            **update_shares(m, topk)}
 
 
-def pick_lrs(sweep: pd.DataFrame, spec: dict) -> tuple[dict, set]:
+def _loss_drop(out: Path) -> float | None:
+    steps = out / "steps.csv"
+    if not steps.is_file():
+        return None
+    return last_quarter_drop(pd.read_csv(steps)["loss"].tolist())
+
+
+def pick_lrs(sweep: pd.DataFrame, spec: dict, extended: dict | None = None) -> tuple[dict, set]:
     """(model, task, method) -> the lr with the best mean validation score over the selection seeds (ties
     go to the smaller lr), and the set of (model, task, method) whose sweep is complete (every lr x
     selection seed)."""
@@ -215,9 +309,10 @@ def pick_lrs(sweep: pd.DataFrame, spec: dict) -> tuple[dict, set]:
         return picked, complete
     means = sweep.groupby(["model", "task", "method", "lr"])["val_score"].agg(["mean", "count"]).reset_index()
     for (model, task, label), g in means.groupby(["model", "task", "method"]):
+        lrs = sweep_lrs(spec, model, task, label, extended)
+        g = g[g.lr.isin(lrs)]
         best = g.sort_values(["mean", "lr"], ascending=[False, True]).iloc[0]
         picked[model, task, label] = float(best.lr)
-        lrs = spec["methods"][label]["lrs"]
         if len(g) == len(lrs) and (g["count"] == len(select_seeds(spec))).all():
             complete.add((model, task, label))
     return picked, complete
@@ -454,8 +549,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-models", action="store_true",
                         help="keep every run's merged model (default: delete it once it cannot be picked or "
                              "its test score is cached; a SmolLM2 model is ~540 MB)")
-    parser.add_argument("--results", type=Path, default=ROOT / "results",
-                        help="where the CSVs and runs/ go (default: results/ of the repository)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="where the CSVs and runs/ go (default: the spec's \"results\" folder, relative to "
+                             "the repository, else results/)")
     parser.add_argument("--plan", action="store_true",
                         help="train nothing: print every cell, its steps and estimated time, and the total")
     parser.add_argument("--measure-steps", type=int, default=2,
@@ -468,7 +564,7 @@ def main(argv=None) -> int:
                         help="--plan: the share of the FLOP rate a training step achieves (default 0.4)")
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
-    results = args.results.resolve()
+    results = (args.results or ROOT / spec.get("results", "results")).resolve()
     table = args.spec.stem
     if args.tasks and set(args.tasks) - set(spec["tasks"]):
         raise ValueError(f"--tasks {sorted(set(args.tasks) - set(spec['tasks']))} not in {args.spec}'s tasks "
@@ -500,8 +596,15 @@ def main(argv=None) -> int:
                 rows.append(row)
         return rows
 
-    sweep = pd.DataFrame(visit(list(sweep_cells(spec))))
-    picked, complete = pick_lrs(sweep, spec)
+    extended: dict = {}  # (model, task, method) -> lrs the edge rule added
+    while True:
+        sweep = pd.DataFrame(visit(list(sweep_cells(spec, extended))))
+        picked, complete = pick_lrs(sweep, spec, extended)
+        if not extend_sweeps(spec, picked, complete, extended):
+            break
+    if extended:
+        print("sweeps extended at their edge: " + "; ".join(
+            f"{'/'.join(map(str, k))} +{', '.join(f'{lr:g}' for lr in v)}" for k, v in sorted(extended.items())))
     # extra seeds only where the sweep is complete, so the picked lr can no longer change
     ready = {} if args.sweep_only else {k: v for k, v in picked.items() if k in complete}
     extra = pd.DataFrame(visit(list(seed_cells(spec, ready))))
@@ -524,6 +627,7 @@ def main(argv=None) -> int:
                               "test_score": metrics[r.primary_metric], "val_score": r.val_score,
                               "primary_metric": r.primary_metric, "metric_variant": r.metric_variant,
                               "sweep_complete": (model, task, label) in complete,
+                              "trainable_params": r.trainable_params, "last_quarter_drop": r.last_quarter_drop,
                               **{f"test_{k}": v for k, v in metrics.items() if k != r.primary_metric},
                               **{k: r[k] for k in shares if pd.notna(r[k])}})
     if not args.keep_models:
@@ -541,6 +645,8 @@ def main(argv=None) -> int:
                     std=("test_score", lambda s: s.std(ddof=1) if len(s) > 1 else float("nan")),
                     seeds=("test_score", "count"), sweep_complete=("sweep_complete", "all"),
                     primary_metric=("primary_metric", "first"), metric_variant=("metric_variant", "first"),
+                    trainable_params=("trainable_params", "first"),
+                    last_quarter_drop=("last_quarter_drop", "max"),
                     **{c: (c, "mean") for c in shares if c in test})
                .reset_index())
     summary.to_csv(results / f"{table}_summary.csv", index=False)

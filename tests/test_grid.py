@@ -216,3 +216,101 @@ def test_paper_table2_spec_plans_as_is(capsys):
     # per model and task: 6 sweep cells (fft x 3 lrs, lora x 2, molf x 1) + 2 extra seeds x 3 methods
     assert len(cells) == 3 * 3 * (6 + 2 * 3)
     assert "108 cells, 0 done, 108 to train" in [line for line in lines if line.startswith("total:")][0]
+
+
+# ------------------------------------------------------------------------------- evidence v2 pieces
+
+def test_test_runs_write_per_item_predictions_trainable_params_and_the_loss_drop(tmp_path):
+    spec = {**SPEC, "seeds": [0], "steps": 4, "test_split": {"fact": "train"}, "test_limit": None,
+            "methods": {"lora": {"lrs": [1e-3], "ranks": [4]}}}
+    results = tmp_path / "results"
+    assert grid.main([str(write_spec(tmp_path, spec)), "--results", str(results)]) == 0
+    test = pd.read_csv(results / "tbl.csv")
+    run = results / test["dir"].iloc[0] if "dir" in test else next((results / "runs").rglob("test_metrics.json")).parent
+    items = [json.loads(line) for line in (run / "test_predictions.jsonl").read_text().splitlines()]
+    n_train = len(grid.tasks.load("fact", "train"))
+    assert len(items) == n_train >= 180  # every trained edit
+    assert {"id", "prediction", "correct", "edit_score", "margin", "neighbour_flip"} <= set(items[0])
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["split"] == "train" and metrics["n"] == n_train
+    assert sum(i["correct"] for i in items) / n_train == pytest.approx(test["test_score"].iloc[0])
+    assert test["test_edit_score"].iloc[0] == pytest.approx(metrics["edit_score"])
+    assert test["trainable_params"].iloc[0] > 0 and pd.notna(test["last_quarter_drop"].iloc[0])
+    summary = pd.read_csv(results / "tbl_summary.csv")
+    assert summary["trainable_params"].iloc[0] == test["trainable_params"].iloc[0]
+
+
+def test_the_whitelist_keeps_the_predictions_of_v1_and_v2_runs():
+    import subprocess
+    kept = ["results/runs/main/fact/lora/lr1_s0/test_predictions.jsonl",
+            "results/v2/runs/main_v2/fact/lora/lr1_s0/test_predictions.jsonl",
+            "results/v2/runs/main_v2/fact/lora/lr1_s0/metrics.json",
+            "results/v2/runs/main_v2/fact/lora/lr1_s0/test_metrics.json",
+            "results/v2/runs/main_v2/fact/lora/lr1_s0/steps.csv",
+            "results/v2/runs/main_v2/fact/lora/lr1_s0/config.json"]
+    dropped = ["results/v2/runs/main_v2/fact/lora/lr1_s0/model/model.safetensors",
+               "results/v2/runs/main_v2/fact/lora/lr1_s0/checkpoint.pt",
+               "results/v2/runs/main_v2/fact/lora/lr1_s0/routing.jsonl"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *kept, *dropped], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert sorted(ignored) == sorted(dropped)
+
+
+def test_last_quarter_drop_is_the_smoothed_relative_fall_over_the_last_quarter():
+    assert grid.last_quarter_drop([4.0, 3.0, 2.0, 1.0]) == pytest.approx((2.0 - 1.0) / 2.0)
+    assert grid.last_quarter_drop([1.0] * 40) == 0.0
+    assert grid.last_quarter_drop([1.0, 2.0]) is None
+    losses = [10.0 - 0.1 * i for i in range(40)]  # windows of 4 steps ending at step 30 and step 40
+    start, end = sum(losses[26:30]) / 4, sum(losses[36:40]) / 4
+    assert grid.last_quarter_drop(losses) == pytest.approx((start - end) / start)
+
+
+def test_edge_rule_extends_a_sweep_whose_pick_sits_at_its_edge():
+    spec = {"seeds": [0], "extend_sweep": 1, "methods": {"lora": {"lrs": [1e-3, 1e-4]}, "fft": {"lrs": [1e-4, 1e-5, 1e-6]}}}
+    key_l, key_f = ("m", "fact", "lora"), ("m", "fact", "fft")
+    extended = {}
+    # lora picked its top lr: one step (x10) up; fft picked its middle one: nothing
+    assert grid.extend_sweeps(spec, {key_l: 1e-3, key_f: 1e-5}, {key_l, key_f}, extended)
+    assert extended == {key_l: [1e-2]}
+    # at most "extend_sweep" times, and only complete sweeps
+    assert not grid.extend_sweeps(spec, {key_l: 1e-2}, {key_l}, extended)
+    assert not grid.extend_sweeps(spec, {key_f: 1e-6}, set(), extended)
+    assert grid.extend_sweeps(spec, {key_f: 1e-6}, {key_f}, extended) and extended[key_f] == [1e-7]
+    assert not grid.extend_sweeps({**spec, "extend_sweep": 0}, {key_f: 1e-6}, {key_f}, {})
+
+
+def test_edge_rule_on_the_tiny_model_sweeps_one_step_further_and_picks_among_all(tmp_path, capsys):
+    spec = {**SPEC, "seeds": [0, 1], "extend_sweep": 1, "methods": {"lora": {"lrs": [1e-3, 1e-4], "ranks": [4]}}}
+    results = tmp_path / "results"
+    assert grid.main([str(write_spec(tmp_path, spec)), "--results", str(results)]) == 0
+    assert "sweeps extended at their edge" in capsys.readouterr().out
+    val = pd.read_csv(results / "tbl_validation.csv")
+    sweep = val[val.seed == 0]
+    assert len(sweep) == 3 and set(sweep.lr) & {1e-2, 1e-5}  # one step beyond the picked edge
+    best = sweep.sort_values(["val_score", "lr"], ascending=[False, True]).iloc[0].lr
+    assert list(val[val.seed == 1].lr) == [best]
+    summary = pd.read_csv(results / "tbl_summary.csv")
+    assert summary["sweep_complete"].all()
+    # --report rebuilds the same tables from the records, the extension included
+    test = pd.read_csv(results / "tbl.csv")
+    assert grid.main([str(write_spec(tmp_path, spec)), "--results", str(results), "--report"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(results / "tbl.csv"), test)
+
+
+def test_adalora_alpha_rule_gives_adalora_loras_initial_scale():
+    from molf.lab import models
+    from molf.lab.train import TrainConfig, build
+
+    scales = {}
+    for method, kw in (("lora", {}), ("adalora", {"alpha_rule": "match_lora_scale"})):
+        *_, cell_kw = grid._cell("tiny", "fact", method, {"lrs": [1e-3], "ranks": [8], **kw}, 1e-3, 0)
+        config = TrainConfig(model="tiny", method=method, steps=10, out_dir="unused", **cell_kw).resolved()
+        model, _ = build(config, models.load("tiny")[0], 10)
+        layer = next(m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) and m.scaling)
+        scale = layer.scaling["default"]
+        if method == "adalora":
+            scale = scale / float(layer.ranknum["default"])
+        scales[method] = scale
+    assert scales["lora"] == pytest.approx(grid.lora_scale(8)) and scales["adalora"] == pytest.approx(scales["lora"])
+    with pytest.raises(ValueError, match="alpha_rule"):
+        grid._cell("tiny", "fact", "lora", {"lrs": [1e-3], "alpha_rule": "match_lora_scale"}, 1e-3, 0)
