@@ -593,3 +593,27 @@ def test_mcq2_trains_on_the_answer_text_and_scores_the_options_text(tokenizer):
         tasks.load("mcq2", "test", source="hub")
     with pytest.raises(ValueError, match="distinct"):
         tasks.validate_row("mcq2", {**row, "opc": "dog"}, "here")
+
+
+# --------------------------------------------------------------------------------------- lengths
+
+def test_length_coverage_counts_rows_that_encode_keeps_whole(tokenizer):
+    rows = tasks.load("sql", "train", limit=20)
+    lengths = tasks.example_lengths("sql", rows, tokenizer)
+    full = [len(f["input_ids"]) for f in tasks.encode("sql", rows, tokenizer, max_len=10_000)]
+    assert lengths == full
+    middle = sorted(lengths)[10]
+    coverage = tasks.length_coverage("sql", rows, tokenizer, [middle, max(lengths), min(lengths) - 1])
+    assert coverage == {middle: sum(n <= middle for n in lengths) / 20, max(lengths): 1.0, min(lengths) - 1: 0.0}
+    cut = tasks.encode("sql", rows, tokenizer, max_len=middle)
+    assert sum(c["input_ids"] == f["input_ids"] for c, f in zip(
+        cut, tasks.encode("sql", rows, tokenizer, max_len=10_000))) / 20 == coverage[middle]
+    needed = tasks.seq_len_covering("sql", rows, tokenizer, 0.99)
+    assert needed % 8 == 0 and tasks.length_coverage("sql", rows, tokenizer, [needed])[needed] >= 0.99
+
+
+def test_the_v2_specs_seq_len_keeps_99_percent_of_sql_train_and_test_whole(tokenizer):
+    spec = json.loads((REPO / "experiments" / "main_v2.json").read_text())
+    for split in ("train", "test"):
+        coverage = tasks.length_coverage("sql", tasks.load("sql", split), tokenizer, [spec["seq_len"]])
+        assert coverage[spec["seq_len"]] >= 0.99, (split, coverage)

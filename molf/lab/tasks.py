@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sqlite3
 import warnings
@@ -411,6 +412,31 @@ def encode(name: str, rows: list[dict], tokenizer, max_len: int = 256) -> list[d
         features.append({"input_ids": prompt_ids + target_ids,
                          "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids})
     return features
+
+
+def example_lengths(name: str, rows: list[dict], tokenizer) -> list[int]:
+    """Tokens of each row as ``encode`` would train it uncut: prompt + target + EOS."""
+    lengths = []
+    for row in rows:
+        prompt, target = prompt_and_target(name, row)
+        lengths.append(len(tokenizer(prompt)["input_ids"]) + len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1)
+    return lengths
+
+
+def length_coverage(name: str, rows: list[dict], tokenizer, seq_lens) -> dict[int, float]:
+    """For each ``seq_len``: the share of ``rows`` that ``encode(..., max_len=seq_len)`` keeps whole
+    (prompt + target + EOS fit)."""
+    lengths = example_lengths(name, rows, tokenizer)
+    if not lengths:
+        raise ValueError("length_coverage needs at least one row")
+    return {int(n): sum(length <= n for length in lengths) / len(lengths) for n in seq_lens}
+
+
+def seq_len_covering(name: str, rows: list[dict], tokenizer, share: float = 0.99, multiple: int = 8) -> int:
+    """The smallest multiple of ``multiple`` that keeps at least ``share`` of ``rows`` whole."""
+    lengths = sorted(example_lengths(name, rows, tokenizer))
+    needed = lengths[max(0, math.ceil(share * len(lengths)) - 1)]
+    return multiple * math.ceil(needed / multiple)
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
