@@ -9,6 +9,7 @@ Scores are test scores of the lr picked on validation, mean ± sample std over t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,11 +18,12 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from molf.lab import stats  # noqa: E402
 from molf.lab.analysis import MODULE_TYPES  # noqa: E402
 from molf.lab.plots import method_label  # noqa: E402
 
 METHOD_ORDER = ["fft", "lora", "molf", "molf_e", "adalora", "dora"]
-METRIC = {"fact": "efficacy", "mcq": "accuracy", "sql": "execution accuracy"}
+METRIC = {"fact": "efficacy", "mcq": "accuracy", "mcq2": "accuracy (cloze)", "sql": "execution accuracy"}
 
 
 def cell(mean: float, std: float, seeds: int) -> str:
@@ -32,7 +34,7 @@ def cell(mean: float, std: float, seeds: int) -> str:
 
 
 def main_table(summary: pd.DataFrame, test: pd.DataFrame) -> str:
-    tasks = [t for t in ("fact", "mcq", "sql") if t in set(summary["task"])]
+    tasks = [t for t in ("fact", "mcq", "mcq2", "sql") if t in set(summary["task"])]
     n_test = {t: int(test[test.task == t]["test_n"].iloc[0]) for t in tasks if "test_n" in test}
     head = "| method | " + " | ".join(f"{t}: {METRIC[t]} (n={n_test.get(t, '?')}) | lr, seeds" for t in tasks) + " |"
     lines = [head, "|---|" + "---:|---|" * len(tasks)]
@@ -45,7 +47,9 @@ def main_table(summary: pd.DataFrame, test: pd.DataFrame) -> str:
             if t in rows.index:
                 r = rows.loc[t]
                 flag = "" if r.sweep_complete else " (sweep unfinished)"
-                parts += [cell(r["mean"], r["std"], int(r.seeds)), f"{r.lr:g}, {int(r.seeds)}{flag}"]
+                params = (f", {r.trainable_params / 1e6:.1f}M params"
+                          if "trainable_params" in r and pd.notna(r.trainable_params) else "")
+                parts += [cell(r["mean"], r["std"], int(r.seeds)), f"{r.lr:g}, {int(r.seeds)}{flag}{params}"]
             else:
                 parts += ["not run", ""]
         lines.append(f"| {method_label(method)} | " + " | ".join(parts) + " |")
@@ -95,20 +99,177 @@ def module_type_table(dynamics: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ claims
+
+CLAIM_MARGIN = 0.015  # claim 2: "within 1.5 points of the better of FFT and LoRA"
+EARLY_AGREEMENT = 0.9  # claim 4: routing at 10% of training agrees with the final routing on >= 90% of modules
+ROUTED_VS_DENSE = {"ablations": [("molf_epd_k1", "molf_dense_k2"), ("molf_e_epd_k1", "molf_e_dense_k2")],
+                   "ablations_v2": [("molf_k1", "molf_dense_k2"), ("molf_e_k1", "molf_e_dense_k2")]}
+
+
+class NoPredictions(Exception):
+    """A run the comparison needs has no test_predictions.jsonl (older runs) or is missing."""
+
+
+def _run_folder(results: Path, table: str, row: pd.Series) -> Path:
+    if "dir" in row and isinstance(row["dir"], str):
+        return results / row["dir"]
+    folder = results / "runs" / table
+    if "model" in row and isinstance(row.get("model"), str) and (folder / row["model"].replace("/", "--")).is_dir():
+        folder = folder / row["model"].replace("/", "--")
+    return folder / row["task"] / row["method"] / f"lr{row['lr']:g}_s{int(row['seed'])}"
+
+
+def _predictions(folder: Path) -> dict:
+    path = folder / "test_predictions.jsonl"
+    if not path.is_file():
+        raise NoPredictions(str(path))
+    return {json.dumps(item["id"]): item for item in map(json.loads, path.read_text().splitlines())}
+
+
+def paired_scores(test: pd.DataFrame, results: Path, table: str, task: str, a: str, b: str,
+                  field: str = "correct") -> tuple[list, list, int]:
+    """Per-item ``field`` of methods ``a`` and ``b`` on ``task``, paired over the seeds both have and
+    the items both scored (seed by seed, items in ``a``'s order); and the number of seeds. Raises
+    NoPredictions when a run has no per-item predictions, KeyError when a method has no test runs."""
+    rows_a, rows_b = (test[(test.task == task) & (test.method == m)] for m in (a, b))
+    if rows_a.empty or rows_b.empty:
+        raise KeyError(f"{task}: no test runs of {a if rows_a.empty else b}")
+    seeds = sorted(set(rows_a.seed) & set(rows_b.seed))
+    if not seeds:
+        raise KeyError(f"{task}: {a} and {b} share no seed")
+    xs, ys = [], []
+    for seed in seeds:
+        pa = _predictions(_run_folder(results, table, rows_a[rows_a.seed == seed].iloc[0]))
+        pb = _predictions(_run_folder(results, table, rows_b[rows_b.seed == seed].iloc[0]))
+        for key in pa:
+            if key in pb:
+                xs.append(float(pa[key][field]))
+                ys.append(float(pb[key][field]))
+    return xs, ys, len(seeds)
+
+
+def _compare(test, results, table, task, a, b, margin: float | None = None) -> tuple[str, str]:
+    """(verdict, text) for "a beats b on task" (``margin`` None), or for "a is no worse than b by more
+    than margin" (non-inferiority: the 95% interval of a - b lies above -margin)."""
+    try:
+        xs, ys, seeds = paired_scores(test, results, table, task, a, b)
+    except NoPredictions:
+        return "missing", f"{task} {a} vs {b}: no per-item predictions"
+    except KeyError as error:  # a method not run on this task: that part is left out
+        return "absent", str(error).strip("'\"")
+    c = stats.mcnemar(xs, ys) if set(xs + ys) <= {0.0, 1.0} else stats.paired_bootstrap(xs, ys)
+    if margin is None:
+        verdict = stats.verdict(c)
+    else:
+        verdict = ("reproduced" if c.low > -margin else "not reproduced" if c.high < -margin else "inconclusive")
+    return verdict, f"{task}: {c.line(a, b)}, {seeds} seeds → {verdict}"
+
+
+def _combine(verdicts: list[str]) -> str:
+    """Every part reproduced: reproduced; any part not reproduced: not reproduced; else inconclusive."""
+    if not verdicts or "missing" in verdicts:
+        return "inconclusive"
+    if all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    return "not reproduced" if "not reproduced" in verdicts else "inconclusive"
+
+
+def _claim_line(number: int, parts: list[tuple[str, str]], note: str = "") -> str:
+    verdicts = [v for v, _ in parts if v != "absent"]
+    missing = [t for v, t in parts if v == "missing"]
+    verdict = _combine(verdicts)
+    if missing and all(v == "missing" for v in verdicts) and all("no per-item predictions" in t for t in missing):
+        verdict = "inconclusive (no per-item predictions)"
+    text = "; ".join(t for _, t in parts) or "no runs"
+    return f"claim {number}: {verdict} — {text}{note}"
+
+
+def claims_section(results: Path, table: str, ablations: str | None = None) -> str:
+    """One line per paper claim (docs/evidence.md), each computed from the per-item test predictions:
+    paired over the same items and seeds (exact McNemar for 0/1 scores, else a paired bootstrap; 95%
+    bootstrap intervals; molf.lab.stats.verdict). A claim of several parts is reproduced when every part
+    is, not reproduced when any part is not, inconclusive otherwise (a part without predictions too; a
+    part whose method was not run on that task is named and left out)."""
+    test = pd.read_csv(results / f"{table}.csv")
+    present = set(test.task)
+    mc = "mcq2" if "mcq2" in present else "mcq"
+    lines = []
+    # (1) the better of FFT and LoRA flips with the task: FFT wins knowledge injection, LoRA the others
+    parts = [_compare(test, results, table, "fact", "fft", "lora")] if "fact" in present else []
+    parts += [_compare(test, results, table, t, "lora", "fft") for t in ("sql", mc) if t in present]
+    lines.append(_claim_line(1, parts))
+    # (2) MoLF is better than, or within 1.5 points of, the better of FFT and LoRA on every task
+    parts = []
+    for t in sorted(present):
+        means = test[test.task == t].groupby("method")["test_score"].mean()
+        if {"fft", "lora"} <= set(means.index):
+            parts.append(_compare(test, results, table, t, "molf", means[["fft", "lora"]].idxmax(), CLAIM_MARGIN))
+    lines.append(_claim_line(2, parts, f" (non-inferiority: the 95% interval of the difference above "
+                                       f"-{100 * CLAIM_MARGIN:g} points)"))
+    # (3) MoLF-Efficient beats the adaptive LoRA methods (AdaLoRA, DoRA)
+    parts = [_compare(test, results, table, t, "molf_e", other) for t in sorted(present)
+             for other in ("adalora", "dora")]
+    lines.append(_claim_line(3, parts))
+    # (4) routing specialises early: descriptive, from the routing dynamics table
+    dynamics = results / "routing_dynamics.csv"
+    if dynamics.is_file():
+        d = pd.read_csv(dynamics)
+        low = float(d["agreement_10pct"].min())
+        verdict = "reproduced" if low >= EARLY_AGREEMENT else "not reproduced"
+        lines.append(f"claim 4: {verdict} — at 10% of training, routing agrees with the final routing on "
+                     f"{100 * low:.0f}–{100 * float(d['agreement_10pct'].max()):.0f}% of modules over "
+                     f"{len(d)} picked routed runs (rule: every run ≥ {100 * EARLY_AGREEMENT:.0f}%); descriptive, "
+                     f"no paired test")
+    else:
+        lines.append("claim 4: inconclusive — no routing_dynamics.csv (run experiments/figures.py)")
+    # (5) dense updating (top-k = all experts) is worse than routing
+    name = ablations or ""
+    if name and (results / f"{name}.csv").is_file():
+        abl = pd.read_csv(results / f"{name}.csv")
+        pairs = ROUTED_VS_DENSE.get(name, [])
+        parts = [_compare(abl, results, name, t, routed, dense) for routed, dense in pairs
+                 for t in sorted(set(abl.task)) if {routed, dense} <= set(abl[abl.task == t].method)]
+        lines.append(_claim_line(5, parts))
+    else:
+        lines.append("claim 5: inconclusive — no ablation table")
+    return "\n".join(lines)
+
+
+def runs_table(test: pd.DataFrame) -> str:
+    """Every test run: score, trainable parameters and how much the loss still fell in the last quarter."""
+    lines = ["| task | method | seed | lr | score (test) | trainable params | last-quarter loss drop |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for _, r in test.sort_values(["task", "method", "seed"]).iterrows():
+        params = f"{r.trainable_params / 1e6:.1f}M" if "trainable_params" in r and pd.notna(r.trainable_params) else "?"
+        drop = (f"{100 * r.last_quarter_drop:.1f}%" if "last_quarter_drop" in r and pd.notna(r.last_quarter_drop)
+                else "?")
+        lines.append(f"| {r.task} | {method_label(r.method)} | {int(r.seed)} | {r.lr:g} | {100 * r.test_score:.1f} | "
+                     f"{params} | {drop} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--table", default="main", help="the main grid table's name (default: main)")
+    parser.add_argument("--ablations", default="ablations", help="the ablation table's name (default: ablations)")
     args = parser.parse_args(argv)
-    r, table = args.results, args.table
+    r, table, ablations = args.results, args.table, args.ablations
     printed = False
     if (r / f"{table}_summary.csv").is_file():
-        print(f"### Main table (results/{table}_summary.csv)\n")
-        print(main_table(pd.read_csv(r / f"{table}_summary.csv"), pd.read_csv(r / f"{table}.csv")), "\n")
+        print(f"### Main table ({r.name}/{table}_summary.csv)\n")
+        test = pd.read_csv(r / f"{table}.csv")
+        print(main_table(pd.read_csv(r / f"{table}_summary.csv"), test), "\n")
+        print(f"### Claims ({r.name}/{table}.csv: paired over the same items and seeds)\n")
+        print(claims_section(r, table, ablations), "\n")
+        if "last_quarter_drop" in test:
+            print(f"### Every test run ({r.name}/{table}.csv)\n")
+            print(runs_table(test), "\n")
         printed = True
-    if (r / "ablations_summary.csv").is_file():
-        print("### Ablations (results/ablations_summary.csv)\n")
-        print(ablation_table(pd.read_csv(r / "ablations_summary.csv")), "\n")
+    if (r / f"{ablations}_summary.csv").is_file():
+        print(f"### Ablations ({r.name}/{ablations}_summary.csv)\n")
+        print(ablation_table(pd.read_csv(r / f"{ablations}_summary.csv")), "\n")
         printed = True
     if (r / "routing_dynamics.csv").is_file():
         print("### Routing dynamics (results/routing_dynamics.csv)\n")

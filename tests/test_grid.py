@@ -226,7 +226,7 @@ def test_test_runs_write_per_item_predictions_trainable_params_and_the_loss_drop
     results = tmp_path / "results"
     assert grid.main([str(write_spec(tmp_path, spec)), "--results", str(results)]) == 0
     test = pd.read_csv(results / "tbl.csv")
-    run = results / test["dir"].iloc[0] if "dir" in test else next((results / "runs").rglob("test_metrics.json")).parent
+    run = next((results / "runs").rglob("test_metrics.json")).parent
     items = [json.loads(line) for line in (run / "test_predictions.jsonl").read_text().splitlines()]
     n_train = len(grid.tasks.load("fact", "train"))
     assert len(items) == n_train >= 180  # every trained edit

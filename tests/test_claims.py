@@ -1,0 +1,93 @@
+"""experiments/report.py's Claims section on a fake results folder whose outcomes are known."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("report", ROOT / "experiments" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+N = 100  # items per task
+
+
+def correct_share(share: float, offset: int = 0) -> list[int]:
+    """0/1 per item: the first ``share`` of the items right (rotated by ``offset``)."""
+    right = [int(i < share * N) for i in range(N)]
+    return right[offset:] + right[:offset]
+
+
+def fake_results(tmp_path: Path, outcomes: dict, table: str = "tbl", with_predictions: bool = True) -> Path:
+    """``outcomes``: (task, method) -> per-seed lists of 0/1 per item. Writes the runs' predictions and
+    the table CSV the grid would write."""
+    results = tmp_path / "results"
+    rows = []
+    for (task, method), seeds in outcomes.items():
+        for seed, correct in enumerate(seeds):
+            folder = results / "runs" / table / task / method / f"lr0.001_s{seed}"
+            folder.mkdir(parents=True)
+            if with_predictions:
+                (folder / "test_predictions.jsonl").write_text("".join(
+                    json.dumps({"id": f"{task}-{i}", "prediction": "x", "correct": c}) + "\n"
+                    for i, c in enumerate(correct)))
+            rows.append({"model": "m", "task": task, "method": method, "lr": 0.001, "seed": seed,
+                         "test_score": sum(correct) / N, "dir": str(folder.relative_to(results))})
+    pd.DataFrame(rows).to_csv(results / f"{table}.csv", index=False)
+    return results
+
+
+def lines_of(text: str) -> dict[int, str]:
+    return {int(line.split(":")[0].split()[1]): line for line in text.splitlines()}
+
+
+def test_claims_follow_the_paired_comparisons(tmp_path):
+    seeds = 3
+    good, poor = [correct_share(0.9)] * seeds, [correct_share(0.3)] * seeds
+    outcomes = {
+        ("fact", "fft"): good, ("fact", "lora"): poor,         # FFT wins knowledge injection
+        ("sql", "fft"): poor, ("sql", "lora"): good,           # LoRA wins sql
+        ("mcq2", "fft"): poor, ("mcq2", "lora"): good,         # and mcq2: claim 1 reproduced
+        ("fact", "molf"): good, ("sql", "molf"): good, ("mcq2", "molf"): good,  # = the better: claim 2
+        ("fact", "molf_e"): poor, ("fact", "adalora"): good, ("fact", "dora"): good,  # claim 3 fails
+    }
+    results = fake_results(tmp_path, outcomes)
+    claims = lines_of(report.claims_section(results, "tbl"))
+    assert claims[1].startswith("claim 1: reproduced") and claims[1].count("→ reproduced") == 3
+    assert "fact: fft 0.900 vs lora 0.300: diff +0.600" in claims[1] and "n=300" in claims[1]
+    assert claims[2].startswith("claim 2: reproduced")
+    assert claims[3].startswith("claim 3: not reproduced") and "molf_e 0.300 vs adalora 0.900" in claims[3]
+    assert claims[4].startswith("claim 4: inconclusive") and claims[5].startswith("claim 5: inconclusive")
+
+
+def test_a_small_difference_is_inconclusive_and_a_clear_loss_within_margin_claims_fail(tmp_path):
+    outcomes = {
+        ("fact", "fft"): [correct_share(0.52, 3)], ("fact", "lora"): [correct_share(0.50)],  # too close to call
+        ("fact", "molf"): [correct_share(0.30)],                    # far below the better: claim 2 fails
+    }
+    claims = lines_of(report.claims_section(fake_results(tmp_path, outcomes), "tbl"))
+    assert claims[1].startswith("claim 1: inconclusive") and "→ inconclusive" in claims[1]
+    assert claims[2].startswith("claim 2: not reproduced")
+    assert "no test runs of molf_e" in claims[3]
+
+
+def test_runs_without_predictions_get_no_verdict(tmp_path):
+    outcomes = {("fact", "fft"): [correct_share(0.9)], ("fact", "lora"): [correct_share(0.1)]}
+    claims = lines_of(report.claims_section(fake_results(tmp_path, outcomes, with_predictions=False), "tbl"))
+    assert claims[1] == "claim 1: inconclusive (no per-item predictions) — fact fft vs lora: no per-item predictions"
+
+
+def test_dense_vs_routed_claim_reads_the_ablation_table(tmp_path):
+    results = fake_results(tmp_path, {("fact", "fft"): [correct_share(0.5)]})
+    routed = fake_results(tmp_path / "abl", {("fact", "molf_k1"): [correct_share(0.8)] * 2,
+                                             ("fact", "molf_dense_k2"): [correct_share(0.4)] * 2},
+                          table="ablations_v2")
+    for path in routed.rglob("*"):  # move the ablation runs into the main results folder
+        target = results / path.relative_to(routed)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.write_bytes(path.read_bytes())
+    claims = lines_of(report.claims_section(results, "tbl", "ablations_v2"))
+    assert claims[5].startswith("claim 5: reproduced") and "molf_k1 0.800 vs molf_dense_k2 0.400" in claims[5]
