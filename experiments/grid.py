@@ -28,6 +28,16 @@ Spec keys: "model" (one) or "models" (a list: every model is its own set of cell
 "warmup_ratio", "source", "metric_variant", "dtype", "autocast", "gradient_checkpointing", "device",
 "train_limit", "eval_batch_size", "save_every", "progress". Every CSV has a "metric_variant" column (ours
 or the reference implementation's, molf.lab.tasks) and names its primary metric.
+Further keys: "results" (the folder the CSVs and runs/ go to, relative to the repository; --results
+wins), "test_split" ({task: split}: the split a task's test evaluation reads, e.g. {"fact": "train"} to
+score every trained edit), "test_limit" (an int, or {task: int}), "extend_sweep" (the edge rule: a
+complete sweep whose picked lr is its largest or smallest gets one more lr a step further, the step
+being the ratio of its two nearest lrs, at most this many times per (task, method); default 0), and per
+method "alpha_rule": "match_lora_scale" (adalora: the lora_alpha that gives peft's AdaLoRA, which scales
+by alpha / its initial rank, the initial scale alpha / sqrt(r) of LoRA here).
+Every test evaluation writes test_predictions.jsonl (one record per item: id, prediction, correct, task
+fields; molf.lab.tasks.evaluate(..., return_items=True)) beside test_metrics.json; the CSVs carry each
+run's trainable_params and last_quarter_drop (how much the training loss still fell in the last quarter).
 
 --plan prints every cell, its number of steps and estimated time, and the total, training nothing.
 A cell's step time is, in order of preference: "recorded" (the median step time of a run of the same
