@@ -95,7 +95,7 @@ if live:
 if run_dir is None:
     run_dir = nb.train(method="molf", **nb.common, **nb.molf_hp).path
 app = explorer.RouterExplorer(run_dir)
-app.widget()
+nb.app(app.widget, app.render_final_frame)  # the app; run headless by the suite, a picture of it
 
 # %% [markdown]
 # ### The final frame (what the app shows at the last step, for static readers)

@@ -218,7 +218,7 @@ plt.show()
 
 # %%
 classroom = teaching.Classroom(base)
-display(classroom.widget())
+nb.app(classroom.widget, classroom.frame)  # the app; run headless by the suite, a picture of it
 fig = classroom.frame()
 nb.save(fig, "classroom")
 plt.close(fig)

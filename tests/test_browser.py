@@ -301,7 +301,7 @@ def test_nothing_trains_below_the_explorer():
     "Run all" shows it, the live run comes before it and no cell after it trains."""
     cells = [c.source for c in nbformat.read(ROOT / "notebooks" / f"{NOTEBOOK}.ipynb", as_version=4).cells
              if c.cell_type == "code"]
-    app = next(i for i, source in enumerate(cells) if "app.widget()" in source)
+    app = next(i for i, source in enumerate(cells) if "nb.app(app.widget" in source)
     live = next(i for i, source in enumerate(cells) if "explorer.live(" in source)
     assert live < app
     trains = ("explorer.live(", "nb.train(", "train.run(", ".fit(")

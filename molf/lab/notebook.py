@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+
 from . import plots, suite
 
 # The settings every training run of the suite's notebooks shares, read from the parameters cell.
@@ -29,6 +31,7 @@ COMMON = ("model", "task", "steps", "batch_size", "seq_len", "eval_limit", "seed
 # MoLF's own hyper-parameters; a notebook that sets one to None leaves the paper's default.
 MOLF_HP = ("lr_fft", "lr_lora", "ranks", "score", "topk")
 PROGRESS_VARIABLE = "MOLF_PROGRESS"
+HEADLESS_VARIABLE = "MOLF_HEADLESS"
 
 
 def progress_default() -> bool:
@@ -51,6 +54,7 @@ class Notebook:
     common: dict = field(default_factory=dict)   # model, task, steps, ... for every training run
     molf_hp: dict = field(default_factory=dict)  # the MoLF hyper-parameters given (None ones left out)
     progress: bool = True          # tqdm bars while training
+    headless: bool = False         # run by the suite: show apps as pictures (see ``app``)
 
     def run_config(self, **settings):
         """The validated ``TrainConfig`` of one run (see ``suite.run_config``); a bad value raises here."""
@@ -59,6 +63,19 @@ class Notebook:
     def train(self, **settings):
         """Train (or reuse) one run and return its ``molf.lab.runs.RunData`` (see ``suite.train``)."""
         return suite.train(self.runs_dir, **{"progress": self.progress, **settings})
+
+    def app(self, widget, picture):
+        """Show an ipywidgets app: ``widget()`` when a person runs the notebook; under the headless suite
+        (``$MOLF_HEADLESS=1``, where no one can move a control) ``picture()``, a figure of its current
+        state, so the executed notebook still shows what the app shows."""
+        from IPython.display import display
+
+        if not self.headless:
+            display(widget())
+            return
+        fig = picture()
+        display(fig)
+        plt.close(fig)
 
     def save(self, fig, name: str) -> None:
         """Save ``fig`` as ``<figures_dir>/<notebook>_<name>.png``; it is also shown below the cell."""
@@ -85,6 +102,7 @@ def setup(name: str, namespace: dict) -> Notebook:
         common={k: namespace[k] for k in COMMON if k in namespace},
         molf_hp={k: namespace[k] for k in MOLF_HP if namespace.get(k) is not None},
         progress=progress_default(),
+        headless=os.environ.get(HEADLESS_VARIABLE, "").strip() == "1",
     )
 
 

@@ -222,6 +222,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     # No tqdm bars in the executed notebooks (molf.lab.notebook shows them when a notebook is run by hand).
     os.environ.setdefault("MOLF_PROGRESS", "0")
+    # No live widget apps either: nothing can move their controls, and nbclient can stall for its whole
+    # cell timeout on a cell that displays one (seen with the explorer); notebooks show a picture instead.
+    os.environ.setdefault("MOLF_HEADLESS", "1")
     runs_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
 
