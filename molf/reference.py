@@ -32,7 +32,7 @@ class NaiveMoLFAdamW:
             for p in g["params"]:
                 p.grad = None
 
-    # ------------------------------------------------------------------ the pieces of spec section 2
+    # ------------------------------------------------------------------ the pieces of the method (docs/method.md)
     def _moments(self, p):
         """Step 1: m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, t <- t + 1 (winners and losers)."""
         b1, b2 = self.betas

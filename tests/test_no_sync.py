@@ -1,6 +1,6 @@
 """``MoLFAdamW.step()`` on the accelerator path (``impl="masked"``) never reads a tensor back to the host.
 
-No GPU here, so the check is structural: a ``TorchDispatchMode`` sees every ATen op the step runs and
+The check is structural, so it runs without a GPU: a ``TorchDispatchMode`` sees every ATen op the step runs and
 records the ones that force a device->host sync on an accelerator (``_local_scalar_dense``, behind
 ``.item()``, ``float()``, ``bool()``, ``int()``; ``nonzero``, ``is_nonzero``, ``masked_select``,
 ``unique``, ``equal``; boolean-mask indexing), and ``Tensor.tolist``/``numpy``/``cpu`` are wrapped

@@ -57,7 +57,7 @@ def test_scores_match_hand_computation(score, which):
 
 
 def test_pfn_favours_the_dense_weight_at_step_one():
-    """Why PFN routed every fact decision to the FFT expert (README, evidence): after one step every
+    """Why PFN routed every fact decision to the FFT expert (docs/evidence.md): after one step every
     parameter with a gradient has the same |m / sqrt(v)|, but while B = 0 LoRA's A gets no gradient, so
     PFN(LoRA) / PFN(FFT) = sqrt(N_B / (N_A + N_B)) < 1 and the dense weight wins everywhere."""
     model, opt = make(ranks=(4,), score="pfn")
