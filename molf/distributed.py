@@ -25,7 +25,7 @@ from torch import nn
 from . import routing_log
 from .layer import lora_delta
 from .model import wrapped_modules
-from .routing_log import RoutingRecord, unwrap_optimizer
+from .routing_log import RoutingRecord, require_molf_optimizer
 
 
 # ---------------------------------------------------------------- who am I
@@ -105,7 +105,7 @@ def routing_agrees(optimizer, group=None) -> bool:
     Under DDP and FSDP they must; a False here means the ranks see different moments (e.g. the
     optimizer was built before ``fully_shard``, or gradients were not synchronised).
     """
-    mine = sorted(_molf_optimizer(optimizer).last_decisions.items())
+    mine = sorted(require_molf_optimizer(optimizer).last_decisions.items())
     if not is_distributed():
         return True
     everyone = [None] * dist.get_world_size(group)
@@ -120,16 +120,9 @@ def write_routing_log(path, optimizer, step: int, **extra) -> None:
     ``extra`` keys (``loss=...``) are stored beside the record's own. Every rank holds the same routing
     under DDP and FSDP, so rank 0's view is the whole story.
     """
-    molf_optimizer = _molf_optimizer(optimizer)
+    molf_optimizer = require_molf_optimizer(optimizer)
     lr = molf_optimizer.param_groups[0]["lr"]
     routing_log.append(path, RoutingRecord.from_optimizer(molf_optimizer, step, lr=lr, **extra))
-
-
-def _molf_optimizer(optimizer):
-    molf_optimizer = unwrap_optimizer(optimizer)
-    if molf_optimizer is None:
-        raise ValueError(f"{type(optimizer).__name__} is not a MoLFAdamW (nor wraps one)")
-    return molf_optimizer
 
 
 # ---------------------------------------------------------------- gather, merge, save

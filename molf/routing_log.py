@@ -28,6 +28,14 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
+def require_molf_optimizer(optimizer):
+    """``unwrap_optimizer(optimizer)``, or a ``ValueError`` naming the type when no MoLFAdamW is behind it."""
+    molf_optimizer = unwrap_optimizer(optimizer)
+    if molf_optimizer is None:
+        raise ValueError(f"{type(optimizer).__name__} is not a MoLFAdamW (nor wraps one): it has no routing")
+    return molf_optimizer
+
+
 @dataclass(frozen=True)
 class RoutingRecord:
     """One line of the routing log: the routing of one optimizer step."""
@@ -42,9 +50,7 @@ class RoutingRecord:
     def from_optimizer(cls, optimizer, step: int, lr: float | None = None, **extra) -> RoutingRecord:
         """The last step of ``optimizer`` (a ``MoLFAdamW`` or a wrapper around one), read back with one
         device-to-host copy."""
-        molf_optimizer = unwrap_optimizer(optimizer)
-        if molf_optimizer is None:
-            raise ValueError(f"{type(optimizer).__name__} is not a MoLFAdamW (nor wraps one): it has no routing")
+        molf_optimizer = require_molf_optimizer(optimizer)
         clash = sorted(set(extra) & set(_KEYS))
         if clash:
             raise ValueError(f"extra keys {clash} clash with the routing log's own keys {list(_KEYS)}")
