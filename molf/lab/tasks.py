@@ -786,23 +786,9 @@ def evaluate(name: str, model, tokenizer, rows: list[dict], batch_size: int = 16
     model.eval()
     try:
         with torch.no_grad():
-            if variant == "reference":
-                if name == "sql":
-                    metrics, items = _evaluate_sql_reference(model, tokenizer, rows, batch_size, max_new_tokens)
-                elif name == "fact":
-                    metrics, items = _evaluate_fact_reference(model, tokenizer, rows, batch_size)
-                elif name == "mcq2":
-                    metrics, items = _evaluate_mcq2_reference(model, tokenizer, rows, batch_size)
-                else:
-                    metrics, items = _evaluate_mcq_reference(model, tokenizer, rows, batch_size)
-            elif name == "sql":
-                metrics, items = _evaluate_sql(model, tokenizer, rows, batch_size, max_new_tokens)
-            elif name == "fact":
-                metrics, items = _evaluate_fact(model, tokenizer, rows, batch_size)
-            elif name == "mcq2":
-                metrics, items = _evaluate_mcq2(model, tokenizer, rows, batch_size)
-            else:
-                metrics, items = _evaluate_mcq(model, tokenizer, rows, batch_size)
+            scorer = _EVALUATORS[name, variant]
+            extra = (max_new_tokens,) if name == "sql" else ()  # only sql generates
+            metrics, items = scorer(model, tokenizer, rows, batch_size, *extra)
     finally:
         model.train(was_training)
     return (metrics, items) if return_items else metrics
@@ -1024,6 +1010,15 @@ def _evaluate_fact(model, tokenizer, rows, batch_size):
     return {"efficacy": mean("correct"), "paraphrase_efficacy": mean("paraphrase_efficacy"),
             "neighborhood_specificity": mean("neighborhood_specificity"), "edit_score": mean("edit_score"),
             "logprob_margin": mean("margin"), "n": float(n)}, items
+
+
+# (task, metric variant) -> its scorer; every scorer returns (metrics, items)
+_EVALUATORS = {
+    ("sql", "ours"): _evaluate_sql, ("sql", "reference"): _evaluate_sql_reference,
+    ("fact", "ours"): _evaluate_fact, ("fact", "reference"): _evaluate_fact_reference,
+    ("mcq", "ours"): _evaluate_mcq, ("mcq", "reference"): _evaluate_mcq_reference,
+    ("mcq2", "ours"): _evaluate_mcq2, ("mcq2", "reference"): _evaluate_mcq2_reference,
+}
 
 
 # ------------------------------------------------------------------------------------------- CLI
