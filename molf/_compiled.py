@@ -1,18 +1,21 @@
-"""The ``torch.compile`` kernel of ``impl="compiled"``: one read of g, m, v per parameter gives the
-score's sum over the parameter's *advanced* moments.
+"""The C++ kernels of ``impl="compiled"`` (``molf/csrc/cpu_step.cpp``), built on first use.
 
-The kernel is built from the score's own ``term`` (``molf.router.Score``), so a score has one
-definition, used by every path. It is compiled once per score and dtype (``dynamic=True``: one kernel
-for every tensor size); inductor keeps the generated code in its on-disk cache, so a later process
-loads it in seconds. The first compile in a process is announced with one line on the ``molf`` logger
-(warning level: shown by default) because it can take a minute on a small machine. When compiling
-fails (no C compiler, an untraceable term, ...), ``kernel`` returns None after one warning line and
-the caller falls back to the eager path.
+A score takes this path when it is a ``molf.router.Score`` with a ``cpp_term``: the C++ expression of
+its per-element term in ``m`` and ``u`` (EPD ``m * u``, PFN ``u * u``), the same term its Python
+``term`` computes (the tests hold the two together). The kernels are compiled with
+``torch.utils.cpp_extension.load_inline`` into one extension per distinct term, kept in torch's
+extension cache (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): the first build
+on a machine takes ~20-60 s and is announced with one line on the ``molf`` logger (warning level:
+shown by default); later processes load the cached build in about a second. When building fails (no
+C++ compiler, no ninja, a term that does not compile, ...), ``kernels`` returns None after one warning
+line and the optimizer takes the eager chunked path instead.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,66 +23,59 @@ from .router import Score
 
 log = logging.getLogger("molf")
 
-_KERNELS: dict = {}      # (score, dtype) -> callable, or None when compiling failed
-_FAILED: dict = {}       # score -> the exception that made it fall back
+SOURCE = Path(__file__).with_name("csrc") / "cpu_step.cpp"
+# -ffp-contract=off: no fused multiply-adds the eager ops do not make, so float32 results round as they do;
+# -fno-math-errno lets sqrt vectorise; -fopenmp: at::parallel_for shares the chunks among torch's threads.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+
+_BUILT: dict = {}    # cpp_term -> extension module, or None when building failed
+_FAILED: dict = {}   # cpp_term -> the exception that made it fall back
 
 
-def constants(b1: float, b2: float, eps: float) -> torch.Tensor:
-    """The kernel's scalars as one float64 CPU tensor (a tensor, so new values never recompile)."""
-    return torch.tensor([1 - b1, b2, 1 - b2, eps], dtype=torch.float64)
+def _build(term: str):
+    source = f"#define MOLF_TERM(m, u) ({term})\n" + SOURCE.read_text()
+    name = "molf_cpu_step_" + hashlib.sha1(term.encode()).hexdigest()[:12]
+    from torch.utils.cpp_extension import load_inline  # setuptools and friends: only when asked for
+
+    return load_inline(name, cpp_sources=[source], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
 
 
-def _build(score: Score):
-    term = score.term
-
-    def advanced_score_sum(g, m, v, c):
-        # c = [1 - b1, b2, 1 - b2, eps]. The moments are advanced as the other paths advance them
-        # (torch's lerp for a weight below 0.5 is m + w (g - m)), in registers: nothing is written.
-        m_new = m + c[0] * (g - m)
-        v_new = v * c[1] + c[2] * (g * g)
-        u = m_new / (torch.sqrt(v_new) + c[3])
-        return term([m_new], [u])[0].sum(dtype=torch.float64)
-
-    # A code object of its own per score: dynamo caches compiled graphs (and counts recompiles) per
-    # code object, so scores do not share one cache and its recompile limit.
-    advanced_score_sum.__code__ = advanced_score_sum.__code__.replace()
-    return torch.compile(advanced_score_sum, dynamic=True, fullgraph=True)
-
-
-def kernel(score: Score, dtype: torch.dtype):
-    """``fn(g, m, v, constants) -> 0-dim float64 sum`` of ``score.term`` over one flat parameter, or
-    None if compiling it failed (then the eager path is the one to use). The first call per score and
-    dtype compiles; it runs here, on a small probe, so that its cost is announced and timed once."""
-    key = (score, dtype)
-    if key in _KERNELS:
-        return _KERNELS[key]
-    if score in _FAILED:
-        _KERNELS[key] = None
+def kernels(score: Score):
+    """The extension module for ``score`` (``nonfinite``, ``advance_and_score``, ``adamw_from_moments``),
+    or None when the score has no ``cpp_term`` or building failed (then the eager path is the one to
+    use). Builds at the first call per term in a process (or loads the cached build)."""
+    term = getattr(score, "cpp_term", None)
+    if term is None:
         return None
-    log.warning("molf: compiling the fused moment-and-score kernel for score %r (%s) with torch.compile; "
-                "the first time on a machine this takes ~10-60 s, later processes load it from inductor's "
-                "cache in seconds", score.name, str(dtype).replace("torch.", ""))
+    if term in _BUILT:
+        return _BUILT[term]
+    log.warning("molf: building the C++ kernels of impl='compiled' for score %r (term %s); the first time on "
+                "a machine this takes ~20-60 s, later processes load the cached build in about a second",
+                score.name, term)
     start = time.perf_counter()
-    fn = _build(score)
     try:
-        probe = torch.ones(8, dtype=dtype)
-        fn(probe, probe.clone(), probe.clone(), constants(0.9, 0.999, 1e-8))
-    except Exception as err:  # noqa: BLE001 - any compile failure means: use the eager path
-        _FAILED[score] = err
-        _KERNELS[key] = None
-        log.warning("molf: torch.compile failed for score %r (%s: %s); impl='compiled' uses the eager "
-                    "chunked path instead", score.name, type(err).__name__, str(err).splitlines()[0][:200])
+        module = _build(term)
+    except Exception as err:  # noqa: BLE001 - any build failure means: use the eager path
+        give_up(score, err)
         return None
-    log.info("molf: compiled in %.1f s", time.perf_counter() - start)
-    _KERNELS[key] = fn
-    return fn
+    log.info("molf: C++ kernels ready in %.1f s", time.perf_counter() - start)
+    _BUILT[term] = module
+    return module
 
 
 def give_up(score: Score, err: Exception) -> None:
-    """A compiled kernel failed while running: use the eager path for ``score`` from now on."""
-    _FAILED[score] = err
-    for key in [k for k in _KERNELS if k[0] is score]:
-        _KERNELS[key] = None
-    log.warning("molf: the compiled kernel of score %r failed (%s: %s); impl='compiled' uses the eager "
-                "chunked path from now on", score.name, type(err).__name__, str(err).splitlines()[0][:200])
+    """The kernels of ``score`` failed to build or to run: use the eager path for it from now on."""
+    _FAILED[score.cpp_term] = err
+    _BUILT[score.cpp_term] = None
+    log.warning("molf: the C++ kernels of score %r failed (%s: %s); impl='compiled' uses the eager chunked "
+                "path instead", score.name, type(err).__name__, (str(err).strip().splitlines() or [''])[-1][:200])
 
+
+def available(score) -> bool:
+    """Whether ``impl="compiled"`` can run ``score`` here (building its kernels if needed)."""
+    return isinstance(score, Score) and kernels(score) is not None
+
+
+def nonfinite(score: Score, grads: list[torch.Tensor]) -> torch.Tensor:
+    """Per gradient, a bool: its sum of squares (in its compute dtype) is NaN or inf."""
+    return _BUILT[score.cpp_term].nonfinite(grads)

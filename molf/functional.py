@@ -1,4 +1,4 @@
-"""The three ways ``MoLFAdamW`` applies a step, as functions with one signature.
+"""The four ways ``MoLFAdamW`` applies a step, as functions with one signature.
 
 As torch keeps ``_single_tensor_adam`` / ``_multi_tensor_adam`` beside its ``Adam`` class, the
 optimizer (``molf.optim``) only collects the parameters and their state, decides which of them take
@@ -9,12 +9,11 @@ part, and calls one of these::
 - ``chunked_step`` (the CPU, ``Score`` objects only): each parameter is walked in cache-sized chunks,
   moments and score terms in one pass, then the winners' update in a second pass; losers' updates are
   not computed at all, and no tensor larger than a chunk is ever allocated.
-- ``compiled_step`` (the CPU, ``Score`` objects only; ``impl="compiled"``): pass 1 is one
-  ``torch.compile``'d kernel per parameter (``molf._compiled``, built from the score's ``term``) that
-  reads g, m, v once and returns the score's sum over the advanced moments, writing nothing; pass 2 is
-  torch's fused AdamW kernel over every parameter of the batch, with the real learning rate and weight
-  decay for the winners and plain parameters and ``lr = wd = 0`` for the losers (their moments advance,
-  their parameters stay exactly as they are). Falls back to ``chunked_step`` when compiling fails.
+- ``compiled_step`` (the CPU, ``Score`` objects with a ``cpp_term``; ``impl="compiled"``): the same two
+  passes as C++ kernels (``molf/csrc/cpu_step.cpp``, built on first use by ``molf._compiled``), each one
+  call over all its parameters at memory speed: pass 1 advances the moments and sums the score's term
+  (one read of g, m, v; one write of m, v), pass 2 updates the winners (one read of p, m, v; one write
+  of p); plain parameters take torch's fused AdamW kernel.
 - ``foreach_step``: whole-list ``torch._foreach_*`` ops as torch's foreach AdamW; the decisions are
   read back once and the losers skipped.
 - ``masked_step`` (accelerators): the same ops, but the decisions stay on the device and are applied
@@ -26,8 +25,8 @@ Each advances the moments of every parameter in ``batch``, calls ``route`` exact
 ``sqrt(v)`` list or the per-parameter score sums it computed) to learn which MoLF parameters won, and
 applies the decoupled AdamW update to the winners and to the plain parameters. On the chunked, foreach
 and masked paths every element-wise op is the one torch's foreach AdamW applies, in the same order, so
-a forced winner moves exactly as ``torch.optim.AdamW(foreach=True)`` would move it; on the compiled
-path it moves as ``torch.optim.AdamW(fused=True)`` would.
+a forced winner moves exactly as
+``torch.optim.AdamW(foreach=True)`` would move it; on the compiled path it moves as that to rounding.
 """
 from __future__ import annotations
 
@@ -150,44 +149,44 @@ def chunked_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
 
 
 def compiled_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
-    """CPU path with a compiled pass 1 and torch's fused AdamW kernel as pass 2 (module docstring).
+    """CPU path on C++ kernels built from the score's ``cpp_term`` (``molf._compiled``; the optimizer
+    takes the chunked path instead when they are not available).
 
-    Pass 1 only reads, so a kernel that fails (to compile or to run) leaves every tensor as it was and
-    the step is taken by ``chunked_step`` instead, now and later (one warning line). The moments come
-    out of the fused kernel, which rounds differently from the foreach ops of the other paths (about an
-    ulp per step); the score sums are computed from the same advanced moments in float32 and summed in
-    float64, so decisions agree with the other paths and parameters agree to rounding.
+    Pass 1, one call over every MoLF parameter: advance both moments in place and sum the score's term
+    over the advanced moments (one read of g, m, v, one write of m, v). Then route. Pass 2, one call over
+    the winners: the AdamW update from the advanced moments (one read of p, m, v, one write of p); losers
+    are not touched again. Plain parameters take torch's fused AdamW kernel (one pass). Each element-wise
+    op rounds as the chunked path's does; the score sums are added in another order (blocks of 2048 in
+    the compute dtype, then float64), so scores agree with the other paths to float rounding and the
+    decisions are the same.
     """
-    from . import _compiled  # torch.compile machinery: loaded only when asked for
+    from . import _compiled
 
-    if not isinstance(score, Score):
-        raise ValueError(f"compiled_step builds its kernel from a molf.router.Score's term, got {score!r}")
+    kernels = _compiled.kernels(score)
     if batch.ok is not None:
         raise ValueError("compiled_step skips parameters on the host: give it only the parameters that step")
-    sums = []
-    try:
-        consts: dict = {}
-        for i in batch.molf_index:
-            m = batch.exp_avgs[i]
-            fn = _compiled.kernel(score, m.dtype)
-            if fn is None:
-                return chunked_step(batch, route, score=score, scratch=scratch)
-            b1, b2 = batch.betas[i]
-            key = (b1, b2, batch.eps[i])
-            if key not in consts:
-                consts[key] = _compiled.constants(b1, b2, batch.eps[i])
-            sums.append(fn(batch.grads[i].view(-1), m.view(-1), batch.exp_avg_sqs[i].view(-1), consts[key]))
-    except Exception as err:  # noqa: BLE001 - nothing was written yet: take the eager path
-        _compiled.give_up(score, err)
-        return chunked_step(batch, route, score=score, scratch=scratch)
-    param_sums = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
-    won = route(param_sums=param_sums)
-    lost = {i for i, w in zip(batch.molf_index, won.tolist()) if not w}
+    position = {i: j for j, i in enumerate(batch.molf_index)}
+    sums = torch.zeros(len(batch.molf_index), dtype=torch.float64)
+    by_hyper: dict[tuple, list[int]] = {}
+    for i in batch.molf_index:
+        by_hyper.setdefault((*batch.betas[i], batch.eps[i]), []).append(i)
+    for (b1, b2, eps), idx in by_hyper.items():
+        sums[[position[i] for i in idx]] = kernels.advance_and_score(
+            [batch.grads[i] for i in idx], [batch.exp_avgs[i] for i in idx], [batch.exp_avg_sqs[i] for i in idx],
+            b1, b2, eps)
+    won = route(param_sums=sums)
+    winners = [i for i, w in zip(batch.molf_index, won.tolist()) if w]
+    if winners:
+        kernels.adamw_from_moments(*([ts[i] for i in winners] for ts in (batch.local_params, batch.exp_avgs,
+                                                                         batch.exp_avg_sqs)),
+                                   *([xs[i] for i in winners] for xs in (batch.lrs, batch.wds, batch.bias1,
+                                                                         batch.bias2_sqrt, batch.eps)))
+    routed = set(batch.molf_index)
     groups: dict[tuple, list[int]] = {}
     for i in range(len(batch)):
-        b1, b2 = batch.betas[i]
-        lr, wd = (0.0, 0.0) if i in lost else (batch.lrs[i], batch.wds[i])
-        groups.setdefault((batch.local_params[i].dtype, b1, b2, batch.eps[i], lr, wd), []).append(i)
+        if i not in routed:
+            groups.setdefault((batch.local_params[i].dtype, *batch.betas[i], batch.eps[i], batch.lrs[i],
+                               batch.wds[i]), []).append(i)
     for (_, b1, b2, eps, lr, wd), idx in groups.items():
         torch._fused_adamw_([batch.local_params[i] for i in idx], [batch.grads[i] for i in idx],
                             [batch.exp_avgs[i] for i in idx], [batch.exp_avg_sqs[i] for i in idx], [],

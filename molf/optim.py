@@ -45,17 +45,18 @@ read-back; the arithmetic lives in ``molf.functional``, four functions with one 
   per-parameter flags started right after they were computed (pinned memory and a CUDA event, so the
   wait, if any, is for a step the device finished long ago). In between, ``opt.state[p]["step"]`` of a
   skipped parameter reads one too high; nothing uses it before it is corrected.
-- ``"compiled"`` (the CPU, ``Score`` objects, contiguous tensors): pass 1 is one ``torch.compile``'d
-  kernel per parameter built from the score's ``term`` (one read of g, m, v, nothing written), pass 2
-  torch's fused AdamW kernel (losers with ``lr = wd = 0``: moments advance, parameters stay). The
-  fastest CPU path. The first use in a process compiles (~10-60 s on a small machine the first time,
-  seconds from inductor's on-disk cache; announced by one line on the ``molf`` logger); if compiling
-  fails it says so in one line and takes the chunked path instead. Its moments and parameters round as
-  ``torch.optim.AdamW(fused=True)``'s do (about an ulp from the foreach ops), its decisions are the
-  same.
+- ``"compiled"`` (the CPU, ``Score`` objects, contiguous tensors): the two passes as C++ kernels
+  (``molf/csrc/cpu_step.cpp``), one call each over all parameters at memory speed: pass 1 advances
+  the moments in place and sums the score's term (its ``cpp_term``: built-in for EPD and PFN), pass 2
+  updates the winners only; plain parameters take torch's fused AdamW kernel, and the non-finite
+  gradient check is one C++ pass too. The fastest CPU path. The first use on a machine builds the
+  kernels (~20-60 s, announced by one line on the ``molf`` logger; later processes load the cached
+  build in about a second); a score without ``cpp_term``, or a failed build (said in one line), takes
+  the chunked path instead. Each op rounds as the chunked path's does; the score sums are added in
+  another order, so the scores agree to float rounding and the decisions are the same.
 - ``"auto"`` (default): chunked on the CPU for ``Score`` objects (built-ins) and contiguous tensors,
   masked on accelerators, foreach otherwise. It never picks ``"compiled"``: a first step that may
-  spend a minute compiling, and that needs a working C compiler, is for a user to ask for.
+  spend a minute building, and that needs a C++ compiler and ninja, is for a user to ask for.
 
 All paths give the same decisions and (up to float rounding in the scores) the same parameters.
 ``last_decisions``, ``last_scores`` and ``win_counts`` read the results back lazily (one copy per read).
@@ -68,7 +69,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import _validate, functional, router
+from . import _compiled, _validate, functional, router
 from .functional import IMPLEMENTATIONS, ParamBatch, _to_device
 from .router import RouterStats, Score, decide, resolve_score
 
@@ -145,8 +146,8 @@ class MoLFAdamW(torch.optim.Optimizer):
                   all-reduced over it. Detected automatically for DTensor (FSDP2) parameters.
     impl          ``"auto"`` (default), ``"chunked"``, ``"compiled"``, ``"foreach"`` or ``"masked"``: how
                   the step is computed (module docstring); all give the same decisions.
-                  ``"compiled"`` is the fastest on the CPU but compiles on first use; ``"auto"``
-                  stays eager.
+                  ``"compiled"`` is the fastest on the CPU but builds C++ kernels on first use;
+                  ``"auto"`` stays eager.
 
     After each ``step()``: ``last_decisions`` maps module name to the tuple of winning expert names
     (empty when the module was skipped or had no gradient), ``last_scores`` to ``{expert: score}``;
@@ -162,8 +163,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             score.name if isinstance(score, Score) else getattr(score, "__name__", "custom"))
         if impl not in IMPLS:
             eager = tuple(i for i in IMPLS if i != "compiled")
-            raise ValueError(f"impl must be one of {eager}, got {impl!r}, or 'compiled' (the torch.compile "
-                             f"CPU path)")
+            raise ValueError(f"impl must be one of {eager}, got {impl!r}, or 'compiled' (the C++ kernels "
+                             f"of the CPU path)")
         if impl in ("chunked", "compiled") and not isinstance(self.score_fn, Score):
             raise ValueError(f"impl={impl!r} sums the score's per-element term chunk by chunk, but score "
                              f"{self.score_name!r} is a plain callable with no term: write it as a "
@@ -309,7 +310,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             for p in created:  # leave the optimizer as it was
                 del self.state[p]
             raise
-        gate = self._gate(batch, device)
+        gate = self._gate(batch, device, impl)
         if impl == "masked":
             torch._foreach_add_(batch.steps, 1.0)
             batch.ok = gate.param_ok
@@ -336,6 +337,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         if self.impl in ("chunked", "compiled") and not batch.contiguous:
             raise ValueError(f"impl={self.impl!r} walks flat views of every tensor and needs contiguous parameters, "
                              "gradients and state; use impl='auto' or 'foreach' for non-contiguous ones")
+        if self.impl == "compiled" and not _compiled.available(self.score_fn):
+            return "chunked"  # no cpp_term, or the kernels could not be built (said once on the molf logger)
         return self.impl
 
     def _collect(self) -> tuple[ParamBatch | None, list]:
@@ -391,12 +394,15 @@ class MoLFAdamW(torch.optim.Optimizer):
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
         return t
 
-    def _gate(self, batch: ParamBatch, device: torch.device) -> _Gate:
+    def _gate(self, batch: ParamBatch, device: torch.device, impl: str) -> _Gate:
         """Non-finite gradient flags per parameter and module, on the device (no host read), from one
         multi-tensor L2 norm of the gradients: NaN/inf for any NaN/inf element, and inf too for elements
         so large (``|g|`` near 1e19 in float32) that ``g^2`` would make the second moment infinite. (The
         max-norm would flag exactly the non-finite elements, but it is ~10x slower on the CPU.)"""
-        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(batch.grads, 2)).float())
+        if impl == "compiled":  # the same rule, in one C++ pass at memory speed
+            bad = _compiled.nonfinite(self.score_fn, batch.grads)
+        else:
+            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(batch.grads, 2)).float())
         if self.process_group is not None or self._sharded:
             bad = self._reduce(bad.float()) > 0
         plan = self._plan_for(device)

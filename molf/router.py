@@ -70,11 +70,15 @@ class Score:
             multi-tensor L1 norm, the chunked path with a plain sum.
     finish  ``finish(sums, lr, numel) -> scores``, all ``[E]`` tensors: the term's sum over each expert,
             the expert's current learning rate and its number of scalar parameters.
+    cpp_term  optional: the same term as a C++ expression in the scalars ``m`` and ``u`` (EPD ``"m * u"``),
+            for the C++ kernels of ``MoLFAdamW(impl="compiled")`` (``molf._compiled``); without it that
+            impl takes the eager chunked path.
     """
 
     name: str
     term: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
     finish: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    cpp_term: str | None = None
 
     def __call__(self, stats: RouterStats) -> torch.Tensor:
         if stats.param_sums is None:
@@ -103,8 +107,8 @@ def _pfn_finish(sums: torch.Tensor, lr: torch.Tensor, numel: torch.Tensor) -> to
     return torch.sqrt(sums / numel)
 
 
-epd = Score("epd", term=_m_times_u, finish=_epd_finish)
-pfn = Score("pfn", term=_u_squared, finish=_pfn_finish)
+epd = Score("epd", term=_m_times_u, finish=_epd_finish, cpp_term="m * u")
+pfn = Score("pfn", term=_u_squared, finish=_pfn_finish, cpp_term="u * u")
 
 
 SCORES: dict[str, Callable[[RouterStats], torch.Tensor]] = {"epd": epd, "pfn": pfn}
