@@ -38,6 +38,9 @@ by alpha / its initial rank, the initial scale alpha / sqrt(r) of LoRA here).
 Every test evaluation writes test_predictions.jsonl (one record per item: id, prediction, correct, task
 fields; molf.lab.tasks.evaluate(..., return_items=True)) beside test_metrics.json; the CSVs carry each
 run's trainable_params and last_quarter_drop (how much the training loss still fell in the last quarter).
+It also scores the retention probe (molf.lab.retention: what the pretrained model knew that no task
+trains): "retention" / "retention_n" in test_metrics.json (test_retention in the CSV, a retention mean
+and std in the summary), one record per probe item in retention_predictions.jsonl.
 
 --plan prints every cell, its number of steps and estimated time, and the total, training nothing.
 A cell's step time is, in order of preference: "recorded" (the median step time of a run of the same
@@ -65,7 +68,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf.lab import analysis, models, tasks  # noqa: E402
+from molf.lab import analysis, models, retention, tasks  # noqa: E402
 from molf.lab.train import TrainConfig, build, run  # noqa: E402
 
 LR_FIELD = {"fft": "lr", "lora": "lr", "dora": "lr", "adalora": "lr"}  # molf/molf_e sweep lr_fft & lr_lora
@@ -241,19 +244,27 @@ def test_metrics(run_dir: Path, task: str, limit, spec: dict | None = None) -> d
     """Evaluate a finished run's saved (merged) model on the test split (the spec's "test_split" of the
     task), cached in test_metrics.json, with one record per item in test_predictions.jsonl beside it
     (on the spec's device, with its data source and metric variant). A cached score without predictions
-    (an older run) is evaluated again when its model is still there, else returned as it is."""
+    (an older run) is evaluated again when its model is still there, else returned as it is.
+    The same model is also scored on the retention probe (molf.lab.retention): "retention" and
+    "retention_n" in test_metrics.json, one record per probe item in retention_predictions.jsonl. A
+    cached score without "retention" gets it added when its model is still there (the task metrics are
+    not recomputed), else is returned as it is."""
     cache, predictions = run_dir / "test_metrics.json", run_dir / "test_predictions.jsonl"
-    if cache.is_file() and (predictions.is_file() or not (run_dir / "model").is_dir()):
-        return json.loads(cache.read_text())
-    if not (run_dir / "model").is_dir():
+    has_model = (run_dir / "model").is_dir()
+    if cache.is_file() and (predictions.is_file() or not has_model):
+        metrics = json.loads(cache.read_text())
+        if "retention" in metrics or not has_model:
+            return metrics
+        model, tokenizer = _load_tested_model(run_dir, spec or {})
+        metrics.update(_retention(run_dir, model, tokenizer, spec or {}))
+        cache.write_text(json.dumps(metrics, indent=2))
+        return metrics
+    if not has_model:
         raise FileNotFoundError(f"{run_dir} has no saved model to test (pruned?): delete {run_dir} and rerun "
                                 f"the grid to train it again")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     spec = spec or {}
     variant, source = spec.get("metric_variant", "ours"), spec.get("source", "local")
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
-    model.to(_device(spec.get("device", "cpu")))
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    model, tokenizer = _load_tested_model(run_dir, spec)
     split = test_split(spec, task)
     rows = tasks.load(task, split, source=source, limit=test_limit(spec, task, limit), variant=variant)
     metrics, items = tasks.evaluate(task, model, tokenizer, rows, batch_size=spec.get("eval_batch_size", 16),
@@ -261,8 +272,24 @@ def test_metrics(run_dir: Path, task: str, limit, spec: dict | None = None) -> d
     predictions.write_text("".join(json.dumps(item) + "\n" for item in items))
     if split != "test":
         metrics["split"] = split
+    metrics.update(_retention(run_dir, model, tokenizer, spec))
     cache.write_text(json.dumps(metrics, indent=2))  # written last: a cached score has its predictions
     return metrics
+
+
+def _load_tested_model(run_dir: Path, spec: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
+    model.to(_device(spec.get("device", "cpu")))
+    return model, AutoTokenizer.from_pretrained(run_dir / "model")
+
+
+def _retention(run_dir: Path, model, tokenizer, spec: dict) -> dict:
+    """Score the model on the retention probe; write retention_predictions.jsonl; return the two keys."""
+    metrics, items = retention.evaluate(model, tokenizer, retention.load(),
+                                        batch_size=spec.get("eval_batch_size", 16), return_items=True)
+    (run_dir / "retention_predictions.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    return {"retention": metrics["retention"], "retention_n": metrics["n"]}
 
 
 def update_shares(metrics: dict, topk: int | None) -> dict:
@@ -657,7 +684,10 @@ def main(argv=None) -> int:
                     primary_metric=("primary_metric", "first"), metric_variant=("metric_variant", "first"),
                     trainable_params=("trainable_params", "first"),
                     last_quarter_drop=("last_quarter_drop", "max"),
-                    **{c: (c, "mean") for c in shares if c in test})
+                    **{c: (c, "mean") for c in shares if c in test},
+                    **({"retention": ("test_retention", "mean"),
+                        "retention_std": ("test_retention", lambda s: s.std(ddof=1) if len(s) > 1 else float("nan"))}
+                       if "test_retention" in test else {}))
                .reset_index())
     summary.to_csv(results / f"{table}_summary.csv", index=False)
     print(summary.to_string(index=False))
