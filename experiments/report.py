@@ -34,10 +34,17 @@ def cell(mean: float, std: float, seeds: int) -> str:
 
 
 def main_table(summary: pd.DataFrame, test: pd.DataFrame) -> str:
+    """One row per method: each task's test score, its lr and seeds, and, when the summary has a
+    "retention" column (grid.py runs that scored the retention probe), the retention after training on
+    that task."""
     tasks = [t for t in ("fact", "mcq", "mcq2", "sql") if t in set(summary["task"])]
     n_test = {t: int(test[test.task == t]["test_n"].iloc[0]) for t in tasks if "test_n" in test}
-    head = "| method | " + " | ".join(f"{t}: {METRIC[t]} (n={n_test.get(t, '?')}) | lr, seeds" for t in tasks) + " |"
-    lines = [head, "|---|" + "---:|---|" * len(tasks)]
+    kept = "retention" in summary  # a column beside each task's score
+    n_probe = (int(test["test_retention_n"].dropna().iloc[0])
+               if kept and "test_retention_n" in test and test["test_retention_n"].notna().any() else "?")
+    head = "| method | " + " | ".join(f"{t}: {METRIC[t]} (n={n_test.get(t, '?')}) | lr, seeds"
+                                     + (f" | {t}: retention (n={n_probe})" if kept else "") for t in tasks) + " |"
+    lines = [head, "|---|" + ("---:|---|" + "---:|" * kept) * len(tasks)]
     for method in METHOD_ORDER:
         rows = summary[summary.method == method].set_index("task")
         if rows.empty:
@@ -50,8 +57,11 @@ def main_table(summary: pd.DataFrame, test: pd.DataFrame) -> str:
                 params = (f", {r.trainable_params / 1e6:.1f}M params"
                           if "trainable_params" in r and pd.notna(r.trainable_params) else "")
                 parts += [cell(r["mean"], r["std"], int(r.seeds)), f"{r.lr:g}, {int(r.seeds)}{flag}{params}"]
+                if kept:
+                    parts.append("–" if pd.isna(r["retention"]) else cell(
+                        r["retention"], r.get("retention_std", float("nan")), int(r.seeds)))
             else:
-                parts += ["not run", ""]
+                parts += ["not run", ""] + [""] * kept
         lines.append(f"| {method_label(method)} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
@@ -120,18 +130,19 @@ def _run_folder(results: Path, table: str, row: pd.Series) -> Path:
     return folder / row["task"] / row["method"] / f"lr{row['lr']:g}_s{int(row['seed'])}"
 
 
-def _predictions(folder: Path) -> dict:
-    path = folder / "test_predictions.jsonl"
+def _predictions(folder: Path, file: str = "test_predictions.jsonl") -> dict:
+    path = folder / file
     if not path.is_file():
         raise NoPredictions(str(path))
     return {json.dumps(item["id"]): item for item in map(json.loads, path.read_text().splitlines())}
 
 
 def paired_scores(test: pd.DataFrame, results: Path, table: str, task: str, a: str, b: str,
-                  field: str = "correct") -> tuple[list, list, int]:
+                  field: str = "correct", file: str = "test_predictions.jsonl") -> tuple[list, list, int]:
     """Per-item ``field`` of methods ``a`` and ``b`` on ``task``, paired over the seeds both have and
-    the items both scored (seed by seed, items in ``a``'s order); and the number of seeds. Raises
-    NoPredictions when a run has no per-item predictions, KeyError when a method has no test runs."""
+    the items both scored (seed by seed, items in ``a``'s order); and the number of seeds. ``file``: the
+    per-item records to read (retention_predictions.jsonl: the retention probe). Raises NoPredictions
+    when a run has no per-item records, KeyError when a method has no test runs."""
     rows_a, rows_b = (test[(test.task == task) & (test.method == m)] for m in (a, b))
     if rows_a.empty or rows_b.empty:
         raise KeyError(f"{task}: no test runs of {a if rows_a.empty else b}")
@@ -140,8 +151,8 @@ def paired_scores(test: pd.DataFrame, results: Path, table: str, task: str, a: s
         raise KeyError(f"{task}: {a} and {b} share no seed")
     xs, ys = [], []
     for seed in seeds:
-        pa = _predictions(_run_folder(results, table, rows_a[rows_a.seed == seed].iloc[0]))
-        pb = _predictions(_run_folder(results, table, rows_b[rows_b.seed == seed].iloc[0]))
+        pa = _predictions(_run_folder(results, table, rows_a[rows_a.seed == seed].iloc[0]), file)
+        pb = _predictions(_run_folder(results, table, rows_b[rows_b.seed == seed].iloc[0]), file)
         for key in pa:
             if key in pb:
                 xs.append(float(pa[key][field]))
@@ -236,6 +247,29 @@ def claims_section(results: Path, table: str, ablations: str | None = None) -> s
     return "\n".join(lines)
 
 
+def retention_lines(results: Path, table: str) -> str:
+    """Per task, FFT's and LoRA's mean retention (the share of retention-probe items still known after
+    training), paired over the same probe items and seeds, with a paired bootstrap 95% interval of the
+    difference. Descriptive (beyond the paper; "LoRA learns less and forgets less" is the known result)."""
+    test = pd.read_csv(results / f"{table}.csv")
+    lines = []
+    for task in sorted(set(test.task)):
+        try:
+            xs, ys, seeds = paired_scores(test, results, table, task, "lora", "fft",
+                                          file="retention_predictions.jsonl")
+        except NoPredictions:
+            lines.append(f"retention: {task} lora vs fft: no retention_predictions.jsonl")
+            continue
+        except KeyError as error:
+            lines.append(f"retention: {str(error).strip(chr(39) + chr(34))}")
+            continue
+        c = stats.paired_bootstrap(xs, ys)
+        side = ("LoRA retains more" if c.low > 0 else "FFT retains more" if c.high < 0
+                else "no difference shown")
+        lines.append(f"retention: {task}: {c.line('lora', 'fft')}, {seeds} seeds → {side}")
+    return "\n".join(lines)
+
+
 def runs_table(test: pd.DataFrame) -> str:
     """Every test run: score, trainable parameters and how much the loss still fell in the last quarter."""
     lines = ["| task | method | seed | lr | score (test) | trainable params | last-quarter loss drop |",
@@ -263,6 +297,9 @@ def main(argv=None) -> int:
         print(main_table(pd.read_csv(r / f"{table}_summary.csv"), test), "\n")
         print(f"### Claims ({r.name}/{table}.csv: paired over the same items and seeds)\n")
         print(claims_section(r, table, ablations), "\n")
+        if "test_retention" in test:
+            print(f"### Retention ({r.name}/{table}.csv: the retention probe, paired over the same items and seeds)\n")
+            print(retention_lines(r, table), "\n")
         if "last_quarter_drop" in test:
             print(f"### Every test run ({r.name}/{table}.csv)\n")
             print(runs_table(test), "\n")
