@@ -13,8 +13,8 @@ a fixed random batch gives real gradients (so the routing is a real one), and th
 the very same parameters and gradients, we time ``step()`` of
 
     molf           MoLFAdamW as shipped (on the CPU: the chunked path)
-    molf_compiled  MoLFAdamW(impl="compiled"): compiled pass 1 + torch's fused AdamW kernel as pass 2
-                   (compiled during the warm-up: its first call is not timed)
+    molf_compiled  MoLFAdamW(impl="compiled"): the C++ kernels (pass 1 moments + score sums in one call,
+                   pass 2 the winners only, fused AdamW for plain parameters; built in the warm-up if needed)
     molf_masked    MoLFAdamW(impl="masked"): the accelerator path (foreach + masks, no sync), run here
     adamw_foreach  torch.optim.AdamW(foreach=True) over all trainable parameters (decay / no-decay groups)
     adamw_fused    torch.optim.AdamW(fused=True), same groups

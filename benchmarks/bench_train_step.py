@@ -11,7 +11,7 @@ Methods (lr 5e-5 throughout; the values do not change the cost):
                    AdamW(fused=True) over the trainable parameters, wd 0.01
     lora_r16       the same at r=16
     molf           molf.wrap(ranks=(128,)) + MoLFAdamW (the paper's MoLF)
-    molf_compiled  the same with MoLFAdamW(impl="compiled") (its compile falls in the warm-up step)
+    molf_compiled  the same with MoLFAdamW(impl="compiled") (C++ kernels; a first build falls in the warm-up step)
     molf_e         molf.wrap(ranks=(16, 128), train_base=False) + MoLFAdamW (MoLF-Efficient; embeddings
                    and norms still train, densely)
     molf_e_frozen  the same with freeze_non_linear=True (only the LoRA experts train)
