@@ -1,5 +1,9 @@
 """The C++ kernels of ``impl="compiled"`` (``molf/csrc/cpu_step.cpp``), built on first use.
 
+``kernels(score)`` gives the extension module: ``advance_and_score`` (pass 1, module by module),
+``adamw_from_moments`` (pass 2, the winners) and ``gated_adamw`` (plain parameters), each checking a
+gradient for NaN/inf just before using it (see the source file's header).
+
 A score takes this path when it is a ``molf.router.Score`` with a ``cpp_term``: the C++ expression of
 its per-element term in ``m`` and ``u`` (EPD ``m * u``, PFN ``u * u``), the same term its Python
 ``term`` computes (the tests hold the two together). The kernels are compiled with
@@ -16,8 +20,6 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-
-import torch
 
 from .router import Score
 
@@ -41,7 +43,7 @@ def _build(term: str):
 
 
 def kernels(score: Score):
-    """The extension module for ``score`` (``nonfinite``, ``advance_and_score``, ``adamw_from_moments``),
+    """The extension module for ``score`` (``advance_and_score``, ``adamw_from_moments``, ``gated_adamw``),
     or None when the score has no ``cpp_term`` or building failed (then the eager path is the one to
     use). Builds at the first call per term in a process (or loads the cached build)."""
     term = getattr(score, "cpp_term", None)
@@ -74,8 +76,3 @@ def give_up(score: Score, err: Exception) -> None:
 def available(score) -> bool:
     """Whether ``impl="compiled"`` can run ``score`` here (building its kernels if needed)."""
     return isinstance(score, Score) and kernels(score) is not None
-
-
-def nonfinite(score: Score, grads: list[torch.Tensor]) -> torch.Tensor:
-    """Per gradient, a bool: its sum of squares (in its compute dtype) is NaN or inf."""
-    return _BUILT[score.cpp_term].nonfinite(grads)

@@ -4,7 +4,7 @@ As torch keeps ``_single_tensor_adam`` / ``_multi_tensor_adam`` beside its ``Ada
 optimizer (``molf.optim``) only collects the parameters and their state, decides which of them take
 part, and calls one of these::
 
-    impl(batch: ParamBatch, route: Route, *, score, scratch) -> None
+    impl(batch: ParamBatch, route: Route, *, score, scratch) -> None  (compiled_step: Skipped)
 
 - ``chunked_step`` (the CPU, ``Score`` objects only): each parameter is walked in cache-sized chunks,
   moments and score terms in one pass, then the winners' update in a second pass; losers' updates are
@@ -13,7 +13,8 @@ part, and calls one of these::
   passes as C++ kernels (``molf/csrc/cpu_step.cpp``, built on first use by ``molf._compiled``), each one
   call over all its parameters at memory speed: pass 1 advances the moments and sums the score's term
   (one read of g, m, v; one write of m, v), pass 2 updates the winners (one read of p, m, v; one write
-  of p); plain parameters take torch's fused AdamW kernel.
+  of p), and plain parameters take one whole AdamW step. The kernels check each gradient just before
+  they use it (from the cache), so this path alone returns what it skipped (``Skipped``).
 - ``foreach_step``: whole-list ``torch._foreach_*`` ops as torch's foreach AdamW; the decisions are
   read back once and the losers skipped.
 - ``masked_step`` (accelerators): the same ops, but the decisions stay on the device and are applied
@@ -65,6 +66,7 @@ class ParamBatch:
     bias1: list = field(default_factory=list)
     bias2_sqrt: list = field(default_factory=list)
     ok: torch.Tensor | None = None
+    module_of: list = field(default_factory=list)       # compiled path: module index per MoLF parameter
 
     _PER_PARAM = ("params", "local_params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "lrs", "wds",
                   "eps", "betas")
@@ -85,9 +87,19 @@ class ParamBatch:
         return out
 
 
-# route(sqrt_v=None, param_sums=None) -> bool tensor on the device, one flag per MoLF parameter of the
-# batch (in ``molf_index`` order): did its expert win? ``sqrt_v`` is the full per-parameter list.
+# route(sqrt_v=None, param_sums=None, skipped_modules=()) -> bool tensor on the device, one flag per MoLF
+# parameter of the batch (in ``molf_index`` order): did its expert win? ``sqrt_v`` is the full
+# per-parameter list; ``skipped_modules`` the module indices the compiled path skipped (no winner there).
 Route = Callable[..., torch.Tensor]
+
+
+@dataclass
+class Skipped:
+    """What the compiled path skipped for a non-finite gradient (the other paths skip before they start):
+    the batch positions of the parameters left untouched, and how many skips that is (one per module,
+    one per plain parameter), for the optimizer's counters."""
+    params: list
+    count: int
 
 
 def _chunks(*tensors: torch.Tensor):
@@ -148,33 +160,42 @@ def chunked_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
                              batch.bias1[i], batch.bias2_sqrt[i])
 
 
-def compiled_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
+def compiled_step(batch: ParamBatch, route: Route, *, score, scratch) -> Skipped:
     """CPU path on C++ kernels built from the score's ``cpp_term`` (``molf._compiled``; the optimizer
-    takes the chunked path instead when they are not available).
+    takes the chunked path instead when they are not available). Each kernel checks a gradient just
+    before it uses it, by the rule of the other paths, and leaves a module (or plain parameter) with a
+    non-finite one untouched; the optimizer hands them in unchecked (``batch.module_of`` tells the
+    modules apart) and learns what was skipped from the return value.
 
-    Pass 1, one call over every MoLF parameter: advance both moments in place and sum the score's term
-    over the advanced moments (one read of g, m, v, one write of m, v). Then route. Pass 2, one call over
-    the winners: the AdamW update from the advanced moments (one read of p, m, v, one write of p); losers
-    are not touched again. Plain parameters take torch's fused AdamW kernel (one pass). Each element-wise
-    op rounds as the chunked path's does; the score sums are added in another order (blocks of 2048 in
-    the compute dtype, then float64), so scores agree with the other paths to float rounding and the
-    decisions are the same.
+    Pass 1, one call over every MoLF parameter, module by module: check, advance both moments in place
+    and sum the score's term over the advanced moments (one read of g, m, v from memory, one write of m,
+    v). Then route. Pass 2, one call over the winners: the AdamW update from the advanced moments (one
+    read of p, m, v, one write of p); losers are not touched again. Plain parameters: check, then the
+    whole AdamW step, one call. Each element-wise op rounds as the chunked path's does; the score sums
+    are added in another order (blocks of 2048 in the compute dtype, then float64), so scores agree with
+    the other paths to float rounding and the decisions are the same.
     """
     from . import _compiled
 
     kernels = _compiled.kernels(score)
     if batch.ok is not None:
-        raise ValueError("compiled_step skips parameters on the host: give it only the parameters that step")
-    position = {i: j for j, i in enumerate(batch.molf_index)}
+        raise ValueError("compiled_step checks the gradients itself: give it the parameters unchecked (ok=None)")
+    skipped_params, skipped_modules = [], []
     sums = torch.zeros(len(batch.molf_index), dtype=torch.float64)
-    by_hyper: dict[tuple, list[int]] = {}
-    for i in batch.molf_index:
-        by_hyper.setdefault((*batch.betas[i], batch.eps[i]), []).append(i)
-    for (b1, b2, eps), idx in by_hyper.items():
-        sums[[position[i] for i in idx]] = kernels.advance_and_score(
+    by_hyper: dict[tuple, list[int]] = {}  # positions in molf_index, per (b1, b2, eps)
+    for j, i in enumerate(batch.molf_index):
+        by_hyper.setdefault((*batch.betas[i], batch.eps[i]), []).append(j)
+    for (b1, b2, eps), js in by_hyper.items():
+        idx, module_of = [batch.molf_index[j] for j in js], [batch.module_of[j] for j in js]
+        part, module_skipped = kernels.advance_and_score(
             [batch.grads[i] for i in idx], [batch.exp_avgs[i] for i in idx], [batch.exp_avg_sqs[i] for i in idx],
-            b1, b2, eps)
-    won = route(param_sums=sums)
+            module_of, b1, b2, eps)
+        sums[js] = part
+        if module_skipped.any():  # the kernel's modules come in order of first appearance in module_of
+            bad = {k for k, s in zip(dict.fromkeys(module_of), module_skipped.tolist()) if s}
+            skipped_modules += sorted(bad)
+            skipped_params += [i for i, k in zip(idx, module_of) if k in bad]
+    won = route(param_sums=sums, skipped_modules=skipped_modules)
     winners = [i for i, w in zip(batch.molf_index, won.tolist()) if w]
     if winners:
         kernels.adamw_from_moments(*([ts[i] for i in winners] for ts in (batch.local_params, batch.exp_avgs,
@@ -182,16 +203,18 @@ def compiled_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:
                                    *([xs[i] for i in winners] for xs in (batch.lrs, batch.wds, batch.bias1,
                                                                          batch.bias2_sqrt, batch.eps)))
     routed = set(batch.molf_index)
-    groups: dict[tuple, list[int]] = {}
-    for i in range(len(batch)):
-        if i not in routed:
-            groups.setdefault((batch.local_params[i].dtype, *batch.betas[i], batch.eps[i], batch.lrs[i],
-                               batch.wds[i]), []).append(i)
-    for (_, b1, b2, eps, lr, wd), idx in groups.items():
-        torch._fused_adamw_([batch.local_params[i] for i in idx], [batch.grads[i] for i in idx],
-                            [batch.exp_avgs[i] for i in idx], [batch.exp_avg_sqs[i] for i in idx], [],
-                            [batch.steps[i] for i in idx], amsgrad=False, lr=lr, beta1=b1, beta2=b2,
-                            weight_decay=wd, eps=eps, maximize=False)
+    plain = [i for i in range(len(batch)) if i not in routed]
+    if plain:
+        flags = kernels.gated_adamw(
+            *([ts[i] for i in plain] for ts in (batch.local_params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs)),
+            [batch.lrs[i] for i in plain], [batch.wds[i] for i in plain], [batch.betas[i][0] for i in plain],
+            [batch.betas[i][1] for i in plain], *([xs[i] for i in plain] for xs in (batch.eps, batch.bias1,
+                                                                                     batch.bias2_sqrt)))
+        skipped_params += [i for i, s in zip(plain, flags.tolist()) if s]
+        skipped_count = len(skipped_modules) + sum(flags.tolist())
+    else:
+        skipped_count = len(skipped_modules)
+    return Skipped(params=skipped_params, count=skipped_count)
 
 
 def foreach_step(batch: ParamBatch, route: Route, *, score, scratch) -> None:

@@ -310,7 +310,10 @@ class MoLFAdamW(torch.optim.Optimizer):
             for p in created:  # leave the optimizer as it was
                 del self.state[p]
             raise
-        gate = self._gate(batch, device, impl)
+        if impl == "compiled":  # its kernels check each gradient just before they use it, and say what they skipped
+            gate = self._gate_in_kernels(batch, device)
+        else:
+            gate = self._gate(batch, device)
         if impl == "masked":
             torch._foreach_add_(batch.steps, 1.0)
             batch.ok = gate.param_ok
@@ -323,7 +326,11 @@ class MoLFAdamW(torch.optim.Optimizer):
                 torch._foreach_add_(batch.steps, 1.0)
         batch.bias1, batch.bias2_sqrt = self._bias_corrections(batch)
         route = functools.partial(self._route, batch=batch, device=device, gate=gate)
-        IMPLEMENTATIONS[impl](batch, route, score=self.score_fn, scratch=self._scratch)
+        skipped = IMPLEMENTATIONS[impl](batch, route, score=self.score_fn, scratch=self._scratch)
+        if skipped is not None:  # the compiled path: give the skipped parameters their step counter back
+            for i in skipped.params:
+                batch.steps[i] -= 1
+            self._log.grad_skips += skipped.count
         return loss
 
     def _impl_for(self, batch: ParamBatch, device: torch.device) -> str:
@@ -394,15 +401,23 @@ class MoLFAdamW(torch.optim.Optimizer):
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
         return t
 
-    def _gate(self, batch: ParamBatch, device: torch.device, impl: str) -> _Gate:
+    def _gate_in_kernels(self, batch: ParamBatch, device: torch.device) -> _Gate:
+        """The compiled path checks the gradients inside its kernels: every parameter steps unless they
+        say otherwise (``functional.Skipped``); modules are told apart by ``batch.module_of``."""
+        plan = self._plan_for(device)
+        has_grad = torch.zeros(len(plan.modules), dtype=torch.bool, device=device)
+        if batch.molf_index:
+            has_grad = self._layout_for(batch, plan, device).has_grad
+            batch.module_of = [plan.param_module[id(batch.params[i])] for i in batch.molf_index]
+        return _Gate(param_ok=torch.ones(len(batch), dtype=torch.bool, device=device), module_ok=has_grad,
+                     has_grad=has_grad)
+
+    def _gate(self, batch: ParamBatch, device: torch.device) -> _Gate:
         """Non-finite gradient flags per parameter and module, on the device (no host read), from one
         multi-tensor L2 norm of the gradients: NaN/inf for any NaN/inf element, and inf too for elements
         so large (``|g|`` near 1e19 in float32) that ``g^2`` would make the second moment infinite. (The
         max-norm would flag exactly the non-finite elements, but it is ~10x slower on the CPU.)"""
-        if impl == "compiled":  # the same rule, in one C++ pass at memory speed
-            bad = _compiled.nonfinite(self.score_fn, batch.grads)
-        else:
-            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(batch.grads, 2)).float())
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(batch.grads, 2)).float())
         if self.process_group is not None or self._sharded:
             bad = self._reduce(bad.float()) > 0
         plan = self._plan_for(device)
@@ -519,11 +534,12 @@ class MoLFAdamW(torch.optim.Optimizer):
             self._scores(batch, device, sqrt_v=torch._foreach_sqrt([batch.exp_avg_sqs[i] for i in batch.molf_index]))
         self._checked.add(key)
 
-    def _route(self, sqrt_v=None, param_sums=None, *, batch: ParamBatch, device: torch.device,
-               gate: _Gate) -> torch.Tensor:
+    def _route(self, sqrt_v=None, param_sums=None, skipped_modules=(), *, batch: ParamBatch,
+               device: torch.device, gate: _Gate) -> torch.Tensor:
         """Score all experts of all modules at once, decide top-k per module on the device; return the
         winner flag (bool tensor, on the device) of every MoLF parameter of ``batch``. Modules that are
-        skipped (non-finite gradient) or have no gradient are not scored (NaN) and get no winner."""
+        skipped (non-finite gradient: ``gate``, or ``skipped_modules``, the module indices in which the
+        compiled path's kernels found one) or have no gradient are not scored (NaN) and get no winner."""
         plan = self._plan_for(device)
         M, K = len(plan.modules), plan.K
         if M == 0:
@@ -534,7 +550,11 @@ class MoLFAdamW(torch.optim.Optimizer):
             molf_sqrt_v = None if sqrt_v is None else [sqrt_v[i] for i in batch.molf_index]
             scores = self._scores(batch, device, sqrt_v=molf_sqrt_v, param_sums=param_sums)
             grid[plan.expert_slot] = scores.detach().float()
-        grid = torch.where(gate.module_ok.unsqueeze(1), grid.view(M, K), float("nan"))
+        module_ok = gate.module_ok
+        if skipped_modules:  # the compiled path found a non-finite gradient there
+            module_ok = module_ok.clone()
+            module_ok[list(skipped_modules)] = False
+        grid = torch.where(module_ok.unsqueeze(1), grid.view(M, K), float("nan"))
         winners, finite = decide(grid, plan.valid, plan.topk)
         log = self._log
         log.win_counts += winners

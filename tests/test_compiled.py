@@ -82,6 +82,30 @@ def test_compiled_skips_a_module_with_a_nonfinite_gradient_whole():
     assert all(torch.isfinite(p).all() for p in compiled[1])
 
 
+def test_compiled_skips_a_plain_parameter_with_a_nonfinite_gradient_alone():
+    runs = {}
+    for impl in ("chunked", "compiled"):
+        model = molf.wrap(toy(3, d=24), ranks=(4, 4))
+        opt = molf.MoLFAdamW(molf.param_groups(model, 2e-2, 4e-3, wd_fft=0.1, wd_lora=0.01), impl=impl)
+        for s in range(3):
+            opt.zero_grad()
+            loss_fn(model, batch(s)).backward()
+            if s == 1:
+                model.embed_tokens.weight.grad[0, 0] = float("inf")
+                before = model.embed_tokens.weight.detach().clone()
+            opt.step()
+            if s == 1:
+                assert torch.equal(model.embed_tokens.weight, before)  # skipped whole
+        runs[impl] = (opt, [p.detach().clone() for p in model.parameters()])
+    (chunked, p_chunked), (compiled, p_compiled) = runs["chunked"], runs["compiled"]
+    assert compiled.nonfinite_grad_skips == chunked.nonfinite_grad_skips == 1
+    assert compiled.nonfinite_skips == chunked.nonfinite_skips == 0
+    for p, q in zip(p_chunked, p_compiled):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    steps = [float(st["step"]) for st in compiled.state.values()]
+    assert sorted(set(steps)) == [2.0, 3.0] and steps.count(2.0) == 1  # the skipped one gave its step back
+
+
 def test_every_expert_winning_moves_as_adamw():
     model = molf.wrap(toy(1, d=16), ranks=(4,))
     reference, start = copy.deepcopy(model), [p.detach().clone() for p in model.parameters()]
@@ -112,7 +136,8 @@ def test_pass_one_kernel_advances_the_moments_and_sums_the_term_as_eager_ops(dty
     v = [torch.rand(s, generator=gen).to(dtype) * 0.01 for s in shapes]
     m_ref, v_ref = [x.clone() for x in m], [x.clone() for x in v]
     for b1, b2, eps in ((0.9, 0.999, 1e-8), (0.3, 0.95, 1e-6)):  # lerp weight above and below 0.5
-        sums = kernels.advance_and_score(g, m, v, b1, b2, eps)
+        sums, skipped = kernels.advance_and_score(g, m, v, [0, 1, 1], b1, b2, eps)
+        assert skipped.tolist() == [False, False]
         torch._foreach_lerp_(m_ref, g, 1 - b1)
         torch._foreach_mul_(v_ref, b2)
         torch._foreach_addcmul_(v_ref, g, g, 1 - b2)
@@ -139,25 +164,54 @@ def test_pass_two_kernel_is_the_decoupled_adamw_update():
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-8)
 
 
-def test_nonfinite_kernel_flags_what_the_eager_rule_flags():
-    kernels = _compiled.kernels(epd)
+def grads_and_flags():
+    """Gradients with a NaN, a -inf in a later chunk, an overflowing square (float32) and its float64 twin
+    (no overflow), a bfloat16 inf, and the optimizer's eager rule for each (a non-finite 2-norm)."""
     grads = [torch.ones(100_000), torch.ones(5), torch.ones(70_000), torch.full((4,), 1e20),
              torch.full((4,), 1e20, dtype=torch.float64), torch.ones(3, dtype=torch.bfloat16)]
     grads[1][2] = float("nan")
     grads[2][69_999] = float("-inf")  # in the second chunk of the tensor
     grads[5][0] = float("inf")
-    flags = kernels.nonfinite(grads).tolist()
-    assert flags == [False, True, True, True, False, True]
     eager = [not torch.isfinite(n).item() for n in torch._foreach_norm(grads, 2)]
-    assert flags == eager
+    assert eager == [False, True, True, True, False, True]
+    return grads, eager
+
+
+def test_gated_adamw_skips_exactly_what_the_eager_rule_skips_and_steps_the_rest():
+    kernels = _compiled.kernels(epd)
+    grads, eager = grads_and_flags()
+    params = [torch.zeros_like(g) for g in grads]
+    m, v = [torch.zeros_like(g) for g in grads], [torch.zeros_like(g) for g in grads]
+    n = len(grads)
+    flags = kernels.gated_adamw(params, grads, m, v, [0.1] * n, [0.0] * n, [0.9] * n, [0.999] * n, [1e-8] * n,
+                                [0.1] * n, [0.999 ** 0.5 * 0.0316] * n)
+    assert flags.tolist() == eager
+    for p, mi, vi, skip in zip(params, m, v, eager):
+        untouched = not p.any() and not mi.any() and not vi.any()
+        assert untouched == skip
+
+
+def test_pass_one_skips_a_whole_module_with_a_nonfinite_gradient():
+    kernels = _compiled.kernels(epd)
+    grads, eager = grads_and_flags()
+    m, v = [torch.zeros_like(g) for g in grads], [torch.zeros_like(g) for g in grads]
+    module_of = [7, 3, 7, 5, 9, 6]  # tensors 0 and 2 share module 7, which tensor 2 spoils
+    sums, skipped = kernels.advance_and_score(grads, m, v, module_of, 0.9, 0.999, 1e-8)
+    assert skipped.tolist() == [True, True, True, False, True]  # modules 7, 3, 5, 9, 6: first appearance
+    assert [bool(torch.isnan(s)) for s in sums] == [True, True, True, True, False, True]
+    for mi, vi, k in zip(m, v, module_of):
+        assert (not mi.any() and not vi.any()) == (k != 9)
 
 
 def test_kernels_refuse_mismatched_lists():
     kernels = _compiled.kernels(epd)
     with pytest.raises(RuntimeError, match="does not match"):
-        kernels.advance_and_score([torch.ones(4)], [torch.ones(5)], [torch.ones(4)], 0.9, 0.999, 1e-8)
+        kernels.advance_and_score([torch.ones(4)], [torch.ones(5)], [torch.ones(4)], [0], 0.9, 0.999, 1e-8)
     with pytest.raises(RuntimeError, match="contiguous"):
-        kernels.advance_and_score([torch.ones(4, 4)], [torch.ones(4, 4).t()], [torch.ones(4, 4)], 0.9, 0.999, 1e-8)
+        kernels.advance_and_score([torch.ones(4, 4)], [torch.ones(4, 4).t()], [torch.ones(4, 4)], [0], 0.9, 0.999,
+                                  1e-8)
+    with pytest.raises(RuntimeError, match="module index per tensor"):
+        kernels.advance_and_score([torch.ones(4)], [torch.ones(4)], [torch.ones(4)], [0, 1], 0.9, 0.999, 1e-8)
 
 
 def test_a_score_without_cpp_term_takes_the_chunked_path():
