@@ -177,10 +177,12 @@ def main(argv=None) -> None:
         if m not in med:
             continue
         excess = med[m]["total"] / med["fft"]["total"] - 1
-        print(f"{label} step excess over fft: {excess:+.0%} (fwd+bwd {med[m]['fb'] / med['fft']['fb'] - 1:+.0%}, "
-              f"optimizer {med[m]['opt'] / med['fft']['opt']:.1f} x fft's); allowed: {allowed:+.0%} = extra LoRA "
-              f"FLOPs {lora_flops:+.0%} of fwd+bwd + optimizer at 1.3 x fused ({opt_target * 1e3:.0f} ms): "
-              f"{'met' if excess <= allowed else 'not met'}")
+        excess_min = min(parts[m]["total"]) / min(parts["fft"]["total"]) - 1  # the min: least disturbed step
+        print(f"{label} step excess over fft: {excess:+.0%} median, {excess_min:+.0%} min (fwd+bwd "
+              f"{med[m]['fb'] / med['fft']['fb'] - 1:+.0%}, optimizer {med[m]['opt'] / med['fft']['opt']:.1f} x "
+              f"fft's); allowed: {allowed:+.0%} = extra LoRA FLOPs {lora_flops:+.0%} of fwd+bwd + optimizer at "
+              f"1.3 x fused ({opt_target * 1e3:.0f} ms): {'met' if excess <= allowed else 'not met'} (median), "
+              f"{'met' if excess_min <= allowed else 'not met'} (min)")
     for m in ("molf_e", "molf_e_frozen"):
         if m in memory and "lora" in memory:
             print(f"target {m} peak memory <= 1.1 x lora (r=128): {mem[m]['peak'] / mem['lora']['peak']:.2f} (total RSS), "
