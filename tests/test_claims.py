@@ -1,14 +1,9 @@
 """experiments/report.py's Claims section on a fake results folder whose outcomes are known."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pandas as pd
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("report", ROOT / "experiments" / "report.py")
-report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
+from scripts import report
 
 N = 100  # items per task
 

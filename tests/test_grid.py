@@ -1,22 +1,10 @@
 """The experiment grid runner (experiments/grid.py) on the tiny model: lr sweep on the selection seed,
 extra seeds at the picked lr only, test on picked runs, CSVs, model pruning, budget stop, resume."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("grid", ROOT / "experiments" / "grid.py")
-grid = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(grid)
-_spec = importlib.util.spec_from_file_location("report", ROOT / "experiments" / "report.py")
-report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
-_spec = importlib.util.spec_from_file_location("figures", ROOT / "experiments" / "figures.py")
-figures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(figures)
+from scripts import ROOT, figures, grid, report
 
 SPEC = {
     "model": "tiny", "tasks": ["fact"], "steps": 2, "batch_size": 2, "seq_len": 32, "eval_limit": 4,

@@ -1,6 +1,5 @@
 """The retention probe (molf.lab.retention, data/retention/probe.jsonl): the shipped file's invariants,
 scoring on models whose answers are known, and its place in the grid (experiments/grid.py) and report."""
-import importlib.util
 import json
 import re
 import subprocess
@@ -11,16 +10,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from scripts import ROOT, grid, load_script, report
 
 from molf.lab import models, retention, tasks
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("grid", ROOT / "experiments" / "grid.py")
-grid = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(grid)
-_spec = importlib.util.spec_from_file_location("report", ROOT / "experiments" / "report.py")
-report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +73,7 @@ def test_the_probe_is_read_from_molf_data_and_bad_rows_name_their_line(tmp_path,
     path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "id": "b"}) + "\n")
     assert [r["id"] for r in retention.load()] == ["a", "b"] and retention.probe_path() == path
     assert retention.load(limit=1) == [good]
-    bad = [({**good, "id": "a"}, "id 'a' already used on line 1"),
+    bad = [({**good, "id": "a"}, "id 'a' already used on " + str(path) + " line 1"),
            ({k: v for k, v in good.items() if k != "target"}, "missing field 'target'"),
            ({**good, "target": "cold"}, "starting with a space, got 'cold'"),
            ({**good, "distractors": []}, "at least one answer"),
@@ -254,9 +246,7 @@ def test_the_whitelist_keeps_retention_records_of_v1_and_v2_runs():
 
 
 def test_generator_assertions_hold_for_the_candidates(tokenizer):
-    spec = importlib.util.spec_from_file_location("generate_retention", ROOT / "data" / "generate_retention.py")
-    generator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generator)
+    generator = load_script("generate_retention", folder="data")
     rows = generator.build_candidates(tokenizer)
     generator.check_no_task_overlap(rows)
     shipped = {r["id"]: r for r in retention.load()}

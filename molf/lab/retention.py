@@ -18,7 +18,6 @@ retention.evaluate(model, tokenizer, retention.load())     # {"retention": 1.0, 
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -64,24 +63,15 @@ def load(path: str | Path | None = None, limit: int | None = None) -> list[dict]
         raise FileNotFoundError(f"retention probe {path} not found: it ships in the checkout's data/retention/ "
                                 f"(copy that folder into $MOLF_DATA when the data live elsewhere), or rebuild "
                                 f"it with `python data/generate_retention.py`")
-    rows, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path} line {line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error})") from None
-            validate_row(row, where)
-            if row["id"] in seen:
-                raise ValueError(f"{where}: id {row['id']!r} already used on line {seen[row['id']]}")
-            seen[row["id"]] = line_number
-            rows.append(row)
-    return rows
+    seen = {}
+
+    def check(row, where):
+        validate_row(row, where)
+        if row["id"] in seen:
+            raise ValueError(f"{where}: id {row['id']!r} already used on {seen[row['id']]}")
+        seen[row["id"]] = where
+
+    return tasks.read_jsonl(path, check, limit)
 
 
 def candidate_tokens(tokenizer, row: dict) -> list[int]:

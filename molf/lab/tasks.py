@@ -244,6 +244,12 @@ def _load_local(name: str, split: str, limit: int | None, writes: bool = False) 
     path = data_dir() / name / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `python data/generate.py` or set MOLF_DATA")
+    return read_jsonl(path, lambda row, where: validate_row(name, row, where, allow_writes=writes), limit)
+
+
+def read_jsonl(path: Path, validate, limit: int | None = None) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped, at most ``limit``), each passed to
+    ``validate(row, where)`` first, ``where`` being "<path> line <n>" for its error messages."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -256,7 +262,7 @@ def _load_local(name: str, split: str, limit: int | None, writes: bool = False) 
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error})") from None
-            validate_row(name, row, where, allow_writes=writes)
+            validate(row, where)
             rows.append(row)
     return rows
 
