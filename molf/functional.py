@@ -26,8 +26,8 @@ Each advances the moments of every parameter in ``batch``, calls ``route`` exact
 ``sqrt(v)`` list or the per-parameter score sums it computed) to learn which MoLF parameters won, and
 applies the decoupled AdamW update to the winners and to the plain parameters. On the chunked, foreach
 and masked paths every element-wise op is the one torch's foreach AdamW applies, in the same order, so
-a forced winner moves exactly as
-``torch.optim.AdamW(foreach=True)`` would move it; on the compiled path it moves as that to rounding.
+a forced winner moves exactly as ``torch.optim.AdamW(foreach=True)`` would move it; on the compiled
+path it moves as that to rounding.
 """
 from __future__ import annotations
 

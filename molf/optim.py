@@ -48,8 +48,10 @@ read-back; the arithmetic lives in ``molf.functional``, four functions with one 
 - ``"compiled"`` (the CPU, ``Score`` objects, contiguous tensors): the two passes as C++ kernels
   (``molf/csrc/cpu_step.cpp``), one call each over all parameters at memory speed: pass 1 advances
   the moments in place and sums the score's term (its ``cpp_term``: built-in for EPD and PFN), pass 2
-  updates the winners only; plain parameters take torch's fused AdamW kernel, and the non-finite
-  gradient check is one C++ pass too. The fastest CPU path. The first use on a machine builds the
+  updates the winners only; plain parameters take one whole AdamW step each. The kernels check each
+  gradient just before they use it (so it is read from memory once), skip what the other paths skip
+  and report it back (under FSDP the optimizer's own, all-reduced check runs first, so that every
+  rank skips the same modules). The fastest CPU path. The first use on a machine builds the
   kernels (~20-60 s, announced by one line on the ``molf`` logger; later processes load the cached
   build in about a second); a score without ``cpp_term``, or a failed build (said in one line), takes
   the chunked path instead. Each op rounds as the chunked path's does; the score sums are added in
@@ -310,8 +312,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             for p in created:  # leave the optimizer as it was
                 del self.state[p]
             raise
-        if impl == "compiled":  # its kernels check each gradient just before they use it, and say what they skipped
-            gate = self._gate_in_kernels(batch, device)
+        if impl == "compiled" and not self._shared_experts:
+            gate = self._gate_in_kernels(batch, device)  # the kernels check, and report what they skipped
         else:
             gate = self._gate(batch, device)
         if impl == "masked":
@@ -325,6 +327,9 @@ class MoLFAdamW(torch.optim.Optimizer):
             if batch.steps:
                 torch._foreach_add_(batch.steps, 1.0)
         batch.bias1, batch.bias2_sqrt = self._bias_corrections(batch)
+        if impl == "compiled":  # the kernels check module by module
+            plan = self._plan_for(device)
+            batch.module_of = [plan.param_module[id(batch.params[i])] for i in batch.molf_index]
         route = functools.partial(self._route, batch=batch, device=device, gate=gate)
         skipped = IMPLEMENTATIONS[impl](batch, route, score=self.score_fn, scratch=self._scratch)
         if skipped is not None:  # the compiled path: give the skipped parameters their step counter back
@@ -397,18 +402,22 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks that share the experts (FSDP); in place, returned."""
-        if self.process_group is not None or self._sharded:
+        if self._shared_experts:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group)
         return t
 
+    @property
+    def _shared_experts(self) -> bool:
+        """Each rank holds a shard of every expert (FSDP): flags and score sums are all-reduced."""
+        return self.process_group is not None or self._sharded
+
     def _gate_in_kernels(self, batch: ParamBatch, device: torch.device) -> _Gate:
         """The compiled path checks the gradients inside its kernels: every parameter steps unless they
-        say otherwise (``functional.Skipped``); modules are told apart by ``batch.module_of``."""
+        say otherwise (``functional.Skipped``)."""
         plan = self._plan_for(device)
         has_grad = torch.zeros(len(plan.modules), dtype=torch.bool, device=device)
         if batch.molf_index:
             has_grad = self._layout_for(batch, plan, device).has_grad
-            batch.module_of = [plan.param_module[id(batch.params[i])] for i in batch.molf_index]
         return _Gate(param_ok=torch.ones(len(batch), dtype=torch.bool, device=device), module_ok=has_grad,
                      has_grad=has_grad)
 
@@ -418,7 +427,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         so large (``|g|`` near 1e19 in float32) that ``g^2`` would make the second moment infinite. (The
         max-norm would flag exactly the non-finite elements, but it is ~10x slower on the CPU.)"""
         bad = ~torch.isfinite(torch.stack(torch._foreach_norm(batch.grads, 2)).float())
-        if self.process_group is not None or self._sharded:
+        if self._shared_experts:
             bad = self._reduce(bad.float()) > 0
         plan = self._plan_for(device)
         M = len(plan.modules)
