@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import platform
 import time
 from pathlib import Path
 
@@ -31,12 +32,21 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_step.cpp"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
 _BUILT: dict = {}    # cpp_term -> extension module, or None when building failed
-_FAILED: dict = {}   # cpp_term -> the exception that made it fall back
+
+
+def _cpu_features() -> str:
+    """What -march=native compiles for: the CPU's feature flags (Linux), else the architecture's name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line for line in f if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def _build(term: str):
     source = f"#define MOLF_TERM(m, u) ({term})\n" + SOURCE.read_text()
-    name = "molf_cpu_step_" + hashlib.sha1(term.encode()).hexdigest()[:12]
+    # One build per term and CPU (a cache shared by machines of other CPUs must not hand them this one)
+    name = "molf_cpu_step_" + hashlib.sha1((term + _cpu_features()).encode()).hexdigest()[:12]
     from torch.utils.cpp_extension import load_inline  # setuptools and friends: only when asked for
 
     return load_inline(name, cpp_sources=[source], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
@@ -66,8 +76,7 @@ def kernels(score: Score):
 
 
 def give_up(score: Score, err: Exception) -> None:
-    """The kernels of ``score`` failed to build or to run: use the eager path for it from now on."""
-    _FAILED[score.cpp_term] = err
+    """The kernels of ``score`` failed to build: use the eager path for it from now on (one log line)."""
     _BUILT[score.cpp_term] = None
     log.warning("molf: the C++ kernels of score %r failed (%s: %s); impl='compiled' uses the eager chunked "
                 "path instead", score.name, type(err).__name__, (str(err).strip().splitlines() or [''])[-1][:200])
