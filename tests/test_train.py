@@ -75,6 +75,23 @@ def test_resume_refuses_a_different_config(tmp_path):
         run(cfg(tmp_path, method="molf", steps=4, lr_fft=1e-3, out_dir=str(tmp_path / "r")))
 
 
+def test_optimizer_impl_compiled_trains_like_auto_and_is_part_of_the_run(tmp_path):
+    import json
+
+    from molf.lab.train import run_identity
+    auto = run(cfg(tmp_path, method="molf", steps=4, out_dir=str(tmp_path / "auto")))
+    compiled = run(cfg(tmp_path, method="molf", steps=4, optimizer_impl="compiled", out_dir=str(tmp_path / "c")))
+    a, c = runs.load(auto.out_dir), runs.load(compiled.out_dir)
+    pd.testing.assert_frame_equal(a.routing.drop(columns="score"), c.routing.drop(columns="score"))  # decisions
+    for (n, p), (_, q) in zip(auto.model.named_parameters(), compiled.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="optimizer_impl"):  # another run: it rounds differently
+        run(cfg(tmp_path, method="molf", steps=4, out_dir=str(tmp_path / "auto"), optimizer_impl="compiled"))
+    saved = json.loads((auto.out_dir / "config.json").read_text())
+    saved.pop("optimizer_impl")  # a run written before the field existed ran with "auto"
+    assert run_identity(saved) == run_identity(auto.config)
+
+
 def test_final_model_is_merged_and_reloads_in_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
     result = run(cfg(tmp_path, method="molf", save_model=True))
@@ -99,6 +116,8 @@ def test_final_model_is_merged_and_reloads_in_plain_transformers(tmp_path):
     (dict(steps=None), "exactly one of steps and epochs"),
     (dict(schedule="step"), "unknown schedule"),
     (dict(score="magic"), "unknown score 'magic'"),
+    (dict(optimizer_impl="fast"), "unknown optimizer_impl 'fast'"),
+    (dict(method="lora", optimizer_impl="compiled"), "method 'lora' trains with torch's AdamW"),
 ])
 def test_bad_config_is_rejected_before_training(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from .. import _validate as _check
 from ..model import DEFAULT_ALPHA, merge, no_weight_decay, param_groups, wrap, wrapped_modules
-from ..optim import MoLFAdamW
+from ..optim import IMPLS, MoLFAdamW
 from ..router import SCORES
 from ..routing_log import RoutingRecord
 from . import models, runs, tasks
@@ -137,6 +137,9 @@ class TrainConfig:
     dtype: str = "float32"             # "float32" or "bfloat16": the weights' dtype
     autocast: bool = False             # bf16 autocast of forward and loss (weights stay in dtype)
     gradient_checkpointing: bool = False
+    # MoLFAdamW's step implementation (molf and molf_e only): "auto" (eager), or "compiled" for the C++
+    # kernels on the CPU (same decisions, parameters to rounding; built on first use, ~1 min once)
+    optimizer_impl: str = "auto"
     progress: bool = True
 
     def resolved(self) -> TrainConfig:
@@ -185,6 +188,11 @@ def _validate(c: TrainConfig) -> None:
     _check.fraction("warmup_ratio", c.warmup_ratio)
     if c.max_grad_norm is not None:
         _check.number("max_grad_norm", c.max_grad_norm, positive=True)
+    if c.optimizer_impl not in IMPLS:
+        raise ValueError(f"unknown optimizer_impl {c.optimizer_impl!r}; use one of {IMPLS}")
+    if c.optimizer_impl != "auto" and c.method not in MOLF_METHODS:
+        raise ValueError(f"optimizer_impl={c.optimizer_impl!r} chooses how MoLFAdamW steps; method {c.method!r} "
+                         f"trains with torch's AdamW: leave optimizer_impl at 'auto'")
     if c.score is not None and c.score not in SCORES:
         raise ValueError(f"unknown score {c.score!r}; use one of {sorted(SCORES)}")
     if c.ranks is not None:
@@ -275,7 +283,8 @@ def build(config: TrainConfig, model: torch.nn.Module, total_steps: int):
     wrap(model, ranks=c.ranks, alphas=c.alphas, rslora=True, dropout=c.dropout,
          train_base=c.method == "molf", freeze_non_linear=bool(c.freeze_non_linear))
     groups = param_groups(model, lr_fft=c.lr_fft, lr_lora=c.lr_lora, wd_fft=c.wd_fft, wd_lora=c.wd_lora)
-    return model, MoLFAdamW(groups, score=c.score, topk=c.topk, betas=(0.9, 0.999), eps=1e-8)
+    return model, MoLFAdamW(groups, score=c.score, topk=c.topk, betas=(0.9, 0.999), eps=1e-8,
+                            impl=c.optimizer_impl)
 
 
 def make_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: float):
@@ -599,7 +608,7 @@ def _config_json(c: TrainConfig) -> str:
 # Gradient checkpointing recomputes the same activations: only memory and time change.
 NOT_RUN_IDENTITY = ("out_dir", "progress", "save_every", "keep_checkpoint", "save_model", "gradient_checkpointing")
 # Fields added after runs were already written: a saved config without one ran with its default.
-_LATER_FIELDS = {"source": "local", "metric_variant": "ours", "autocast": False}
+_LATER_FIELDS = {"source": "local", "metric_variant": "ours", "autocast": False, "optimizer_impl": "auto"}
 
 
 def run_identity(config: TrainConfig | dict) -> dict:
