@@ -37,7 +37,8 @@ method "alpha_rule": "match_lora_scale" (adalora: the lora_alpha that gives peft
 by alpha / its initial rank, the initial scale alpha / sqrt(r) of LoRA here).
 Every test evaluation writes test_predictions.jsonl (one record per item: id, prediction, correct, task
 fields; molf.lab.tasks.evaluate(..., return_items=True)) beside test_metrics.json; the CSVs carry each
-run's trainable_params and last_quarter_drop (how much the training loss still fell in the last quarter).
+run's trainable_params, last_quarter_drop (how much the training loss still fell in the last quarter, relative
+to its level there) and last_quarter_share (the share of the run's whole loss decrease made in that quarter).
 It also scores the retention probe (molf.lab.retention: what the pretrained model knew that no task
 trains): "retention" / "retention_n" in test_metrics.json (test_retention in the CSV, a retention mean
 and std in the summary), one record per probe item in retention_predictions.jsonl.
@@ -304,18 +305,39 @@ def update_shares(metrics: dict, topk: int | None) -> dict:
     return {f"updated_{e}": sum(counts.get(e, 0) for counts in wins.values()) / decisions for e in experts}
 
 
-def last_quarter_drop(losses) -> float | None:
-    """How much the training loss still fell in the last quarter of training, relative to where the
-    quarter began: ``(L(3/4) - L(1)) / L(3/4)``, each L the mean loss of a window of max(1, steps // 10)
-    steps ending at that point (a smoothed loss). Near 0: the loss has flattened. None under 4 steps."""
+def smoothed_losses(losses) -> tuple[float, float, float] | None:
+    """The training loss at the start, at 3/4 and at the end of a run, each the mean of a window of
+    max(1, steps // 10) steps (the first window; the one ending at 3/4; the last). None under 4 steps."""
     losses = [float(x) for x in losses]
     if len(losses) < 4:
         return None
     window = max(1, len(losses) // 10)
-    end_of_third = (3 * len(losses)) // 4
-    start = statistics.fmean(losses[max(0, end_of_third - window):end_of_third])
-    end = statistics.fmean(losses[-window:])
+    three_quarters = (3 * len(losses)) // 4
+    return (statistics.fmean(losses[:window]),
+            statistics.fmean(losses[max(0, three_quarters - window):three_quarters]),
+            statistics.fmean(losses[-window:]))
+
+
+def last_quarter_drop(losses) -> float | None:
+    """How much the training loss still fell in the last quarter of training, relative to where the
+    quarter began: ``(L(3/4) - L(1)) / L(3/4)`` (smoothed, ``smoothed_losses``). Near 0: the loss has
+    flattened. Unstable once the loss is near 0 (a memorised training set): see last_quarter_share."""
+    windows = smoothed_losses(losses)
+    if windows is None:
+        return None
+    _, start, end = windows
     return (start - end) / start if start else None
+
+
+def last_quarter_share(losses) -> float | None:
+    """The share of the run's whole loss decrease that came in its last quarter:
+    ``(L(3/4) - L(1)) / (L(0) - L(1))`` (smoothed, ``smoothed_losses``); scale-free, so it stays
+    meaningful when the loss ends near 0. Near 0: flattened. None when the loss did not decrease."""
+    windows = smoothed_losses(losses)
+    if windows is None:
+        return None
+    first, start, end = windows
+    return (start - end) / (first - end) if first > end else None
 
 
 def finished_row(out: Path, results: Path, model, task, label, lr, seed, topk: int | None) -> dict | None:
@@ -326,15 +348,13 @@ def finished_row(out: Path, results: Path, model, task, label, lr, seed, topk: i
             "dir": str(out.relative_to(results)), "val_score": analysis.primary_score(m),
             "primary_metric": m["primary_metric"], "metric_variant": m.get("metric_variant", "ours"),
             "final_loss": m["final_loss"], "train_time_s": m["train_time_s"],
-            "trainable_params": m["trainable_params"], "last_quarter_drop": _loss_drop(out),
-            **update_shares(m, topk)}
+            "trainable_params": m["trainable_params"], **_loss_flattening(out), **update_shares(m, topk)}
 
 
-def _loss_drop(out: Path) -> float | None:
+def _loss_flattening(out: Path) -> dict:
     steps = out / "steps.csv"
-    if not steps.is_file():
-        return None
-    return last_quarter_drop(pd.read_csv(steps)["loss"].tolist())
+    losses = pd.read_csv(steps)["loss"].tolist() if steps.is_file() else []
+    return {"last_quarter_drop": last_quarter_drop(losses), "last_quarter_share": last_quarter_share(losses)}
 
 
 def pick_lrs(sweep: pd.DataFrame, spec: dict, extended: dict | None = None) -> tuple[dict, set]:
@@ -665,6 +685,7 @@ def main(argv=None) -> int:
                               "primary_metric": r.primary_metric, "metric_variant": r.metric_variant,
                               "sweep_complete": (model, task, label) in complete,
                               "trainable_params": r.trainable_params, "last_quarter_drop": r.last_quarter_drop,
+                              "last_quarter_share": r.last_quarter_share,
                               **{f"test_{k}": v for k, v in metrics.items() if k != r.primary_metric},
                               **{k: r[k] for k in shares if pd.notna(r[k])}})
     if not args.keep_models:
@@ -684,6 +705,7 @@ def main(argv=None) -> int:
                     primary_metric=("primary_metric", "first"), metric_variant=("metric_variant", "first"),
                     trainable_params=("trainable_params", "first"),
                     last_quarter_drop=("last_quarter_drop", "max"),
+                    last_quarter_share=("last_quarter_share", "max"),
                     **{c: (c, "mean") for c in shares if c in test},
                     **({"retention": ("test_retention", "mean"),
                         "retention_std": ("test_retention", lambda s: s.std(ddof=1) if len(s) > 1 else float("nan"))}

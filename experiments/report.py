@@ -271,15 +271,18 @@ def retention_lines(results: Path, table: str) -> str:
 
 
 def runs_table(test: pd.DataFrame) -> str:
-    """Every test run: score, trainable parameters and how much the loss still fell in the last quarter."""
-    lines = ["| task | method | seed | lr | score (test) | trainable params | last-quarter loss drop |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    """Every test run: score, trainable parameters and how much the loss still fell in the last quarter
+    (relative to its level there, and as a share of the run's whole decrease)."""
+    lines = ["| task | method | seed | lr | score (test) | trainable params | last-quarter loss drop | "
+             "share of the whole decrease |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def percent(r, column):
+        return f"{100 * r[column]:.1f}%" if column in r and pd.notna(r[column]) else "?"
+
     for _, r in test.sort_values(["task", "method", "seed"]).iterrows():
         params = f"{r.trainable_params / 1e6:.1f}M" if "trainable_params" in r and pd.notna(r.trainable_params) else "?"
-        drop = (f"{100 * r.last_quarter_drop:.1f}%" if "last_quarter_drop" in r and pd.notna(r.last_quarter_drop)
-                else "?")
         lines.append(f"| {r.task} | {method_label(r.method)} | {int(r.seed)} | {r.lr:g} | {100 * r.test_score:.1f} | "
-                     f"{params} | {drop} |")
+                     f"{params} | {percent(r, 'last_quarter_drop')} | {percent(r, 'last_quarter_share')} |")
     return "\n".join(lines)
 
 

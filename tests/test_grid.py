@@ -244,6 +244,16 @@ def test_the_whitelist_keeps_the_predictions_of_v1_and_v2_runs():
     assert sorted(ignored) == sorted(dropped)
 
 
+def test_last_quarter_share_is_the_part_of_the_whole_decrease_made_in_the_last_quarter():
+    assert grid.last_quarter_share([4.0, 3.0, 2.0, 1.0]) == pytest.approx((2.0 - 1.0) / (4.0 - 1.0))
+    assert grid.last_quarter_share([1.0] * 40) is None  # no decrease: nothing to share
+    assert grid.last_quarter_share([1.0, 2.0]) is None
+    # a loss that ends near 0: the relative drop swings wildly, the share stays near 0
+    memorised = [5.0 - i for i in range(5)] + [1e-4] * 30 + [1e-4 + 1e-3 * (i % 2) for i in range(5)]
+    assert grid.last_quarter_drop(memorised) < -1
+    assert abs(grid.last_quarter_share(memorised)) < 1e-3
+
+
 def test_last_quarter_drop_is_the_smoothed_relative_fall_over_the_last_quarter():
     assert grid.last_quarter_drop([4.0, 3.0, 2.0, 1.0]) == pytest.approx((2.0 - 1.0) / 2.0)
     assert grid.last_quarter_drop([1.0] * 40) == 0.0
