@@ -174,7 +174,25 @@ def _compare(test, results, table, task, a, b, margin: float | None = None) -> t
         verdict = stats.verdict(c)
     else:
         verdict = ("reproduced" if c.low > -margin else "not reproduced" if c.high < -margin else "inconclusive")
-    return verdict, f"{task}: {c.line(a, b)}, {seeds} seeds → {verdict}"
+    text = f"{task}: {c.line(a, b)}, {seeds} seeds → {verdict}"
+    unfinished = _unfinished(test, task, (a, b), seeds)
+    if unfinished and verdict != "inconclusive":  # the numbers so far, but no verdict yet
+        return "inconclusive", f"{text} so far, preliminary ({unfinished})"
+    return verdict, text
+
+
+def _unfinished(test: pd.DataFrame, task: str, methods, seeds: int) -> str:
+    """Why a comparison is not final yet, as the grid's CSV tells (empty when it is, or cannot tell):
+    an lr sweep still running (the picked lr may change), or fewer seeds than the table plans."""
+    rows = test[(test.task == task) & test.method.isin(methods)]
+    reasons = []
+    if "sweep_complete" in rows:
+        open_sweeps = sorted(set(rows[~rows.sweep_complete.astype(bool)].method))
+        if open_sweeps:
+            reasons.append(f"lr sweep of {', '.join(open_sweeps)} unfinished")
+    if "seeds_planned" in rows and seeds < int(rows.seeds_planned.max()):
+        reasons.append(f"{seeds} of {int(rows.seeds_planned.max())} seeds")
+    return "; ".join(reasons)
 
 
 def _combine(verdicts: list[str]) -> str:
@@ -266,7 +284,9 @@ def retention_lines(results: Path, table: str) -> str:
         c = stats.paired_bootstrap(xs, ys)
         side = ("LoRA retains more" if c.low > 0 else "FFT retains more" if c.high < 0
                 else "no difference shown")
-        lines.append(f"retention: {task}: {c.line('lora', 'fft')}, {seeds} seeds → {side}")
+        unfinished = _unfinished(test, task, ("lora", "fft"), seeds)
+        lines.append(f"retention: {task}: {c.line('lora', 'fft')}, {seeds} seeds → {side}"
+                     + (f" so far, preliminary ({unfinished})" if unfinished else ""))
     return "\n".join(lines)
 
 

@@ -67,6 +67,20 @@ def test_a_small_difference_is_inconclusive_and_a_clear_loss_within_margin_claim
     assert "no test runs of molf_e" in claims[3]
 
 
+def test_an_unfinished_table_shows_its_numbers_but_gives_no_verdict_yet(tmp_path):
+    outcomes = {("fact", "fft"): [correct_share(0.9)], ("fact", "lora"): [correct_share(0.3)]}
+    results = fake_results(tmp_path, outcomes)
+    csv = pd.read_csv(results / "tbl.csv")
+    for open_sweep, planned, why in ((True, 1, "lr sweep of lora unfinished"), (False, 5, "1 of 5 seeds")):
+        csv.assign(sweep_complete=[True, not open_sweep], seeds_planned=planned).to_csv(results / "tbl.csv",
+                                                                                        index=False)
+        claim = lines_of(report.claims_section(results, "tbl"))[1]
+        assert claim.startswith("claim 1: inconclusive")
+        assert f"→ reproduced so far, preliminary ({why})" in claim and "fft 0.900 vs lora 0.300" in claim
+    csv.assign(sweep_complete=True, seeds_planned=1).to_csv(results / "tbl.csv", index=False)
+    assert lines_of(report.claims_section(results, "tbl"))[1].startswith("claim 1: reproduced")
+
+
 def test_runs_without_predictions_get_no_verdict(tmp_path):
     outcomes = {("fact", "fft"): [correct_share(0.9)], ("fact", "lora"): [correct_share(0.1)]}
     claims = lines_of(report.claims_section(fake_results(tmp_path, outcomes, with_predictions=False), "tbl"))
