@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import molf
+from molf import _compiled, routing_log
 from molf import distributed as md
-from molf import routing_log
 from molf.lab.models import tiny_config
 from molf.lab.runs import read_routing
 
@@ -70,7 +70,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, mode, port, out):
+def _worker(rank, mode, port, out, impl="auto"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -82,19 +82,20 @@ def _worker(rank, mode, port, out):
         else:
             from torch.distributed.device_mesh import init_device_mesh
             trained = md.shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
-        opt = molf.MoLFAdamW(molf.param_groups(model, LR_FFT, LR_LORA))
+        opt = molf.MoLFAdamW(molf.param_groups(model, LR_FFT, LR_LORA), impl=impl)
         local = [p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()]
         record = train(trained, opt, rank, WORLD, log_path=Path(out) / f"routing-rank{rank}.jsonl")
         record["sharded"] = sum(local) < sum(p.numel() for p in model.parameters())
         record["no_process_group"] = opt.process_group is None
+        record["kernels_built"] = _compiled.available(opt.score_fn)
         record["merged"] = md.merge_and_save(trained, Path(out) / "merged")
         torch.save(record, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_two_ranks(mode, out):
-    mp.spawn(_worker, args=(mode, _free_port(), str(out)), nprocs=WORLD, join=True)
+def run_two_ranks(mode, out, impl="auto"):
+    mp.spawn(_worker, args=(mode, _free_port(), str(out), impl), nprocs=WORLD, join=True)
     return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -192,6 +193,13 @@ def test_fsdp_routes_like_one_process_and_saves_a_plain_checkpoint(reference, tm
     ids = global_batch(99)
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_fsdp_on_the_compiled_kernels_routes_like_one_process(reference, tmp_path):
+    # The optimizer's all-reduced gradient check runs first under FSDP; the kernels then step the shards.
+    ranks = run_two_ranks("fsdp", tmp_path, impl="compiled")
+    assert all(r["sharded"] and r["kernels_built"] for r in ranks)
+    check_against_reference(ranks, reference, tmp_path)
 
 
 def test_single_process_helpers(tmp_path):
