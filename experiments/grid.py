@@ -357,6 +357,11 @@ def _loss_flattening(out: Path) -> dict:
     return {"last_quarter_drop": last_quarter_drop(losses), "last_quarter_share": last_quarter_share(losses)}
 
 
+def _sample_std(values: pd.Series) -> float:
+    """The sample standard deviation over seeds (NaN for a single seed)."""
+    return values.std(ddof=1) if len(values) > 1 else float("nan")
+
+
 def pick_lrs(sweep: pd.DataFrame, spec: dict, extended: dict | None = None) -> tuple[dict, set]:
     """(model, task, method) -> the lr with the best mean validation score over the selection seeds (ties
     go to the smaller lr), and the set of (model, task, method) whose sweep is complete (every lr x
@@ -701,7 +706,7 @@ def main(argv=None) -> int:
     test.drop(columns=drop).to_csv(results / f"{table}.csv", index=False)
     summary = (test.groupby(keys)
                .agg(lr=("lr", "first"), mean=("test_score", "mean"),
-                    std=("test_score", lambda s: s.std(ddof=1) if len(s) > 1 else float("nan")),
+                    std=("test_score", _sample_std),
                     seeds=("test_score", "count"), sweep_complete=("sweep_complete", "all"),
                     primary_metric=("primary_metric", "first"), metric_variant=("metric_variant", "first"),
                     trainable_params=("trainable_params", "first"),
@@ -709,7 +714,7 @@ def main(argv=None) -> int:
                     last_quarter_share=("last_quarter_share", "max"),
                     **{c: (c, "mean") for c in shares if c in test},
                     **({"retention": ("test_retention", "mean"),
-                        "retention_std": ("test_retention", lambda s: s.std(ddof=1) if len(s) > 1 else float("nan"))}
+                        "retention_std": ("test_retention", _sample_std)}
                        if "test_retention" in test else {}))
                .reset_index())
     summary.to_csv(results / f"{table}_summary.csv", index=False)
