@@ -340,12 +340,16 @@ def last_quarter_share(losses) -> float | None:
     return (start - end) / (first - end) if first > end else None
 
 
+TIEBREAK_METRIC = "logprob_margin"  # breaks ties of the validation score when picking an lr (pick_lrs)
+
+
 def finished_row(out: Path, results: Path, model, task, label, lr, seed, topk: int | None) -> dict | None:
     if not (out / "metrics.json").is_file():
         return None
     m = json.loads((out / "metrics.json").read_text())
     return {"model": model, "task": task, "method": label, "lr": lr, "seed": seed,
             "dir": str(out.relative_to(results)), "val_score": analysis.primary_score(m),
+            "val_tiebreak": m["metrics"].get(TIEBREAK_METRIC, float("nan")),
             "primary_metric": m["primary_metric"], "metric_variant": m.get("metric_variant", "ours"),
             "final_loss": m["final_loss"], "train_time_s": m["train_time_s"],
             "trainable_params": m["trainable_params"], **_loss_flattening(out), **update_shares(m, topk)}
@@ -363,17 +367,24 @@ def _sample_std(values: pd.Series) -> float:
 
 
 def pick_lrs(sweep: pd.DataFrame, spec: dict, extended: dict | None = None) -> tuple[dict, set]:
-    """(model, task, method) -> the lr with the best mean validation score over the selection seeds (ties
-    go to the smaller lr), and the set of (model, task, method) whose sweep is complete (every lr x
-    selection seed)."""
+    """(model, task, method) -> the lr with the best mean validation score over the selection seeds, and
+    the set of (model, task, method) whose sweep is complete (every lr x selection seed).
+
+    Ties on the score go to the larger mean ``TIEBREAK_METRIC`` where the task records it (fact's
+    efficacy on a few validation edits is often 1.0 at every lr; the log-prob margin still says which lr
+    learned the edits more firmly), then to the smaller lr."""
     picked, complete = {}, set()
     if sweep.empty:
         return picked, complete
-    means = sweep.groupby(["model", "task", "method", "lr"])["val_score"].agg(["mean", "count"]).reset_index()
+    if "val_tiebreak" not in sweep:
+        sweep = sweep.assign(val_tiebreak=float("nan"))
+    means = (sweep.groupby(["model", "task", "method", "lr"])
+             .agg(mean=("val_score", "mean"), count=("val_score", "count"), tiebreak=("val_tiebreak", "mean"))
+             .reset_index())
     for (model, task, label), g in means.groupby(["model", "task", "method"]):
         lrs = sweep_lrs(spec, model, task, label, extended)
         g = g[g.lr.isin(lrs)]
-        best = g.sort_values(["mean", "lr"], ascending=[False, True]).iloc[0]
+        best = g.sort_values(["mean", "tiebreak", "lr"], ascending=[False, False, True], na_position="last").iloc[0]
         picked[model, task, label] = float(best.lr)
         if len(g) == len(lrs) and (g["count"] == len(select_seeds(spec))).all():
             complete.add((model, task, label))

@@ -312,3 +312,18 @@ def test_adalora_alpha_rule_gives_adalora_loras_initial_scale():
     assert scales["lora"] == pytest.approx(grid.lora_scale(8)) and scales["adalora"] == pytest.approx(scales["lora"])
     with pytest.raises(ValueError, match="alpha_rule"):
         grid._cell("tiny", "fact", "lora", {"lrs": [1e-3], "alpha_rule": "match_lora_scale"}, 1e-3, 0)
+
+
+def test_a_tied_validation_score_goes_to_the_larger_logprob_margin_then_the_smaller_lr():
+    spec = {**SPEC, "methods": {"lora": {"lrs": [1e-3, 5e-4, 2.5e-4], "ranks": [4]}}}
+    rows = [{"model": "tiny", "task": "fact", "method": "lora", "lr": lr, "seed": 0, "val_score": score,
+             "val_tiebreak": margin} for lr, score, margin in [(1e-3, 1.0, 5.1), (5e-4, 1.0, 3.8), (2.5e-4, 0.9, 9.0)]]
+    picked, complete = grid.pick_lrs(pd.DataFrame(rows), spec)
+    assert picked["tiny", "fact", "lora"] == 1e-3 and complete == {("tiny", "fact", "lora")}
+    # the score still comes first: a larger margin does not beat a better score
+    rows[0]["val_score"] = 0.8
+    assert grid.pick_lrs(pd.DataFrame(rows), spec)[0]["tiny", "fact", "lora"] == 5e-4
+    # a task that records no margin: ties go to the smaller lr, as before
+    for r in rows:
+        r["val_score"], r["val_tiebreak"] = 1.0, float("nan")
+    assert grid.pick_lrs(pd.DataFrame(rows), spec)[0]["tiny", "fact", "lora"] == 2.5e-4
