@@ -70,7 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from molf.lab import analysis, models, retention, tasks  # noqa: E402
-from molf.lab.train import TrainConfig, build, run  # noqa: E402
+from molf.lab.train import TrainConfig, build, check_same_data, run  # noqa: E402
 
 LR_FIELD = {"fft": "lr", "lora": "lr", "dora": "lr", "adalora": "lr"}  # molf/molf_e sweep lr_fft & lr_lora
 # TrainConfig fields a spec may set for every cell (beside the required ones config_for reads).
@@ -664,6 +664,8 @@ def main(argv=None) -> int:
                     what = f"{model} {task}" if multi else task
                     print(f"[{table}] {what} {label} lr={lr:g} seed={seed}", flush=True)
                     run(config)
+            if (out / "metrics.json").is_file():
+                check_same_data(config, out, "a finished run")
             row = finished_row(out, results, model, task, label, lr, seed, config.topk)
             if row:
                 rows.append(row)

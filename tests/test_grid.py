@@ -97,6 +97,21 @@ def test_budget_stops_and_a_rerun_continues(tmp_path, capsys):
     assert all((results / d / "model").is_dir() for d in val["dir"])  # kept
 
 
+def test_a_finished_cell_trained_on_other_data_stops_the_grid(tmp_path, monkeypatch):
+    import shutil
+    from molf.lab import tasks
+    data = tmp_path / "data"
+    for folder in ("fact", "retention"):
+        shutil.copytree(tasks.data_dir() / folder, data / folder)
+    monkeypatch.setenv("MOLF_DATA", str(data))
+    spec = write_spec(tmp_path, {**SPEC, "seeds": [0], "methods": {"lora": {"lrs": [1e-3], "ranks": [4]}}})
+    results = tmp_path / "results"
+    assert grid.main([str(spec), "--results", str(results), "--sweep-only"]) == 0
+    (data / "fact" / "validation.jsonl").write_text((data / "fact" / "validation.jsonl").read_text() + "\n")
+    with pytest.raises(ValueError, match="other fact data: validation.jsonl changed"):
+        grid.main([str(spec), "--results", str(results), "--report"])
+
+
 def test_update_shares_count_topk_decisions():
     wins = {"a": {"fft": 3, "lora0": 1}, "b": {"fft": 0, "lora0": 4}}
     assert grid.update_shares({"routing": {"win_counts": wins}}, 1) == {"updated_fft": 3 / 8, "updated_lora0": 5 / 8}

@@ -75,6 +75,28 @@ def test_resume_refuses_a_different_config(tmp_path):
         run(cfg(tmp_path, method="molf", steps=4, lr_fft=1e-3, out_dir=str(tmp_path / "r")))
 
 
+def test_a_run_on_changed_data_is_refused_when_resumed_or_reused(tmp_path, monkeypatch):
+    import json
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tasks.data_dir() / "fact", data / "fact")
+    monkeypatch.setenv("MOLF_DATA", str(data))
+    run(cfg(tmp_path, method="lora", steps=4, out_dir=str(tmp_path / "r")), stop_after=2)
+    recorded = json.loads((tmp_path / "r" / "data.json").read_text())
+    assert set(recorded) == {"train.jsonl", "validation.jsonl", "test.jsonl"}
+    with open(data / "fact" / "test.jsonl", "a") as f:  # the data change under the checkpoint
+        f.write((data / "fact" / "test.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=r"other fact data: test.jsonl changed"):
+        run(cfg(tmp_path, method="lora", steps=4, out_dir=str(tmp_path / "r")))
+    finished = run(cfg(tmp_path, method="lora", steps=2, out_dir=str(tmp_path / "f")))
+    assert finished.metrics["steps"] == 2
+    (data / "fact" / "train.jsonl").write_text((data / "fact" / "train.jsonl").read_text()[:-1] + " \n")
+    with pytest.raises(ValueError, match=r"other fact data: train.jsonl changed"):
+        run(cfg(tmp_path, method="lora", steps=2, out_dir=str(tmp_path / "f")))
+    (tmp_path / "f" / "data.json").unlink()  # a run written before data.json: taken as it is
+    assert run(cfg(tmp_path, method="lora", steps=2, out_dir=str(tmp_path / "f"))).metrics == finished.metrics
+
+
 def test_optimizer_impl_compiled_trains_like_auto_and_is_part_of_the_run(tmp_path):
     import json
 

@@ -7,6 +7,8 @@ data order, schedule, batch, seed and evaluation.
 
 A run directory holds
     config.json        the resolved config
+    data.json          (local data) the SHA-256 of each of the task's data files: a run trained on other
+                       data is refused when resumed or reused, not silently mixed in
     steps.csv          step, loss, lr, grad_norm (before clipping), step_time_s
     grad_norms.csv     step, module, expert, grad_norm: every adapted linear module, every expert
     routing.jsonl      (molf, molf_e) one line per step: winners and every expert's score, full precision
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -432,6 +435,7 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     nonfinite_grad_steps = 0  # steps whose gradient norm was inf/NaN (see the training loop)
     if checkpoint_path.exists():
         _check_same_run(c, out, "a checkpoint")
+        check_same_data(c, out, "a checkpoint")
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -445,6 +449,7 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
         _truncate_logs(out, start)
     else:
         (out / "config.json").write_text(config_json)
+        (out / "data.json").write_text(json.dumps(data_fingerprint(c), indent=2, sort_keys=True))
         for name in ("steps.csv", "grad_norms.csv", "routing.jsonl", "metrics.json"):
             (out / name).unlink(missing_ok=True)
 
@@ -631,6 +636,29 @@ def _check_same_run(c: TrainConfig, out: Path, what: str) -> None:
         raise ValueError(f"{out} holds {what} of a different config: {detail}; use another out_dir or delete it")
 
 
+def data_fingerprint(c: TrainConfig) -> dict:
+    """``{"train.jsonl": sha256, ...}`` of the local files of ``c.task`` (``{}`` for hub data, which a
+    dataset revision pins instead). Written to ``data.json`` so a run cannot be reused on changed data."""
+    if c.source != "local":
+        return {}
+    folder = tasks.data_dir() / c.task
+    return {f"{split}.jsonl": hashlib.sha256((folder / f"{split}.jsonl").read_bytes()).hexdigest()
+            for split in tasks.SPLITS if (folder / f"{split}.jsonl").is_file()}
+
+
+def check_same_data(c: TrainConfig, out: Path, what: str) -> None:
+    """Raise if ``out/data.json`` records other data files than ``c`` would read now, naming them. A run
+    written before data.json existed (no file) is taken as it is."""
+    path = out / "data.json"
+    if not path.is_file():
+        return
+    saved, now = json.loads(path.read_text()), data_fingerprint(c)
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"{out} holds {what} trained on other {c.task} data: {', '.join(changed)} changed "
+                         f"since (under {tasks.data_dir() / c.task}); delete the directory to train again")
+
+
 def _finished_run(c: TrainConfig, out: Path) -> Run | None:
     """A completed run of the same config in ``out``: returned as is (no model), so notebooks and
     experiments can share runs. Delete the directory (or change ``out_dir``) to train again.
@@ -641,6 +669,7 @@ def _finished_run(c: TrainConfig, out: Path) -> Run | None:
     if not (out / "metrics.json").is_file():
         return None
     _check_same_run(c, out, "a finished run")
+    check_same_data(c, out, "a finished run")
     if c.save_model and not (out / "model").is_dir():
         return None
     return Run(c, out, json.loads((out / "metrics.json").read_text()))
