@@ -100,3 +100,25 @@ def test_dense_vs_routed_claim_reads_the_ablation_table(tmp_path):
             target.write_bytes(path.read_bytes())
     claims = lines_of(report.claims_section(results, "tbl", "ablations_v2"))
     assert claims[5].startswith("claim 5: reproduced") and "molf_k1 0.800 vs molf_dense_k2 0.400" in claims[5]
+
+
+def test_fact_scores_beyond_efficacy_are_compared_paired_and_tell_methods_apart(tmp_path):
+    # both methods learn every edit (efficacy 1.0: at the ceiling), FFT leaves more neighbours alone
+    outcomes = {("fact", "fft"): [[1] * N] * 2, ("fact", "lora"): [[1] * N] * 2}
+    results = fake_results(tmp_path, outcomes)
+    for method, flip in (("fft", 0.2), ("lora", 0.6)):
+        for seed in range(2):
+            path = results / "runs" / "tbl" / "fact" / method / f"lr0.001_s{seed}" / "test_predictions.jsonl"
+            path.write_text("".join(json.dumps(
+                {"id": f"fact-{i}", "prediction": "new", "correct": 1, "paraphrase_efficacy": 1.0,
+                 "edit_score": 1 - int(i < flip * N), "margin": 3.0 if method == "fft" else 2.0}) + "\n"
+                for i in range(N)))
+    claim = lines_of(report.claims_section(results, "tbl"))[1]
+    assert claim.startswith("claim 1: inconclusive") and "diff +0.000" in claim and "(both at the ceiling)" in claim
+    lines = report.secondary_lines(results, "tbl").splitlines()
+    assert len(lines) == 3  # fft vs lora on each secondary score; the pairs that did not run are left out
+    edit, margin, paraphrase = lines
+    assert edit.startswith("fact edit score") and "fft 0.800 vs lora 0.400: diff +0.400" in edit
+    assert edit.endswith("→ fft higher") and "n=200, 2 seeds" in edit
+    assert "diff +1.000" in margin and margin.endswith("→ fft higher")
+    assert paraphrase.endswith("→ no difference shown")
