@@ -32,9 +32,11 @@ mcq   four-option questions in the schema of MedMCQA (``id``, ``question``, ``op
       computed, not recalled from a source: drug dose by body weight, infusion rates, unit
       conversions, arithmetic and chemical symbols. Distinct question texts; in every split the
       correct option sits equally often at A, B, C and D. 1000 train / 100 validation / 100 test.
-mcq2  four-option questions in the same schema (plus ``category`` and ``quadruple``) that a small model
-      can answer from what it already knows: "Which of these is a fruit?" with one common word from
-      each of four categories (MCQ2_CATEGORIES, twenty of them, no word in two). Questions come in
+mcq2  four-option questions in the same schema (plus ``category``, ``group`` and ``quadruple``) that a
+      small model can answer from what it already knows: "Which of these is a fruit?" with one common
+      word from each of the four neighbouring categories of a group (MCQ2_GROUPS: fruit, vegetable,
+      grain, herb or spice; mammal, bird, fish, insect; ...; 24 categories, no word in two), so every
+      distractor is a near miss. Questions come in
       quadruples: the same four words, each category asked once, so any rule that looks only at the
       options (longest, shortest, alphabetical, most often right in train, ...) is right exactly once
       per quadruple; the correct option sits equally often at A, B, C and D in every split. Each
@@ -583,50 +585,75 @@ def generate_mcq(rng: random.Random) -> dict[str, list[dict]]:
 
 # -------------------------------------------------------------------------------------------- mcq2
 
-# Common words of one category each (no word belongs to two of them: "orange", "gold", "cricket",
-# "Turkey", "Mercury", birds beside animals are left out). The question names a category; the options
-# are one word from each of four categories; the answer is the word of the named category.
-MCQ2_CATEGORIES = {
-    "an animal": ["dog", "cat", "horse", "cow", "sheep", "goat", "rabbit", "elephant", "lion", "tiger",
-                  "giraffe", "zebra", "monkey", "bear", "wolf", "fox", "deer", "camel", "donkey", "kangaroo",
-                  "squirrel", "pig"],
-    "a colour": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "grey",
-                 "beige", "turquoise", "crimson", "scarlet", "magenta"],
-    "a fruit": ["apple", "banana", "pear", "grape", "mango", "cherry", "strawberry", "peach", "plum",
-                "pineapple", "watermelon", "lemon", "apricot", "papaya", "coconut", "raspberry", "blueberry"],
-    "a vegetable": ["carrot", "potato", "onion", "cabbage", "broccoli", "spinach", "lettuce", "cucumber",
-                    "celery", "cauliflower", "garlic", "turnip", "radish", "leek", "asparagus", "beetroot"],
-    "a country": ["France", "Germany", "Japan", "Brazil", "Canada", "Egypt", "Kenya", "India", "Mexico",
-                  "Peru", "Norway", "Sweden", "Italy", "Spain", "Chile", "China", "Russia", "Poland", "Greece"],
-    "a musical instrument": ["piano", "guitar", "violin", "flute", "trumpet", "drum", "cello", "harp",
-                             "saxophone", "clarinet", "trombone", "accordion", "banjo", "harmonica", "tuba"],
-    "a part of the body": ["elbow", "knee", "shoulder", "ankle", "wrist", "finger", "thumb", "nose",
-                           "forehead", "chin", "stomach", "lung", "liver", "kidney", "skull", "toe"],
-    "a vehicle": ["car", "bus", "bicycle", "truck", "train", "motorcycle", "tractor", "van", "tram",
-                  "scooter", "taxi", "helicopter", "airplane", "submarine", "ambulance"],
-    "a piece of clothing": ["shirt", "trousers", "jacket", "sweater", "skirt", "dress", "sock", "scarf",
-                            "coat", "glove", "blouse", "jeans", "hoodie", "pyjamas", "raincoat"],
-    "a drink": ["coffee", "tea", "milk", "juice", "lemonade", "cola", "beer", "wine", "cocoa", "smoothie",
-                "milkshake", "whisky", "vodka", "espresso"],
-    "a sport": ["football", "tennis", "basketball", "golf", "hockey", "rugby", "volleyball", "baseball",
-                "swimming", "boxing", "skiing", "badminton", "wrestling", "archery", "judo", "karate"],
-    "a job": ["doctor", "teacher", "farmer", "nurse", "pilot", "baker", "lawyer", "plumber", "carpenter",
-              "dentist", "engineer", "firefighter", "butcher", "electrician", "journalist", "mechanic"],
-    "a metal": ["iron", "copper", "zinc", "aluminium", "nickel", "titanium", "platinum", "cobalt",
-                "magnesium", "chromium", "tungsten", "sodium"],
-    "a tool": ["hammer", "screwdriver", "saw", "wrench", "drill", "chisel", "pliers", "spanner", "axe",
-               "shovel", "rake", "spade"],
-    "a piece of furniture": ["chair", "table", "sofa", "bed", "wardrobe", "desk", "bookcase", "stool",
-                             "bench", "cupboard", "armchair", "couch"],
-    "a month": ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-                "October", "November", "December"],
-    "a day of the week": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
-    "a planet": ["Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"],
-    "an emotion": ["happiness", "sadness", "anger", "fear", "joy", "jealousy", "surprise", "disgust",
-                   "pride", "guilt", "shame", "loneliness"],
-    "a shape": ["circle", "square", "triangle", "rectangle", "hexagon", "oval", "pentagon", "octagon",
-                "trapezoid", "rhombus"],
+# Four neighbouring categories a group: a question's options are one word from each category of its
+# group, so the distractors are near misses (a nut or a grain beside the fruit), not unrelated words.
+# No word belongs to two categories or contains a category's name ("walnut", "goldfish", "ladybird",
+# "stool" are left out), none is an answer of the retention probe (data/retention/probe.jsonl: no
+# "eagle", "spoon", "Vienna"), and every word is common enough that the pretrained model has seen it.
+MCQ2_GROUPS = {
+    "food": {
+        "a fruit": ["apple", "banana", "pear", "grape", "mango", "cherry", "strawberry", "peach", "plum",
+                    "pineapple", "watermelon", "lemon", "apricot", "papaya", "raspberry", "blueberry"],
+        "a vegetable": ["carrot", "potato", "onion", "cabbage", "broccoli", "spinach", "lettuce", "celery",
+                        "cauliflower", "turnip", "radish", "leek", "asparagus", "beetroot", "parsnip", "kale"],
+        "a grain": ["wheat", "rice", "barley", "oats", "rye", "maize", "millet", "quinoa", "sorghum", "spelt"],
+        "a herb or spice": ["cinnamon", "nutmeg", "cumin", "paprika", "turmeric", "saffron", "cardamom",
+                            "oregano", "basil", "thyme", "rosemary", "parsley", "coriander", "dill"],
+    },
+    "animals": {
+        "a mammal": ["dog", "cat", "horse", "cow", "sheep", "goat", "rabbit", "elephant", "lion", "tiger",
+                     "giraffe", "zebra", "monkey", "bear", "wolf", "fox", "deer", "camel", "kangaroo",
+                     "squirrel"],
+        "a bird": ["sparrow", "owl", "pigeon", "crow", "duck", "flamingo", "hawk", "peacock", "seagull",
+                   "pelican", "heron", "stork", "magpie", "woodpecker", "falcon", "vulture"],
+        "a fish": ["salmon", "trout", "tuna", "cod", "plaice", "carp", "herring", "sardine", "mackerel",
+                   "haddock", "pike", "eel", "anchovy", "halibut"],
+        "an insect": ["ant", "hornet", "wasp", "beetle", "butterfly", "moth", "mosquito", "grasshopper",
+                      "cockroach", "dragonfly", "termite", "flea", "cicada"],
+    },
+    "materials": {
+        "a metal": ["iron", "copper", "zinc", "aluminium", "nickel", "titanium", "platinum", "cobalt",
+                    "magnesium", "chromium", "tungsten", "tin"],
+        "a gemstone": ["diamond", "ruby", "emerald", "sapphire", "opal", "topaz", "amethyst", "garnet",
+                       "jade", "onyx", "aquamarine"],
+        "a fabric": ["cotton", "wool", "silk", "linen", "denim", "velvet", "nylon", "polyester", "satin",
+                     "cashmere", "tweed", "corduroy"],
+        "a tree": ["oak", "pine", "maple", "birch", "willow", "elm", "cedar", "beech", "spruce", "poplar",
+                   "yew", "cypress", "redwood"],
+    },
+    "places": {
+        "a country": ["Germany", "Japan", "Brazil", "Canada", "Egypt", "Kenya", "India", "Mexico", "Peru",
+                      "Norway", "Sweden", "Italy", "Spain", "Chile", "China", "Poland", "Greece", "Argentina",
+                      "Portugal"],
+        "a city": ["Tokyo", "Berlin", "Madrid", "Moscow", "Cairo", "Toronto", "Mumbai", "Dublin", "Lisbon",
+                   "Stockholm", "Warsaw", "Osaka", "Melbourne", "Barcelona", "Munich", "Shanghai"],
+        "a river": ["Nile", "Amazon", "Thames", "Danube", "Rhine", "Mississippi", "Seine", "Volga", "Ganges",
+                    "Yangtze", "Mekong", "Zambezi", "Euphrates"],
+        "a mountain range": ["Alps", "Andes", "Himalayas", "Rockies", "Pyrenees", "Urals", "Appalachians",
+                             "Carpathians", "Caucasus"],
+    },
+    "household": {
+        "a piece of furniture": ["chair", "table", "sofa", "bed", "wardrobe", "desk", "bookcase", "dresser",
+                                 "bench", "cupboard", "armchair"],
+        "a tool": ["hammer", "mallet", "saw", "wrench", "drill", "chisel", "pliers", "spanner", "axe",
+                   "shovel", "rake", "spade"],
+        "a kitchen utensil": ["skewer", "funnel", "ladle", "whisk", "spatula", "colander", "sieve", "grater",
+                              "tongs", "corkscrew", "peeler", "rolling pin"],
+        "a piece of clothing": ["shirt", "trousers", "jacket", "sweater", "skirt", "dress", "sock", "scarf",
+                                "coat", "glove", "blouse", "jeans", "hoodie", "pyjamas"],
+    },
+    "pastimes": {
+        "a sport": ["football", "tennis", "basketball", "golf", "hockey", "rugby", "volleyball", "baseball",
+                    "swimming", "boxing", "skiing", "badminton", "wrestling", "archery", "judo"],
+        "a board or card game": ["chess", "poker", "checkers", "backgammon", "Monopoly", "Scrabble",
+                                 "dominoes", "solitaire", "blackjack", "mahjong"],
+        "a dance": ["waltz", "tango", "salsa", "ballet", "foxtrot", "samba", "flamenco", "polka", "rumba",
+                    "quickstep", "minuet", "mambo"],
+        "a musical instrument": ["piano", "guitar", "violin", "flute", "trumpet", "drum", "cello", "harp",
+                                 "saxophone", "clarinet", "trombone", "accordion", "banjo", "harmonica", "tuba"],
+    },
 }
+MCQ2_CATEGORIES = {c: words for group in MCQ2_GROUPS.values() for c, words in group.items()}
 MCQ2_SPLIT_SIZES = {"train": 800, "validation": 100, "test": 200}  # multiples of 4: whole quadruples
 MCQ2_POOL_SHARES = {"validation": 0.15, "test": 0.3}  # of each category's words; the rest trains
 
@@ -648,23 +675,29 @@ def mcq2_word_pools(rng: random.Random) -> dict[str, dict[str, list[str]]]:
 def generate_mcq2(rng: random.Random) -> dict[str, list[dict]]:
     every = [w for words in MCQ2_CATEGORIES.values() for w in words]
     assert len(set(every)) == len(every), "a word in two categories"
+    names = [c.split(" ", 1)[1] for c in MCQ2_CATEGORIES]
+    assert not [w for w in every for n in names if n in w.lower()], "a word containing a category's name"
     pools = mcq2_word_pools(rng)
     out, serial = {}, 0
     for split, size in MCQ2_SPLIT_SIZES.items():
         quadruples, seen = [], set()
+        groups = sorted(MCQ2_GROUPS)
+        rng.shuffle(groups)
         while len(quadruples) < size // 4:
-            categories = rng.sample(sorted(MCQ2_CATEGORIES), 4)
+            group = groups[len(quadruples) % len(groups)]  # the groups take turns: as even as the size allows
+            categories = rng.sample(sorted(MCQ2_GROUPS[group]), 4)
             words = tuple(rng.choice(pools[split][c]) for c in categories)
             if frozenset(words) in seen:
                 continue
             seen.add(frozenset(words))
-            quadruples.append((len(quadruples), categories, words))
-        items = [(q, categories[k], words[k], words) for q, categories, words in quadruples for k in range(4)]
+            quadruples.append((len(quadruples), group, categories, words))
+        items = [(q, group, categories[k], words[k], words)
+                 for q, group, categories, words in quadruples for k in range(4)]
         rng.shuffle(items)
         positions = [i % 4 for i in range(len(items))]  # every letter equally often in every split
         rng.shuffle(positions)
         rows = []
-        for (quadruple, category, answer, words), correct in zip(items, positions):
+        for (quadruple, group, category, answer, words), correct in zip(items, positions):
             options = [w for w in words if w != answer]
             rng.shuffle(options)
             options.insert(correct, answer)
@@ -672,7 +705,7 @@ def generate_mcq2(rng: random.Random) -> dict[str, list[dict]]:
             rows.append({"id": f"mcq2-{serial:04d}", "question": f"Which of these is {category}?",
                          "opa": options[0], "opb": options[1], "opc": options[2], "opd": options[3],
                          "cop": correct, "choice_type": "single", "category": category.split(" ", 1)[1],
-                         "quadruple": f"{split}-{quadruple:03d}"})
+                         "group": group, "quadruple": f"{split}-{quadruple:03d}"})
         out[split] = rows
     return out
 

@@ -524,6 +524,10 @@ def test_mcq2_is_balanced_in_letters_quadruples_and_words_with_disjoint_word_poo
             assert len(group) == 4
             assert len({frozenset(r[f] for f in tasks.OPTION_FIELDS) for r in group}) == 1
             assert len({r[tasks.OPTION_FIELDS[r["cop"]]] for r in group}) == 4
+            # near misses: the four categories asked are the four of one group
+            assert len({r["group"] for r in group}) == 1 and len({r["category"] for r in group}) == 4
+        per_group = Counter(g[0]["group"] for g in by_quadruple.values())
+        assert len(per_group) == 6 and max(per_group.values()) - min(per_group.values()) <= 1, (split, per_group)
         words[split] = {r[f] for r in rows for f in tasks.OPTION_FIELDS}
     assert not words["train"] & words["test"] and not words["train"] & words["validation"]
     assert not words["validation"] & words["test"]
@@ -533,6 +537,10 @@ def _binomial_tail(n: int, k: int, p: float = 0.25) -> float:
     """P(Binomial(n, p) >= k)."""
     import math
     return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+def _longest_common_substring(a: str, b: str) -> int:
+    return max((k for i in range(len(a)) for k in range(1, len(a) - i + 1) if a[i:i + k] in b), default=0)
 
 
 def test_mcq2_simple_heuristics_stay_at_chance_on_test():
@@ -559,6 +567,10 @@ def test_mcq2_simple_heuristics_stay_at_chance_on_test():
         "least often shown in train": by(lambda o: shown_in_train[o], min),
         "most often shown in test": by(lambda o: shown_in_test[o]),
         "category's commonest letter in train": lambda r: letter_by_category.get(r["category"], 0),
+        "longest common substring with the category": lambda r: max(
+            range(4), key=lambda i: _longest_common_substring(options(r)[i].lower(), r["category"])),
+        "length closest to the category's": lambda r: min(
+            range(4), key=lambda i: abs(len(options(r)[i]) - len(r["category"]))),
     }
     bound = 0.001 / len(heuristics)  # one-sided, Bonferroni over the heuristics
     for name, rule in heuristics.items():
