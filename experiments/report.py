@@ -1,6 +1,8 @@
 """Print the evidence tables of docs/evidence.md as Markdown, from the CSVs under results/.
 
     python experiments/report.py        # after experiments/grid.py (main, ablations) and experiments/figures.py
+    python experiments/report.py --results results/v2 --table main_v2 --ablations ablations_v2 --brief --readme README.md
+                                        # the README's evidence block: claims lines and main table
 
 Every number in docs/evidence.md is printed by this script; nothing is typed in by hand.
 Scores are test scores of the lr picked on validation, mean ± sample std over the seeds that finished
@@ -338,13 +340,43 @@ def runs_table(test: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+README_BEGIN = "<!-- begin: experiments/report.py --brief -->"
+README_END = "<!-- end: experiments/report.py --brief -->"
+
+
+def brief(results: Path, table: str, ablations: str | None) -> str:
+    """The README's evidence block: the claims lines, then the main table."""
+    summary, test = pd.read_csv(results / f"{table}_summary.csv"), pd.read_csv(results / f"{table}.csv")
+    return claims_section(results, table, ablations) + "\n\n" + main_table(summary, test)
+
+
+def readme_block(text: str, path: Path) -> str:
+    """``text`` between README_BEGIN and README_END of the file at ``path``; ValueError without them."""
+    readme = path.read_text()
+    if README_BEGIN not in readme or README_END not in readme:
+        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block to write the report into")
+    start, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
+    return readme[:start] + "\n" + text + "\n" + readme[end:]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--table", default="main", help="the main grid table's name (default: main)")
     parser.add_argument("--ablations", default="ablations", help="the ablation table's name (default: ablations)")
+    parser.add_argument("--brief", action="store_true", help="print only the claims lines and the main table")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="with --brief: write them between the report markers of this file (README.md)")
     args = parser.parse_args(argv)
     r, table, ablations = args.results, args.table, args.ablations
+    if args.readme and not args.brief:
+        parser.error("--readme goes with --brief")
+    if args.brief:
+        text = brief(r, table, ablations)
+        if args.readme:
+            args.readme.write_text(readme_block(text, args.readme))
+        print(text)
+        return 0
     printed = False
     if (r / f"{table}_summary.csv").is_file():
         print(f"### Main table ({r.name}/{table}_summary.csv)\n")

@@ -122,3 +122,24 @@ def test_fact_scores_beyond_efficacy_are_compared_paired_and_tell_methods_apart(
     assert edit.endswith("→ fft higher") and "n=200, 2 seeds" in edit
     assert "diff +1.000" in margin and margin.endswith("→ fft higher")
     assert paraphrase.endswith("→ no difference shown")
+
+
+def test_brief_writes_claims_and_main_table_between_the_readme_markers(tmp_path):
+    import pytest
+    outcomes = {("fact", "fft"): [correct_share(0.9)], ("fact", "lora"): [correct_share(0.3)]}
+    results = fake_results(tmp_path, outcomes)
+    test = pd.read_csv(results / "tbl.csv")
+    (test.groupby(["task", "method"]).agg(lr=("lr", "first"), mean=("test_score", "mean"),
+                                          std=("test_score", "std"), seeds=("seed", "count"))
+     .reset_index().assign(sweep_complete=True).to_csv(results / "tbl_summary.csv", index=False))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.README_BEGIN}\nold numbers\n{report.README_END}\nafter\n")
+    assert report.main(["--results", str(results), "--table", "tbl", "--brief", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old numbers" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    block = text.split(report.README_BEGIN)[1].split(report.README_END)[0]
+    assert "claim 1: reproduced" in block or "claim 1: inconclusive" in block
+    assert "| FFT | 90.0 |" in block and block.strip() == report.brief(results, "tbl", None).strip()
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- begin"):
+        report.main(["--results", str(results), "--table", "tbl", "--brief", "--readme", str(readme)])
