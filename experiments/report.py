@@ -20,7 +20,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf.lab import stats  # noqa: E402
+from molf.lab import heuristics, stats, tasks  # noqa: E402
 from molf.lab.analysis import MODULE_TYPES  # noqa: E402
 from molf.lab.plots import method_label  # noqa: E402
 
@@ -39,20 +39,20 @@ def main_table(summary: pd.DataFrame, test: pd.DataFrame) -> str:
     """One row per method: each task's test score, its lr and seeds, and, when the summary has a
     "retention" column (grid.py runs that scored the retention probe), the retention after training on
     that task."""
-    tasks = [t for t in ("fact", "mcq", "mcq2", "sql") if t in set(summary["task"])]
-    n_test = {t: int(test[test.task == t]["test_n"].iloc[0]) for t in tasks if "test_n" in test}
+    shown = [t for t in ("fact", "mcq", "mcq2", "sql") if t in set(summary["task"])]
+    n_test = {t: int(test[test.task == t]["test_n"].iloc[0]) for t in shown if "test_n" in test}
     kept = "retention" in summary  # a column beside each task's score
     n_probe = (int(test["test_retention_n"].dropna().iloc[0])
                if kept and "test_retention_n" in test and test["test_retention_n"].notna().any() else "?")
     head = "| method | " + " | ".join(f"{t}: {METRIC[t]} (n={n_test.get(t, '?')}) | lr, seeds"
-                                     + (f" | {t}: retention (n={n_probe})" if kept else "") for t in tasks) + " |"
-    lines = [head, "|---|" + ("---:|---|" + "---:|" * kept) * len(tasks)]
+                                     + (f" | {t}: retention (n={n_probe})" if kept else "") for t in shown) + " |"
+    lines = [head, "|---|" + ("---:|---|" + "---:|" * kept) * len(shown)]
     for method in METHOD_ORDER:
         rows = summary[summary.method == method].set_index("task")
         if rows.empty:
             continue
         parts = []
-        for t in tasks:
+        for t in shown:
             if t in rows.index:
                 r = rows.loc[t]
                 flag = "" if r.sweep_complete else " (sweep unfinished)"
@@ -324,6 +324,40 @@ def secondary_lines(results: Path, table: str) -> str:
     return "\n".join(lines)
 
 
+def task_lines(results: Path, table: str) -> str:
+    """Per task: does the best method (by mean test score) beat the best model-free rule
+    (molf.lab.heuristics) on the same items? Exact McNemar over the items of every seed of that
+    method, each paired with the rule's answer to the same item. "a task" needs p < 0.05 in its
+    favour; otherwise the task cannot tell methods apart yet."""
+    test = pd.read_csv(results / f"{table}.csv")
+    lines = []
+    for task in sorted(set(test.task)):
+        rows = test[test.task == task]
+        split = rows["test_split"].dropna().iloc[0] if "test_split" in rows and rows["test_split"].notna().any() \
+            else "test"
+        found = heuristics.best(task, tasks.load(task, split), tasks.load(task, "train"))
+        if found is None:
+            lines.append(f"{task}: no model-free rule applies (see molf.lab.heuristics)")
+            continue
+        rule, rule_items = found
+        method = rows.groupby("method")["test_score"].mean().idxmax()
+        xs, ys = [], []
+        try:
+            for _, r in rows[rows.method == method].iterrows():
+                for key, item in _predictions(_run_folder(results, table, r)).items():
+                    if json.loads(key) in rule_items:
+                        xs.append(float(item["correct"]))
+                        ys.append(float(rule_items[json.loads(key)]))
+        except NoPredictions:
+            lines.append(f"{task}: {method} vs the best rule ({rule}): no per-item predictions")
+            continue
+        c = stats.mcnemar(xs, ys)
+        verdict = "a task" if stats.verdict(c) == "reproduced" else "not a task yet"
+        lines.append(f"{task}: best method {c.line(method, repr(rule))}, "
+                     f"{int(rows[rows.method == method].seed.nunique())} seeds → {verdict}")
+    return "\n".join(lines)
+
+
 def runs_table(test: pd.DataFrame) -> str:
     """Every test run: score, trainable parameters and how much the loss still fell in the last quarter
     (relative to its level there, and as a share of the run's whole decrease)."""
@@ -384,6 +418,8 @@ def main(argv=None) -> int:
         print(main_table(pd.read_csv(r / f"{table}_summary.csv"), test), "\n")
         print(f"### Claims ({r.name}/{table}.csv: paired over the same items and seeds)\n")
         print(claims_section(r, table, ablations), "\n")
+        print(f"### Tasks: the best method against the best model-free rule ({r.name}/{table}.csv)\n")
+        print(task_lines(r, table), "\n")
         secondary = secondary_lines(r, table)
         if secondary:
             print(f"### Beyond the primary score ({r.name}/{table}.csv: paired over the same items and seeds)\n")

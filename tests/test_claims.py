@@ -143,3 +143,23 @@ def test_brief_writes_claims_and_main_table_between_the_readme_markers(tmp_path)
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- begin"):
         report.main(["--results", str(results), "--table", "tbl", "--brief", "--readme", str(readme)])
+
+
+def test_a_task_is_one_when_its_best_method_beats_the_best_model_free_rule(tmp_path):
+    from molf.lab import tasks
+    ids = [r["id"] for r in tasks.load("mcq2", "test")]
+    results = tmp_path / "results"
+    rows = []
+    for method, share in (("fft", 0.95), ("lora", 0.30)):  # lora near the best rule's ~30%
+        folder = results / "runs" / "tbl" / "mcq2" / method / "lr0.001_s0"
+        folder.mkdir(parents=True)
+        correct = [int(i < share * len(ids)) for i in range(len(ids))]
+        (folder / "test_predictions.jsonl").write_text("".join(
+            json.dumps({"id": i, "prediction": "A", "correct": c}) + "\n" for i, c in zip(ids, correct)))
+        rows.append({"task": "mcq2", "method": method, "lr": 0.001, "seed": 0, "test_score": share,
+                     "dir": str(folder.relative_to(results))})
+    pd.DataFrame(rows).to_csv(results / "tbl.csv", index=False)
+    line = report.task_lines(results, "tbl")
+    assert line.startswith("mcq2: best method fft 0.950 vs ") and line.endswith("1 seeds → a task")
+    pd.DataFrame(rows[1:]).to_csv(results / "tbl.csv", index=False)  # only the weak method ran
+    assert report.task_lines(results, "tbl").endswith("→ not a task yet")

@@ -539,44 +539,29 @@ def _binomial_tail(n: int, k: int, p: float = 0.25) -> float:
     return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
 
 
-def _longest_common_substring(a: str, b: str) -> int:
-    return max((k for i in range(len(a)) for k in range(1, len(a) - i + 1) if a[i:i + k] in b), default=0)
-
-
 def test_mcq2_simple_heuristics_stay_at_chance_on_test():
+    from molf.lab import heuristics
     train, test = tasks.load("mcq2", "train"), tasks.load("mcq2", "test")
-    right_in_train = Counter(r[tasks.OPTION_FIELDS[r["cop"]]] for r in train)
-    shown_in_train = Counter(r[f] for r in train for f in tasks.OPTION_FIELDS)
-    letter_by_category = {c: Counter(r["cop"] for r in train if r["category"] == c).most_common(1)[0][0]
-                          for c in {r["category"] for r in train}}
-    shown_in_test = Counter(r[f] for r in test for f in tasks.OPTION_FIELDS)
+    scored = heuristics.correct("mcq2", test, train)
+    assert len(scored) >= 15 and "longest common substring with the category" in scored
+    bound = 0.001 / len(scored)  # one-sided, Bonferroni over the heuristics
+    for name, items in scored.items():
+        right = sum(items.values())
+        assert len(items) == len(test) and _binomial_tail(len(test), right) > bound, (name, right, len(test))
+        assert right <= 0.35 * len(test), (name, right)
 
-    def options(r):
-        return [r[f] for f in tasks.OPTION_FIELDS]
 
-    def by(key, pick=max):
-        return lambda r: pick(range(4), key=lambda i: key(options(r)[i]))
-
-    heuristics = {
-        **{f"always {letter}": (lambda r, i=i: i) for i, letter in enumerate(tasks.OPTION_LETTERS)},
-        "longest": by(len), "shortest": by(len, min),
-        "median length": lambda r: sorted(range(4), key=lambda i: len(options(r)[i]))[1],
-        "alphabetically first": by(str.lower, min), "alphabetically last": by(str.lower),
-        "capitalised": by(lambda o: o[:1].isupper()),
-        "most often right in train": by(lambda o: right_in_train[o]),
-        "least often shown in train": by(lambda o: shown_in_train[o], min),
-        "most often shown in test": by(lambda o: shown_in_test[o]),
-        "category's commonest letter in train": lambda r: letter_by_category.get(r["category"], 0),
-        "longest common substring with the category": lambda r: max(
-            range(4), key=lambda i: _longest_common_substring(options(r)[i].lower(), r["category"])),
-        "length closest to the category's": lambda r: min(
-            range(4), key=lambda i: abs(len(options(r)[i]) - len(r["category"]))),
-    }
-    bound = 0.001 / len(heuristics)  # one-sided, Bonferroni over the heuristics
-    for name, rule in heuristics.items():
-        correct = sum(rule(r) == r["cop"] for r in test)
-        assert _binomial_tail(len(test), correct) > bound, (name, correct, len(test))
-        assert correct <= 0.35 * len(test), (name, correct)
+def test_the_rules_find_mcqs_shortcut_and_score_sql_by_execution():
+    from molf.lab import heuristics
+    name, items = heuristics.best("mcq", tasks.load("mcq", "test"), tasks.load("mcq", "train"))
+    assert name == "lower-median number" and sum(items.values()) / len(items) > 0.5  # what retired mcq
+    row = {"id": 7, "sql_context": "CREATE TABLE t (a INT); CREATE TABLE u (b INT); INSERT INTO t VALUES (1), (2);",
+           "sql": "SELECT COUNT(*) FROM t;", "sql_prompt": "How many?"}
+    scored = heuristics.correct("sql", [row], [])
+    assert scored["row count of the first table"] == {7: 1} and scored["every row of the last table"] == {7: 0}
+    assert heuristics.best("fact", tasks.load("fact", "test"), []) is None
+    with pytest.raises(ValueError, match="task must be one of"):
+        heuristics.rules("med", [])
 
 
 def test_mcq2_trains_on_the_answer_text_and_scores_the_options_text(tokenizer):
