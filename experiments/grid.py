@@ -34,7 +34,9 @@ score every trained edit), "test_limit" (an int, or {task: int}), "extend_sweep"
 complete sweep whose picked lr is its largest or smallest gets one more lr a step further, the step
 being the ratio of its two nearest lrs, at most this many times per (task, method); default 0), and per
 method "alpha_rule": "match_lora_scale" (adalora: the lora_alpha that gives peft's AdaLoRA, which scales
-by alpha / its initial rank, the initial scale alpha / sqrt(r) of LoRA here).
+by alpha / its initial rank, the initial scale alpha / sqrt(r) of LoRA here) and "runs_of":
+"<table>/<label>" (the cells of this method are that table's runs of that label, trained once for
+both: an ablation's baseline that is the main table's method at its picked lr).
 Every test evaluation writes test_predictions.jsonl (one record per item: id, prediction, correct, task
 fields; molf.lab.tasks.evaluate(..., return_items=True)) beside test_metrics.json; the CSVs carry each
 run's trainable_params, last_quarter_drop (how much the training loss still fell in the last quarter, relative
@@ -70,7 +72,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from molf.lab import analysis, models, retention, tasks  # noqa: E402
-from molf.lab.train import TrainConfig, build, check_same_data, run  # noqa: E402
+from molf.lab.train import TrainConfig, build, check_reusable, run  # noqa: E402
 
 LR_FIELD = {"fft": "lr", "lora": "lr", "dora": "lr", "adalora": "lr"}  # molf/molf_e sweep lr_fft & lr_lora
 # TrainConfig fields a spec may set for every cell (beside the required ones config_for reads).
@@ -120,7 +122,7 @@ ALPHA_RULES = ("match_lora_scale",)
 
 
 def _cell(model, task, label, m, lr, seed):
-    kw = {k: v for k, v in m.items() if k not in ("lrs", "method", "alpha_rule")}
+    kw = {k: v for k, v in m.items() if k not in ("lrs", "method", "alpha_rule", "runs_of")}
     method = m.get("method", label)
     rule = m.get("alpha_rule")
     if rule is not None:
@@ -205,6 +207,13 @@ def seed_cells(spec: dict, picked: dict):
 
 
 def run_dir(spec, table, model, task, label, lr, seed, results: Path) -> Path:
+    """runs/<table>/[<model>/]<task>/<label>/lr<lr>_s<seed>; a method with "runs_of": "<table>/<label>"
+    shares that table's runs of that label (the runner refuses them unless their config is the same)."""
+    shared = spec["methods"].get(label, {}).get("runs_of")
+    if shared is not None:
+        if not isinstance(shared, str) or shared.count("/") != 1 or not all(shared.split("/")):
+            raise ValueError(f"method {label!r}: runs_of must be '<table>/<label>', got {shared!r}")
+        table, label = shared.split("/")
     folder = results / "runs" / table
     if "models" in spec:
         folder = folder / _model_slug(model)
@@ -665,7 +674,7 @@ def main(argv=None) -> int:
                     print(f"[{table}] {what} {label} lr={lr:g} seed={seed}", flush=True)
                     run(config)
             if (out / "metrics.json").is_file():
-                check_same_data(config, out, "a finished run")
+                check_reusable(config, out)  # same config and data, else an error naming what differs
             row = finished_row(out, results, model, task, label, lr, seed, config.topk)
             if row:
                 rows.append(row)

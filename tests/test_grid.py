@@ -112,6 +112,28 @@ def test_a_finished_cell_trained_on_other_data_stops_the_grid(tmp_path, monkeypa
         grid.main([str(spec), "--results", str(results), "--report"])
 
 
+def test_runs_of_shares_another_tables_runs_and_refuses_a_different_config(tmp_path):
+    results = tmp_path / "results"
+    main = write_spec(tmp_path, {**SPEC, "seeds": [0], "methods": {"lora": {"lrs": [1e-3], "ranks": [4]}}}, "tbl")
+    assert grid.main([str(main), "--results", str(results)]) == 0
+    shared = results / "runs" / "tbl" / "fact" / "lora" / "lr0.001_s0"
+    before = (shared / "metrics.json").stat().st_mtime
+    ablation = {**SPEC, "seeds": [0], "methods": {
+        "lora_base": {"method": "lora", "lrs": [1e-3], "ranks": [4], "runs_of": "tbl/lora"},
+        "lora_r2": {"method": "lora", "lrs": [1e-3], "ranks": [2]}}}
+    assert grid.main([str(write_spec(tmp_path, ablation, "abl")), "--results", str(results)]) == 0
+    val = pd.read_csv(results / "abl_validation.csv").set_index("method")
+    assert val.loc["lora_base", "dir"] == "runs/tbl/fact/lora/lr0.001_s0"  # trained once, for both tables
+    assert (shared / "metrics.json").stat().st_mtime == before
+    assert val.loc["lora_r2", "dir"] == "runs/abl/fact/lora_r2/lr0.001_s0"
+    ablation["methods"]["lora_base"]["ranks"] = [2]  # not the same run: refused, not mixed in
+    with pytest.raises(ValueError, match="different config"):
+        grid.main([str(write_spec(tmp_path, ablation, "abl2")), "--results", str(results)])
+    ablation["methods"]["lora_base"]["runs_of"] = "tbl"
+    with pytest.raises(ValueError, match="runs_of must be '<table>/<label>', got 'tbl'"):
+        grid.main([str(write_spec(tmp_path, ablation, "abl3")), "--results", str(results)])
+
+
 def test_update_shares_count_topk_decisions():
     wins = {"a": {"fft": 3, "lora0": 1}, "b": {"fft": 0, "lora0": 4}}
     assert grid.update_shares({"routing": {"win_counts": wins}}, 1) == {"updated_fft": 3 / 8, "updated_lora0": 5 / 8}

@@ -659,6 +659,14 @@ def check_same_data(c: TrainConfig, out: Path, what: str) -> None:
                          f"since (under {tasks.data_dir() / c.task}); delete the directory to train again")
 
 
+def check_reusable(config: TrainConfig, out: Path, what: str = "a finished run") -> None:
+    """Raise ValueError unless the run in ``out`` has ``config``'s identity and was trained on the data
+    ``config`` would read now (what ``run`` checks before reusing or resuming it)."""
+    c = config.resolved()
+    _check_same_run(c, out, what)
+    check_same_data(c, out, what)
+
+
 def _finished_run(c: TrainConfig, out: Path) -> Run | None:
     """A completed run of the same config in ``out``: returned as is (no model), so notebooks and
     experiments can share runs. Delete the directory (or change ``out_dir``) to train again.
