@@ -609,8 +609,9 @@ def test_length_coverage_counts_rows_that_encode_keeps_whole(tokenizer):
     assert needed % 8 == 0 and tasks.length_coverage("sql", rows, tokenizer, [needed])[needed] >= 0.99
 
 
-def test_the_v2_specs_seq_len_keeps_99_percent_of_sql_train_and_test_whole(tokenizer):
+def test_the_v2_specs_seq_len_keeps_99_percent_of_every_tasks_train_and_test_whole(tokenizer):
     spec = json.loads((REPO / "experiments" / "main_v2.json").read_text())
-    for split in ("train", "test"):
-        coverage = tasks.length_coverage("sql", tasks.load("sql", split), tokenizer, [spec["seq_len"]])
-        assert coverage[spec["seq_len"]] >= 0.99, (split, coverage)
+    for task in spec["tasks"]:
+        for split in ("train", "test"):
+            coverage = tasks.length_coverage(task, tasks.load(task, split), tokenizer, [spec["seq_len"]])
+            assert coverage[spec["seq_len"]] >= 0.99, (task, split, coverage)
