@@ -272,7 +272,9 @@ def test_the_whitelist_keeps_the_predictions_of_v1_and_v2_runs():
             "results/v2/runs/main_v2/fact/lora/lr1_s0/metrics.json",
             "results/v2/runs/main_v2/fact/lora/lr1_s0/test_metrics.json",
             "results/v2/runs/main_v2/fact/lora/lr1_s0/steps.csv",
-            "results/v2/runs/main_v2/fact/lora/lr1_s0/config.json"]
+            "results/v2/runs/main_v2/fact/lora/lr1_s0/config.json",
+            "results/v2/runs/main_v2/fact/lora/lr1_s0/data.json",
+            "results/runs/main/fact/lora/lr1_s0/data.json"]
     dropped = ["results/v2/runs/main_v2/fact/lora/lr1_s0/model/model.safetensors",
                "results/v2/runs/main_v2/fact/lora/lr1_s0/checkpoint.pt",
                "results/v2/runs/main_v2/fact/lora/lr1_s0/routing.jsonl"]
