@@ -32,16 +32,17 @@ mcq   four-option questions in the schema of MedMCQA (``id``, ``question``, ``op
       computed, not recalled from a source: drug dose by body weight, infusion rates, unit
       conversions, arithmetic and chemical symbols. Distinct question texts; in every split the
       correct option sits equally often at A, B, C and D. 1000 train / 100 validation / 100 test.
-mcq2  four-option questions in the same schema (plus ``category``, ``group`` and ``quadruple``) that a
-      small model can answer from what it already knows: "Which of these is a fruit?" with one common
-      word from each of the four neighbouring categories of a group (MCQ2_GROUPS: fruit, vegetable,
-      grain, herb or spice; mammal, bird, fish, insect; ...; 24 categories, no word in two), so every
-      distractor is a near miss. Questions come in
-      quadruples: the same four words, each category asked once, so any rule that looks only at the
-      options (longest, shortest, alphabetical, most often right in train, ...) is right exactly once
-      per quadruple; the correct option sits equally often at A, B, C and D in every split. Each
-      category's words are cut into disjoint train / validation / test pools, so no test word is
-      trained on. 800 train / 100 validation / 200 test.
+mcq2  four-option questions in the same schema (plus ``category``, ``cue``, ``group`` and ``quadruple``)
+      that a small model can answer from what it already knows: "Which of these is the same kind of
+      thing as oak?" with one common word from each of the four neighbouring categories of a group
+      (MCQ2_GROUPS: fruit, vegetable, grain, herb or spice; mammal, bird, fish, insect; ...; 24
+      categories, no word in two), so every distractor is a near miss and the category is never named:
+      the model has to place the cue and the options itself. Questions come in quadruples: the same
+      four words, each one the answer once (with a cue of its category), so any rule that looks only
+      at the options (longest, shortest, alphabetical, most often right in train, ...) is right exactly
+      once per quadruple; the correct option sits equally often at A, B, C and D in every split. Each
+      category's words are cut into disjoint train / validation / test pools, answers and cues alike,
+      so no test word is trained on. 800 train / 100 validation / 200 test.
 """
 from __future__ import annotations
 
@@ -588,8 +589,8 @@ def generate_mcq(rng: random.Random) -> dict[str, list[dict]]:
 # Four neighbouring categories a group: a question's options are one word from each category of its
 # group, so the distractors are near misses (a nut or a grain beside the fruit), not unrelated words.
 # No word belongs to two categories or contains a category's name ("walnut", "goldfish", "ladybird",
-# "stool" are left out), none is an answer of the retention probe (data/retention/probe.jsonl: no
-# "eagle", "spoon", "Vienna"), and every word is common enough that the pretrained model has seen it.
+# "stool" are left out), none is an answer of a retention-probe candidate (data/generate_retention.py:
+# no "eagle", "spoon", "Nile"), and every word is common enough that the pretrained model has seen it.
 MCQ2_GROUPS = {
     "food": {
         "a fruit": ["apple", "banana", "pear", "grape", "mango", "cherry", "strawberry", "peach", "plum",
@@ -608,15 +609,15 @@ MCQ2_GROUPS = {
                    "pelican", "heron", "stork", "magpie", "woodpecker", "falcon", "vulture"],
         "a fish": ["salmon", "trout", "tuna", "cod", "plaice", "carp", "herring", "sardine", "mackerel",
                    "haddock", "pike", "eel", "anchovy", "halibut"],
-        "an insect": ["ant", "hornet", "wasp", "beetle", "butterfly", "moth", "mosquito", "grasshopper",
-                      "cockroach", "dragonfly", "termite", "flea", "cicada"],
+        "an insect": ["hornet", "wasp", "moth", "mosquito", "grasshopper", "cockroach", "dragonfly",
+                      "termite", "flea", "cicada", "locust", "aphid", "earwig"],
     },
     "materials": {
         "a metal": ["iron", "copper", "zinc", "aluminium", "nickel", "titanium", "platinum", "cobalt",
                     "magnesium", "chromium", "tungsten", "tin"],
-        "a gemstone": ["diamond", "ruby", "emerald", "sapphire", "opal", "topaz", "amethyst", "garnet",
+        "a gemstone": ["turquoise", "ruby", "emerald", "sapphire", "opal", "topaz", "amethyst", "garnet",
                        "jade", "onyx", "aquamarine"],
-        "a fabric": ["cotton", "wool", "silk", "linen", "denim", "velvet", "nylon", "polyester", "satin",
+        "a fabric": ["cotton", "chiffon", "silk", "linen", "denim", "velvet", "nylon", "polyester", "satin",
                      "cashmere", "tweed", "corduroy"],
         "a tree": ["oak", "pine", "maple", "birch", "willow", "elm", "cedar", "beech", "spruce", "poplar",
                    "yew", "cypress", "redwood"],
@@ -627,8 +628,8 @@ MCQ2_GROUPS = {
                       "Portugal"],
         "a city": ["Tokyo", "Berlin", "Madrid", "Moscow", "Cairo", "Toronto", "Mumbai", "Dublin", "Lisbon",
                    "Stockholm", "Warsaw", "Osaka", "Melbourne", "Barcelona", "Munich", "Shanghai"],
-        "a river": ["Nile", "Amazon", "Thames", "Danube", "Rhine", "Mississippi", "Seine", "Volga", "Ganges",
-                    "Yangtze", "Mekong", "Zambezi", "Euphrates"],
+        "a river": ["Amazon", "Seine", "Volga", "Ganges", "Yangtze", "Mekong", "Zambezi", "Euphrates",
+                    "Tigris", "Loire", "Indus", "Orinoco", "Elbe"],
         "a mountain range": ["Alps", "Andes", "Himalayas", "Rockies", "Pyrenees", "Urals", "Appalachians",
                              "Carpathians", "Caucasus"],
     },
@@ -647,7 +648,7 @@ MCQ2_GROUPS = {
                     "swimming", "boxing", "skiing", "badminton", "wrestling", "archery", "judo"],
         "a board or card game": ["chess", "poker", "checkers", "backgammon", "Monopoly", "Scrabble",
                                  "dominoes", "solitaire", "blackjack", "mahjong"],
-        "a dance": ["waltz", "tango", "salsa", "ballet", "foxtrot", "samba", "flamenco", "polka", "rumba",
+        "a dance": ["waltz", "jive", "salsa", "ballet", "foxtrot", "samba", "flamenco", "polka", "rumba",
                     "quickstep", "minuet", "mambo"],
         "a musical instrument": ["piano", "guitar", "violin", "flute", "trumpet", "drum", "cello", "harp",
                                  "saxophone", "clarinet", "trombone", "accordion", "banjo", "harmonica", "tuba"],
@@ -655,21 +656,34 @@ MCQ2_GROUPS = {
 }
 MCQ2_CATEGORIES = {c: words for group in MCQ2_GROUPS.values() for c, words in group.items()}
 MCQ2_SPLIT_SIZES = {"train": 800, "validation": 100, "test": 200}  # multiples of 4: whole quadruples
-MCQ2_POOL_SHARES = {"validation": 0.15, "test": 0.3}  # of each category's words; the rest trains
+MCQ2_POOL_SHARES = {"validation": 0.2, "test": 0.3}  # of each category's words (at least 2: a cue and an
+# answer); the rest trains
 
 
 def mcq2_word_pools(rng: random.Random) -> dict[str, dict[str, list[str]]]:
-    """Each category's words cut into disjoint train / validation / test pools (at least one each)."""
+    """Each category's words cut into disjoint train / validation / test pools (at least two each)."""
     pools = {split: {} for split in MCQ2_SPLIT_SIZES}
     for category, words in MCQ2_CATEGORIES.items():
         words = list(words)
         rng.shuffle(words)
-        n_val = max(1, round(MCQ2_POOL_SHARES["validation"] * len(words)))
-        n_test = max(1, round(MCQ2_POOL_SHARES["test"] * len(words)))
+        n_val = max(2, round(MCQ2_POOL_SHARES["validation"] * len(words)))
+        n_test = max(2, round(MCQ2_POOL_SHARES["test"] * len(words)))
         pools["validation"][category] = words[:n_val]
         pools["test"][category] = words[n_val:n_val + n_test]
         pools["train"][category] = words[n_val + n_test:]
     return pools
+
+
+def mcq2_cue(rng: random.Random, candidates: list[str], answer: str, words: tuple) -> str:
+    """A cue for ``answer`` among ``candidates`` (its category's other words in the split). Words of one
+    category tend to be alike in length, so "the option closest in length to the cue" would beat
+    chance; the cue is drawn so that this rule finds the answer about one time in four."""
+    def closest(cue):
+        gaps = {w: abs(len(w) - len(cue)) for w in words}
+        return gaps[answer] <= min(g for w, g in gaps.items() if w != answer)
+    hit, miss = [c for c in candidates if closest(c)], [c for c in candidates if not closest(c)]
+    preferred = hit if rng.random() < 0.25 else miss
+    return rng.choice(preferred or candidates)
 
 
 def generate_mcq2(rng: random.Random) -> dict[str, list[dict]]:
@@ -689,23 +703,25 @@ def generate_mcq2(rng: random.Random) -> dict[str, list[dict]]:
             words = tuple(rng.choice(pools[split][c]) for c in categories)
             if frozenset(words) in seen:
                 continue
+            cues = tuple(mcq2_cue(rng, [w for w in pools[split][c] if w != words[k]], words[k], words)
+                         for k, c in enumerate(categories))
             seen.add(frozenset(words))
-            quadruples.append((len(quadruples), group, categories, words))
-        items = [(q, group, categories[k], words[k], words)
-                 for q, group, categories, words in quadruples for k in range(4)]
+            quadruples.append((len(quadruples), group, categories, words, cues))
+        items = [(q, group, categories[k], words[k], cues[k], words)
+                 for q, group, categories, words, cues in quadruples for k in range(4)]
         rng.shuffle(items)
         positions = [i % 4 for i in range(len(items))]  # every letter equally often in every split
         rng.shuffle(positions)
         rows = []
-        for (quadruple, group, category, answer, words), correct in zip(items, positions):
+        for (quadruple, group, category, answer, cue, words), correct in zip(items, positions):
             options = [w for w in words if w != answer]
             rng.shuffle(options)
             options.insert(correct, answer)
             serial += 1
-            rows.append({"id": f"mcq2-{serial:04d}", "question": f"Which of these is {category}?",
+            rows.append({"id": f"mcq2-{serial:04d}", "question": f"Which of these is the same kind of thing as {cue}?",
                          "opa": options[0], "opb": options[1], "opc": options[2], "opd": options[3],
                          "cop": correct, "choice_type": "single", "category": category.split(" ", 1)[1],
-                         "group": group, "quadruple": f"{split}-{quadruple:03d}"})
+                         "cue": cue, "group": group, "quadruple": f"{split}-{quadruple:03d}"})
         out[split] = rows
     return out
 

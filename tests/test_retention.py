@@ -50,7 +50,7 @@ def test_the_probe_touches_no_fact_mcq_or_mcq2_subject(probe):
             rewrite = r["requested_rewrite"]
             fact_names |= {rewrite["subject"], rewrite["target_true"]["str"], rewrite["target_new"]["str"]}
         for r in tasks.load("mcq2", split):
-            mcq2_words |= {r[k].lower() for k in ("opa", "opb", "opc", "opd")}
+            mcq2_words |= {r[k].lower() for k in ("opa", "opb", "opc", "opd", "cue")}
     fact_names = {n.removeprefix("the ") for n in fact_names}
     assert len(fact_names) > 100 and len(mcq2_words) > 200
     for row in probe:

@@ -512,6 +512,11 @@ def test_every_task_and_variant_returns_one_record_per_item_agreeing_with_the_me
 # -------------------------------------------------------------------------------------------- mcq2
 
 def test_mcq2_is_balanced_in_letters_quadruples_and_words_with_disjoint_word_pools():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("generate", REPO / "data" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    category_of = {w: c.split(" ", 1)[1] for c, ws in generate.MCQ2_CATEGORIES.items() for w in ws}
     words = {}
     for split in tasks.SPLITS:
         rows = tasks.load("mcq2", split)
@@ -526,9 +531,13 @@ def test_mcq2_is_balanced_in_letters_quadruples_and_words_with_disjoint_word_poo
             assert len({r[tasks.OPTION_FIELDS[r["cop"]]] for r in group}) == 4
             # near misses: the four categories asked are the four of one group
             assert len({r["group"] for r in group}) == 1 and len({r["category"] for r in group}) == 4
+        for r in rows:  # the cue: another word of the answer's category, never an option
+            assert r["question"] == f"Which of these is the same kind of thing as {r['cue']}?"
+            assert r["cue"] not in {r[f] for f in tasks.OPTION_FIELDS}
+            assert category_of[r["cue"]] == category_of[r[tasks.OPTION_FIELDS[r["cop"]]]] == r["category"]
         per_group = Counter(g[0]["group"] for g in by_quadruple.values())
         assert len(per_group) == 6 and max(per_group.values()) - min(per_group.values()) <= 1, (split, per_group)
-        words[split] = {r[f] for r in rows for f in tasks.OPTION_FIELDS}
+        words[split] = {r[f] for r in rows for f in tasks.OPTION_FIELDS} | {r["cue"] for r in rows}
     assert not words["train"] & words["test"] and not words["train"] & words["validation"]
     assert not words["validation"] & words["test"]
 

@@ -7,8 +7,8 @@ gives the rules, ``correct(task, rows, train)`` their 0/1 per item, keyed by ``t
 
 - mcq, mcq2: rules that read the options (a fixed letter, the longest or shortest option, the
   alphabetically first, the option right most often in train, the lower-median number, ...) and, for
-  mcq2, the question's category (its commonest letter in train, the option sharing the longest
-  substring with the category's name). ``tests/test_tasks.py`` checks that they stay at chance on mcq2.
+  mcq2, the row's category and cue (the category's commonest letter in train, the option sharing the
+  longest substring with the category's name or with the cue, the one closest to the cue in length). ``tests/test_tasks.py`` checks that they stay at chance on mcq2.
 - sql: fixed queries on the context's tables (every row of the first or last table, its row count).
 - fact: none. Efficacy compares the model's own probabilities of two answers; no rule has any.
 """
@@ -66,6 +66,15 @@ def option_rules(train: list[dict]) -> dict[str, Rule]:
                 range(4), key=lambda i: _longest_common_substring(_options(row)[i].lower(), row["category"])),
             "length closest to the category's": lambda row: min(
                 range(4), key=lambda i: abs(len(_options(row)[i]) - len(row["category"]))),
+        }
+    if all("cue" in r for r in train):
+        rules |= {
+            "longest common substring with the cue": lambda row: max(
+                range(4), key=lambda i: _longest_common_substring(_options(row)[i].lower(), row["cue"].lower())),
+            "length closest to the cue's": lambda row: min(
+                range(4), key=lambda i: abs(len(_options(row)[i]) - len(row["cue"]))),
+            "same first letter as the cue": lambda row: max(
+                range(4), key=lambda i: _options(row)[i][:1].lower() == row["cue"][:1].lower()),
         }
     return rules
 
