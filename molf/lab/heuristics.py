@@ -57,7 +57,7 @@ def option_rules(train: list[dict]) -> dict[str, Rule]:
         "lower-median number": lambda row: sorted(range(4), key=lambda i: _first_number(_options(row)[i]))[1],
         "largest number": _pick(_first_number),
     }
-    if all("category" in r for r in train):
+    if train and all("category" in r for r in train):
         letters = {c: Counter(r["cop"] for r in train if r["category"] == c).most_common(1)[0][0]
                    for c in {r["category"] for r in train}}
         rules |= {
@@ -67,7 +67,7 @@ def option_rules(train: list[dict]) -> dict[str, Rule]:
             "length closest to the category's": lambda row: min(
                 range(4), key=lambda i: abs(len(_options(row)[i]) - len(row["category"]))),
         }
-    if all("cue" in r for r in train):
+    if train and all("cue" in r for r in train):
         rules |= {
             "longest common substring with the cue": lambda row: max(
                 range(4), key=lambda i: _longest_common_substring(_options(row)[i].lower(), row["cue"].lower())),
