@@ -711,7 +711,7 @@ def main(argv=None) -> int:
                               "test_score": metrics[r.primary_metric], "val_score": r.val_score,
                               "primary_metric": r.primary_metric, "metric_variant": r.metric_variant,
                               "sweep_complete": (model, task, label) in complete,
-                              "seeds_planned": len(spec["seeds"]),
+                              "seeds_planned": len(spec["seeds"]), "tasks_planned": " ".join(spec["tasks"]),
                               "trainable_params": r.trainable_params, "last_quarter_drop": r.last_quarter_drop,
                               "last_quarter_share": r.last_quarter_share,
                               **{f"test_{k}": v for k, v in metrics.items() if k != r.primary_metric},

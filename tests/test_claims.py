@@ -163,3 +163,27 @@ def test_a_task_is_one_when_its_best_method_beats_the_best_model_free_rule(tmp_p
     assert line.startswith("mcq2: best method fft 0.950 vs ") and line.endswith("1 seeds → a task")
     pd.DataFrame(rows[1:]).to_csv(results / "tbl.csv", index=False)  # only the weak method ran
     assert report.task_lines(results, "tbl").endswith("→ not a task yet")
+
+
+def test_the_readmes_evidence_block_is_what_the_report_prints_from_the_committed_results():
+    from scripts import ROOT
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(report.README_BEGIN)[1].split(report.README_END)[0]
+    printed = report.brief(ROOT / "results" / "v2", "main_v2", "ablations_v2")
+    assert block.strip() == printed.strip(), (
+        "README.md's evidence block is stale: rerun experiments/report.py --results results/v2 --table main_v2 "
+        "--ablations ablations_v2 --brief --readme README.md")
+
+
+def test_a_claim_over_every_task_stays_inconclusive_while_a_planned_task_has_no_runs(tmp_path):
+    seeds = 3
+    outcomes = {("fact", "fft"): [correct_share(0.9)] * seeds, ("fact", "lora"): [correct_share(0.3)] * seeds,
+                ("fact", "molf"): [correct_share(0.9)] * seeds}
+    results = fake_results(tmp_path, outcomes)
+    claims = lines_of(report.claims_section(results, "tbl"))
+    assert claims[2].startswith("claim 2: reproduced")  # the table plans fact only
+    csv = pd.read_csv(results / "tbl.csv")
+    csv.assign(tasks_planned="fact mcq2 sql").to_csv(results / "tbl.csv", index=False)
+    claims = lines_of(report.claims_section(results, "tbl"))
+    for n in (1, 2, 3):
+        assert claims[n].startswith(f"claim {n}: inconclusive") and "mcq2: no test runs yet; sql: no test runs yet" in claims[n]
