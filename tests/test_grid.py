@@ -99,6 +99,7 @@ def test_budget_stops_and_a_rerun_continues(tmp_path, capsys):
 
 def test_a_finished_cell_trained_on_other_data_stops_the_grid(tmp_path, monkeypatch):
     import shutil
+
     from molf.lab import tasks
     data = tmp_path / "data"
     for folder in ("fact", "retention"):
