@@ -587,7 +587,7 @@ def generate_mcq(rng: random.Random) -> dict[str, list[dict]]:
 # -------------------------------------------------------------------------------------------- mcq2
 
 # Four neighbouring categories a group: a question's options are one word from each category of its
-# group, so the distractors are near misses (a nut or a grain beside the fruit), not unrelated words.
+# group, so the distractors are near misses (a grain or a herb beside the fruit), not unrelated words.
 # No word belongs to two categories or contains a category's name ("walnut", "goldfish", "ladybird",
 # "stool" are left out), none is an answer of a retention-probe candidate (data/generate_retention.py:
 # no "eagle", "spoon", "Nile"), and every word is common enough that the pretrained model has seen it.

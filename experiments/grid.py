@@ -385,8 +385,6 @@ def pick_lrs(sweep: pd.DataFrame, spec: dict, extended: dict | None = None) -> t
     picked, complete = {}, set()
     if sweep.empty:
         return picked, complete
-    if "val_tiebreak" not in sweep:
-        sweep = sweep.assign(val_tiebreak=float("nan"))
     means = (sweep.groupby(["model", "task", "method", "lr"])
              .agg(mean=("val_score", "mean"), count=("val_score", "count"), tiebreak=("val_tiebreak", "mean"))
              .reset_index())

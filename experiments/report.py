@@ -177,13 +177,13 @@ def _compare(test, results, table, task, a, b, margin: float | None = None) -> t
         verdict = stats.verdict(c)
     else:
         verdict = ("reproduced" if c.low > -margin else "not reproduced" if c.high < -margin else "inconclusive")
-    if margin is None and set(xs + ys) <= {0.0, 1.0} and min(c.mean_a, c.mean_b) >= CEILING:
-        verdict = "inconclusive"  # neither side can show more: a harder test could still separate them
-        return verdict, f"{task}: {c.line(a, b)}, {seeds} seeds → {verdict} (both at the ceiling)"
-    text = f"{task}: {c.line(a, b)}, {seeds} seeds → {verdict}"
-    unfinished = _unfinished(test, task, (a, b), seeds)
-    if unfinished and verdict != "inconclusive":  # the numbers so far, but no verdict yet
-        return "inconclusive", f"{text} so far, preliminary ({unfinished})"
+    at_ceiling = margin is None and set(xs + ys) <= {0.0, 1.0} and min(c.mean_a, c.mean_b) >= CEILING
+    if at_ceiling:  # neither side can show more: a harder test could still separate them
+        verdict = "inconclusive"
+    text = f"{task}: {c.line(a, b)}, {seeds} seeds → {verdict}" + (" (both at the ceiling)" if at_ceiling else "")
+    so_far = _so_far(test, task, (a, b), seeds)
+    if so_far and verdict != "inconclusive":  # the numbers so far, but no verdict yet
+        return "inconclusive", text + so_far
     return verdict, text
 
 
@@ -199,6 +199,12 @@ def _unfinished(test: pd.DataFrame, task: str, methods, seeds: int) -> str:
     if "seeds_planned" in rows and seeds < int(rows.seeds_planned.max()):
         reasons.append(f"{seeds} of {int(rows.seeds_planned.max())} seeds")
     return "; ".join(reasons)
+
+
+def _so_far(test: pd.DataFrame, task: str, methods, seeds: int) -> str:
+    """" so far, preliminary (why)" when the comparison is not final yet (``_unfinished``), else ""."""
+    unfinished = _unfinished(test, task, methods, seeds)
+    return f" so far, preliminary ({unfinished})" if unfinished else ""
 
 
 def _combine(verdicts: list[str]) -> str:
@@ -293,9 +299,8 @@ def retention_lines(results: Path, table: str) -> str:
         c = stats.paired_bootstrap(xs, ys)
         side = ("LoRA retains more" if c.low > 0 else "FFT retains more" if c.high < 0
                 else "no difference shown")
-        unfinished = _unfinished(test, task, ("lora", "fft"), seeds)
         lines.append(f"retention: {task}: {c.line('lora', 'fft')}, {seeds} seeds → {side}"
-                     + (f" so far, preliminary ({unfinished})" if unfinished else ""))
+                     + _so_far(test, task, ("lora", "fft"), seeds))
     return "\n".join(lines)
 
 
@@ -321,9 +326,8 @@ def secondary_lines(results: Path, table: str) -> str:
                     continue
                 c = stats.paired_bootstrap(xs, ys)
                 side = f"{a} higher" if c.low > 0 else f"{b} higher" if c.high < 0 else "no difference shown"
-                unfinished = _unfinished(test, task, (a, b), seeds)
                 lines.append(f"{task} {what}: {c.line(a, b)}, {seeds} seeds → {side}"
-                             + (f" so far, preliminary ({unfinished})" if unfinished else ""))
+                             + _so_far(test, task, (a, b), seeds))
     return "\n".join(lines)
 
 
@@ -342,15 +346,16 @@ def task_lines(results: Path, table: str) -> str:
         if found is None:
             lines.append(f"{task}: no model-free rule applies (see molf.lab.heuristics)")
             continue
-        rule, rule_items = found
+        rule, by_id = found
+        rule_items = {json.dumps(k): v for k, v in by_id.items()}  # keyed like _predictions
         method = rows.groupby("method")["test_score"].mean().idxmax()
         xs, ys = [], []
         try:
             for _, r in rows[rows.method == method].iterrows():
                 for key, item in _predictions(_run_folder(results, table, r)).items():
-                    if json.loads(key) in rule_items:
+                    if key in rule_items:
                         xs.append(float(item["correct"]))
-                        ys.append(float(rule_items[json.loads(key)]))
+                        ys.append(float(rule_items[key]))
         except NoPredictions:
             lines.append(f"{task}: {method} vs the best rule ({rule}): no per-item predictions")
             continue

@@ -435,7 +435,6 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     nonfinite_grad_steps = 0  # steps whose gradient norm was inf/NaN (see the training loop)
     if checkpoint_path.exists():
         _check_same_run(c, out, "a checkpoint")
-        check_same_data(c, out, "a checkpoint")
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -624,7 +623,8 @@ def run_identity(config: TrainConfig | dict) -> dict:
 
 
 def _check_same_run(c: TrainConfig, out: Path, what: str) -> None:
-    """Raise unless ``out/config.json`` describes the same run as ``c``, naming the fields that differ."""
+    """Raise unless ``out/config.json`` describes the same run as ``c``, naming the fields that differ,
+    and ``out/data.json`` the same data (``check_same_data``)."""
     path = out / "config.json"
     if not path.is_file():
         raise ValueError(f"{out} holds {what} but no config.json; delete the directory to train again")
@@ -634,6 +634,7 @@ def _check_same_run(c: TrainConfig, out: Path, what: str) -> None:
         detail = ", ".join(f"{k} (there: {saved.get(k, '<absent>')!r}, asked: {wanted.get(k, '<absent>')!r})"
                            for k in differ)
         raise ValueError(f"{out} holds {what} of a different config: {detail}; use another out_dir or delete it")
+    check_same_data(c, out, what)
 
 
 def data_fingerprint(c: TrainConfig) -> dict:
@@ -662,9 +663,7 @@ def check_same_data(c: TrainConfig, out: Path, what: str) -> None:
 def check_reusable(config: TrainConfig, out: Path, what: str = "a finished run") -> None:
     """Raise ValueError unless the run in ``out`` has ``config``'s identity and was trained on the data
     ``config`` would read now (what ``run`` checks before reusing or resuming it)."""
-    c = config.resolved()
-    _check_same_run(c, out, what)
-    check_same_data(c, out, what)
+    _check_same_run(config.resolved(), out, what)
 
 
 def _finished_run(c: TrainConfig, out: Path) -> Run | None:
@@ -677,7 +676,6 @@ def _finished_run(c: TrainConfig, out: Path) -> Run | None:
     if not (out / "metrics.json").is_file():
         return None
     _check_same_run(c, out, "a finished run")
-    check_same_data(c, out, "a finished run")
     if c.save_model and not (out / "model").is_dir():
         return None
     return Run(c, out, json.loads((out / "metrics.json").read_text()))
