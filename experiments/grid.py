@@ -45,7 +45,8 @@ It also scores the retention probe (molf.lab.retention: what the pretrained mode
 trains): "retention" / "retention_n" in test_metrics.json (test_retention in the CSV, a retention mean
 and std in the summary), one record per probe item in retention_predictions.jsonl.
 
---plan prints every cell, its number of steps and estimated time, and the total, training nothing.
+--plan prints every cell, its number of steps and estimated time, and the total, training nothing; the
+finished runs settle what they can (the picked lrs, the lrs the edge rule has added, the cells done).
 A cell's step time is, in order of preference: "recorded" (the median step time of a run of the same
 model, task and method in this table's results), "measured" (a few training steps of the model and
 method, timed on this machine, on random tokens of the expected length), or "flops" (parameters x
@@ -540,11 +541,25 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours < 48 else f"{hours / 24:.1f} days"
 
 
+def finished_picks(spec: dict, table: str, results: Path) -> tuple[dict, set, dict]:
+    """(picked, complete, extended) as the grid finds them from the finished runs alone: the lr picks,
+    the complete sweeps, the lrs the edge rule has added so far (the same loop as a run, training nothing)."""
+    extended: dict = {}
+    while True:
+        rows = [finished_row(run_dir(spec, table, model, task, label, lr, seed, results), results, model, task,
+                             label, lr, seed, kw.get("topk"))
+                for model, task, label, _, lr, seed, kw in sweep_cells(spec, extended)]
+        picked, complete = pick_lrs(pd.DataFrame([r for r in rows if r]), spec, extended)
+        if not extend_sweeps(spec, picked, complete, extended):
+            return picked, complete, extended
+
+
 def plan(spec: dict, table: str, results: Path, train_tasks: set, measure_steps: int = 2,
          assume_tflops: float | None = None, utilisation: float = 0.4) -> tuple[pd.DataFrame, dict]:
-    """Every cell of the table (sweep cells, then the extra seeds at the lr still to be picked) with its
-    steps, tokens per step, estimated seconds per step and where that comes from, and estimated time;
-    and a dict describing the estimate. Trains nothing."""
+    """Every cell of the table (the sweep cells with the lrs the edge rule has added so far, then the
+    extra seeds at the picked lr, or at "picked" while their sweep is open) with its steps, tokens per
+    step, estimated seconds per step and where that comes from, and estimated time; and a dict
+    describing the estimate. Trains nothing."""
     device = _device(spec.get("device", "cpu"))
     bf16 = spec.get("autocast") or spec.get("dtype") == "bfloat16"
     if assume_tflops:
@@ -552,9 +567,12 @@ def plan(spec: dict, table: str, results: Path, train_tasks: set, measure_steps:
     else:
         rate = matmul_tflops(device, torch.bfloat16 if bf16 else torch.float32)
         rate_basis = f"{rate:.3g} TFLOP/s measured ({'bf16' if bf16 else 'fp32'} matmul on {device})"
-    first_lr = {(m, t, label): spec["methods"][label]["lrs"][0]
+    picked, complete, extended = finished_picks(spec, table, results)
+    # a seed cell's lr is known once its sweep is complete; until then it stands at the first lr, "picked"
+    seed_lrs = {(m, t, label): picked[m, t, label] if (m, t, label) in complete else spec["methods"][label]["lrs"][0]
                 for m in spec_models(spec) for t in spec["tasks"] for label in spec["methods"]}
-    cells = [(c, False) for c in sweep_cells(spec)] + [(c, True) for c in seed_cells(spec, first_lr)]
+    cells = [(c, False) for c in sweep_cells(spec, extended)]
+    cells += [(c, c[:3] not in complete) for c in seed_cells(spec, seed_lrs)]
     rows, token_cache, measured, train_rows = [], {}, {}, {}
     for (model, task, label, method, lr, seed, kw), picked_later in cells:
         if task not in train_tasks:

@@ -212,6 +212,21 @@ def test_plan_uses_recorded_step_times_marks_done_cells_and_falls_back_to_flops(
     assert any("TFLOP/s measured (fp32 matmul on cpu) x 0.4 utilisation" in line for line in lines)
 
 
+def test_plan_of_a_finished_table_finds_the_picks_and_marks_every_cell_done(tmp_path, capsys):
+    results = tmp_path / "results"
+    path = write_spec(tmp_path, {**SPEC, "extend_sweep": 1})
+    assert grid.main([str(path), "--results", str(results)]) == 0
+    val = pd.read_csv(results / "tbl_validation.csv")
+    capsys.readouterr()
+    assert grid.main([str(path), "--results", str(results), "--plan", "--measure-steps", "0"]) == 0
+    lines = plan_lines(capsys)
+    cells = [line.split() for line in lines if line.split()[:1] == ["fact"]]
+    # every run the grid trained (the edge rule's extra lr included) is a done cell at its own lr
+    assert sorted((c[1], float(c[2]), int(c[3])) for c in cells) == sorted(zip(val.method, val.lr, val.seed))
+    assert all(c[8] == "done" for c in cells)
+    assert f"{len(val)} cells, {len(val)} done, 0 to train" in [line for line in lines if line.startswith("total:")][0]
+
+
 def test_plan_of_hub_models_estimates_from_known_sizes_per_model(tmp_path, capsys):
     spec = {**SPEC, "models": ["Qwen/Qwen2.5-3B", "someone/unknown-model"], "source": "hub",
             "metric_variant": "reference", "epochs": 2, "batch_size": 8, "grad_accum": 4, "seq_len": 512,
