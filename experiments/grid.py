@@ -724,7 +724,7 @@ def main(argv=None) -> int:
         for _, r in chosen.iterrows():
             metrics = test_metrics(results / r.dir, r.task, spec.get("test_limit"), spec)
             test_rows.append({"model": r.model, "task": r.task, "method": r.method, "lr": r.lr, "seed": r.seed,
-                              "test_score": metrics[r.primary_metric], "val_score": r.val_score,
+                              "dir": r.dir, "test_score": metrics[r.primary_metric], "val_score": r.val_score,
                               "primary_metric": r.primary_metric, "metric_variant": r.metric_variant,
                               "sweep_complete": (model, task, label) in complete,
                               "seeds_planned": len(spec["seeds"]), "tasks_planned": " ".join(spec["tasks"]),

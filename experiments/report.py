@@ -312,14 +312,21 @@ SECONDARY = {"fact": [("edit_score", "edit score (efficacy minus the neighbours'
 SECONDARY_PAIRS = [("fft", "lora"), ("molf", "fft"), ("molf", "lora"), ("molf_e", "adalora"), ("molf_e", "dora")]
 
 
-def secondary_lines(results: Path, table: str) -> str:
-    """Per task with SECONDARY scores: each pair of SECONDARY_PAIRS that ran, paired over the same items
-    and seeds, paired bootstrap 95% interval of the difference, and which side it shows."""
+def ablation_pairs(name: str) -> list[tuple[str, str]]:
+    """The ablation table's comparisons: routed vs dense, then (ablations_v2) MoLF-E with its embeddings
+    and norms frozen vs trained densely."""
+    extra = [("molf_e_k1", "molf_e_train_embeddings")] if name == "ablations_v2" else []
+    return ROUTED_VS_DENSE.get(name, []) + extra
+
+
+def secondary_lines(results: Path, table: str, pairs=SECONDARY_PAIRS) -> str:
+    """Per task with SECONDARY scores: each of ``pairs`` that ran, paired over the same items and
+    seeds, paired bootstrap 95% interval of the difference, and which side it shows."""
     test = pd.read_csv(results / f"{table}.csv")
     lines = []
     for task in sorted(set(test.task) & set(SECONDARY)):
         for field, what in SECONDARY[task]:
-            for a, b in SECONDARY_PAIRS:
+            for a, b in pairs:
                 try:
                     xs, ys, seeds = paired_scores(test, results, table, task, a, b, field=field)
                 except (NoPredictions, KeyError):
@@ -442,6 +449,11 @@ def main(argv=None) -> int:
     if (r / f"{ablations}_summary.csv").is_file():
         print(f"### Ablations ({r.name}/{ablations}_summary.csv)\n")
         print(ablation_table(pd.read_csv(r / f"{ablations}_summary.csv")), "\n")
+        secondary = secondary_lines(r, ablations, ablation_pairs(ablations))
+        if secondary:
+            print(f"### Ablations beyond the primary score ({r.name}/{ablations}.csv: paired over the same items "
+                  f"and seeds)\n")
+            print(secondary, "\n")
         printed = True
     if (r / "routing_dynamics.csv").is_file():
         print("### Routing dynamics (results/routing_dynamics.csv)\n")

@@ -122,6 +122,10 @@ def test_fact_scores_beyond_efficacy_are_compared_paired_and_tell_methods_apart(
     assert edit.endswith("→ fft higher") and "n=200, 2 seeds" in edit
     assert "diff +1.000" in margin and margin.endswith("→ fft higher")
     assert paraphrase.endswith("→ no difference shown")
+    # another table's pairs (the ablations'): only those, in their own order
+    swapped = report.secondary_lines(results, "tbl", [("lora", "fft"), ("molf", "fft")]).splitlines()
+    assert len(swapped) == 3 and "lora 0.400 vs fft 0.800: diff -0.400" in swapped[0]
+    assert ("molf_e_k1", "molf_e_train_embeddings") in report.ablation_pairs("ablations_v2")
 
 
 def test_brief_writes_claims_and_main_table_between_the_readme_markers(tmp_path):

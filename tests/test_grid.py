@@ -127,6 +127,11 @@ def test_runs_of_shares_another_tables_runs_and_refuses_a_different_config(tmp_p
     assert val.loc["lora_base", "dir"] == "runs/tbl/fact/lora/lr0.001_s0"  # trained once, for both tables
     assert (shared / "metrics.json").stat().st_mtime == before
     assert val.loc["lora_r2", "dir"] == "runs/abl/fact/lora_r2/lr0.001_s0"
+    # the test CSV names each run's folder too, so the report pairs the shared run's predictions
+    test = pd.read_csv(results / "abl.csv")
+    assert set(test.dir) == {"runs/tbl/fact/lora/lr0.001_s0", "runs/abl/fact/lora_r2/lr0.001_s0"}
+    xs, ys, seeds = report.paired_scores(test, results, "abl", "fact", "lora_base", "lora_r2")
+    assert seeds == 1 and len(xs) == len(ys) == 4
     ablation["methods"]["lora_base"]["ranks"] = [2]  # not the same run: refused, not mixed in
     with pytest.raises(ValueError, match="different config"):
         grid.main([str(write_spec(tmp_path, ablation, "abl2")), "--results", str(results)])
