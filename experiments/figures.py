@@ -2,7 +2,8 @@
 
     python experiments/figures.py                 # after: python experiments/grid.py experiments/main.json
 
-Reads results/main.csv (the runs picked on validation) and the routing logs of its molf and molf_e runs:
+Reads results/main.csv (the runs picked on validation) and the routing records of its molf and molf_e runs
+(routing.jsonl where the run was trained, else the committed routing_winners.csv.gz):
     figures/evidence_routing_<task>_<method>.png  win fraction per module type and per layer over training
                                                   (seed 0)
     figures/evidence_routing_<task>_<method>_layers.png  layer x module type heatmaps, one per quarter
@@ -65,18 +66,19 @@ def main(argv=None) -> int:
         raise FileNotFoundError(f"{picked_csv} does not exist: run experiments/grid.py experiments/"
                                 f"{args.table}.json first")
     picked = pd.read_csv(picked_csv)
-    validation = pd.read_csv(args.results / f"{args.table}_validation.csv")
-    picked = picked.merge(validation[["task", "method", "lr", "seed", "dir"]], on=["task", "method", "lr", "seed"])
+    if "dir" not in picked:  # a test CSV written before it named each run's folder
+        validation = pd.read_csv(args.results / f"{args.table}_validation.csv")
+        picked = picked.merge(validation[["task", "method", "lr", "seed", "dir"]], on=["task", "method", "lr", "seed"])
     picked = picked[picked["method"].isin(ROUTED)].sort_values(["task", "method", "seed"])
     if picked.empty:
         raise ValueError(f"{picked_csv} has no molf or molf_e runs yet")
 
-    missing = [d for d in picked["dir"] if not (args.results / d / "routing.jsonl").is_file()]
+    missing = [d for d in picked["dir"] if not runs.has_routing(args.results / d)]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} picked run(s) have no routing.jsonl (only a run's small records are committed; "
-            f"its logs stay on the machine that trained it): {', '.join(missing)}. Delete those run "
-            f"directories and rerun experiments/grid.py to retrain them, then this script.")
+            f"{len(missing)} picked run(s) have no routing record (neither routing.jsonl, which stays on the "
+            f"machine that trained the run, nor the committed {runs.WINNERS_FILE}): {', '.join(missing)}. "
+            f"Delete those run directories and rerun experiments/grid.py to retrain them, then this script.")
     rows, curves, heatmaps, drawn = [], {}, {}, set()
     for _, r in picked.iterrows():  # sorted by seed: the first run of each (task, method) is drawn
         data = runs.load(args.results / r["dir"])

@@ -72,7 +72,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molf.lab import analysis, models, retention, tasks  # noqa: E402
+from molf.lab import analysis, models, retention, runs, tasks  # noqa: E402
 from molf.lab.train import TrainConfig, build, check_reusable, run  # noqa: E402
 
 LR_FIELD = {"fft": "lr", "lora": "lr", "dora": "lr", "adalora": "lr"}  # molf/molf_e sweep lr_fft & lr_lora
@@ -691,6 +691,8 @@ def main(argv=None) -> int:
                     run(config)
             if (out / "metrics.json").is_file():
                 check_reusable(config, out)  # same config and data, else an error naming what differs
+                if (out / "routing.jsonl").is_file() and not (out / runs.WINNERS_FILE).is_file():
+                    runs.write_winners(out)  # a run trained before the runner wrote this record
             row = finished_row(out, results, model, task, label, lr, seed, config.topk)
             if row:
                 rows.append(row)

@@ -50,8 +50,16 @@ def test_every_method_trains_and_writes_its_artifacts(tmp_path, method):
             assert (rows.groupby("module")["won"].sum() == 1).all()  # top-1
         assert routing["score"].gt(0).any()
         assert sum(sum(c.values()) for c in metrics["routing"]["win_counts"].values()) == 3 * len(modules)
+        # the committed record (who won, no scores) reads back as the same routing, and is reproducible
+        winners = runs.read_winners(result.out_dir / runs.WINNERS_FILE)
+        keys = ["step", "module", "layer", "module_type", "expert", "won", "lr"]
+        pd.testing.assert_frame_equal(winners[keys], routing[keys])
+        assert winners["score"].isna().all()
+        before = (result.out_dir / runs.WINNERS_FILE).read_bytes()
+        assert runs.write_winners(result.out_dir).read_bytes() == before
     else:
         assert data.routing is None
+        assert not (result.out_dir / runs.WINNERS_FILE).exists()
 
 
 def test_run_is_deterministic_and_resume_is_identical(tmp_path):

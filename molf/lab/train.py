@@ -12,6 +12,8 @@ A run directory holds
     steps.csv          step, loss, lr, grad_norm (before clipping), step_time_s
     grad_norms.csv     step, module, expert, grad_norm: every adapted linear module, every expert
     routing.jsonl      (molf, molf_e) one line per step: winners and every expert's score, full precision
+    routing_winners.csv.gz  (molf, molf_e) who won, per step and module, without the scores: a few KB,
+                       the record of the routing that is committed with a grid run (``molf.lab.runs``)
     metrics.json       task metrics after training, times, tokens per second, peak memory, parameter
                        and state sizes
     checkpoint.pt      model, optimizer (with routing counters), scheduler, RNG and step: the resume
@@ -449,7 +451,7 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     else:
         (out / "config.json").write_text(config_json)
         (out / "data.json").write_text(json.dumps(data_fingerprint(c), indent=2, sort_keys=True))
-        for name in ("steps.csv", "grad_norms.csv", "routing.jsonl", "metrics.json"):
+        for name in ("steps.csv", "grad_norms.csv", "routing.jsonl", runs.WINNERS_FILE, "metrics.json"):
             (out / name).unlink(missing_ok=True)
 
     def save_checkpoint(step: int) -> None:
@@ -551,6 +553,8 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
     if c.method in MOLF_METHODS:
         counts = optimizer.win_counts
         routing_summary = {"win_counts": counts, "nonfinite_skips": optimizer.nonfinite_skips}
+        if routing_file:
+            runs.write_winners(out)
         merge(model)
     elif c.method in PEFT_METHODS:
         model = model.merge_and_unload()
