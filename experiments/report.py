@@ -280,27 +280,28 @@ def claims_section(results: Path, table: str, ablations: str | None = None) -> s
     return "\n".join(lines)
 
 
-def retention_lines(results: Path, table: str) -> str:
-    """Per task, FFT's and LoRA's mean retention (the share of retention-probe items still known after
-    training), paired over the same probe items and seeds, with a paired bootstrap 95% interval of the
-    difference. Descriptive (beyond the paper; "LoRA learns less and forgets less" is the known result)."""
+def retention_lines(results: Path, table: str, pairs=(("lora", "fft"),)) -> str:
+    """Per task and pair (a, b): the two methods' mean retention (the share of retention-probe items
+    still known after training), paired over the same probe items and seeds, with a paired bootstrap 95%
+    interval of the difference. Descriptive (beyond the paper; "LoRA learns less and forgets less" is the
+    known result for the default pair)."""
     test = pd.read_csv(results / f"{table}.csv")
     lines = []
     for task in sorted(set(test.task)):
-        try:
-            xs, ys, seeds = paired_scores(test, results, table, task, "lora", "fft",
-                                          file="retention_predictions.jsonl")
-        except NoPredictions:
-            lines.append(f"retention: {task} lora vs fft: no retention_predictions.jsonl")
-            continue
-        except KeyError as error:
-            lines.append(f"retention: {str(error).strip(chr(39) + chr(34))}")
-            continue
-        c = stats.paired_bootstrap(xs, ys)
-        side = ("LoRA retains more" if c.low > 0 else "FFT retains more" if c.high < 0
-                else "no difference shown")
-        lines.append(f"retention: {task}: {c.line('lora', 'fft')}, {seeds} seeds → {side}"
-                     + _so_far(test, task, ("lora", "fft"), seeds))
+        for a, b in pairs:
+            try:
+                xs, ys, seeds = paired_scores(test, results, table, task, a, b,
+                                              file="retention_predictions.jsonl")
+            except NoPredictions:
+                lines.append(f"retention: {task} {a} vs {b}: no retention_predictions.jsonl")
+                continue
+            except KeyError as error:
+                lines.append(f"retention: {str(error).strip(chr(39) + chr(34))}")
+                continue
+            c = stats.paired_bootstrap(xs, ys)
+            side = f"{a} retains more" if c.low > 0 else f"{b} retains more" if c.high < 0 else "no difference shown"
+            lines.append(f"retention: {task}: {c.line(a, b)}, {seeds} seeds → {side}"
+                         + _so_far(test, task, (a, b), seeds))
     return "\n".join(lines)
 
 
@@ -454,12 +455,16 @@ def main(argv=None) -> int:
             print(f"### Ablations beyond the primary score ({r.name}/{ablations}.csv: paired over the same items "
                   f"and seeds)\n")
             print(secondary, "\n")
+        if "test_retention" in pd.read_csv(r / f"{ablations}.csv"):
+            print(f"### Ablations' retention ({r.name}/{ablations}.csv: the retention probe, paired over the same "
+                  f"items and seeds)\n")
+            print(retention_lines(r, ablations, ablation_pairs(ablations)), "\n")
         printed = True
     if (r / "routing_dynamics.csv").is_file():
-        print("### Routing dynamics (results/routing_dynamics.csv)\n")
+        print(f"### Routing dynamics ({r.name}/routing_dynamics.csv)\n")
         dynamics = pd.read_csv(r / "routing_dynamics.csv")
         print(dynamics_table(dynamics), "\n")
-        print("### Win share per module type, % of steps, min–max over seeds (results/routing_dynamics.csv)\n")
+        print(f"### Win share per module type, % of steps, min–max over seeds ({r.name}/routing_dynamics.csv)\n")
         print(module_type_table(dynamics), "\n")
         printed = True
     if not printed:

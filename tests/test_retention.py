@@ -255,3 +255,22 @@ def test_generator_assertions_hold_for_the_candidates(tokenizer):
     assert all(by_id[i] == row for i, row in shipped.items())  # the shipped rows are the generator's
     kinds = pd.Series([r["kind"] for r in shipped.values()]).value_counts()
     assert kinds.max() <= generator.MAX_PER_KIND
+
+
+def test_retention_lines_compare_any_pair_and_name_the_side_that_keeps_more(tmp_path):
+    rows = []
+    for method, known in (("molf_k1", 1), ("molf_dense_k2", 0)):
+        for seed in (0, 1):
+            folder = tmp_path / "runs" / "abl" / "fact" / method / f"lr0.001_s{seed}"
+            folder.mkdir(parents=True)
+            records = [{"id": i, "prediction": "x", "correct": known if i < 15 else 1} for i in range(20)]
+            (folder / "retention_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            rows.append({"task": "fact", "method": method, "lr": 0.001, "seed": seed,
+                         "dir": str(folder.relative_to(tmp_path)), "test_retention": 0.25 + 0.75 * known})
+    pd.DataFrame(rows).to_csv(tmp_path / "abl.csv", index=False)
+    line = report.retention_lines(tmp_path, "abl", [("molf_k1", "molf_dense_k2")])
+    assert line.startswith("retention: fact: molf_k1 1.000 vs molf_dense_k2 0.250: diff +0.750")
+    assert "n=40, 2 seeds" in line and line.endswith("molf_k1 retains more")
+    swapped = report.retention_lines(tmp_path, "abl", [("molf_dense_k2", "molf_k1")])
+    assert swapped.endswith("molf_k1 retains more")
+    assert "no test runs of lora" in report.retention_lines(tmp_path, "abl")  # the default pair is absent
