@@ -142,24 +142,26 @@ def _predictions(folder: Path, file: str = "test_predictions.jsonl") -> dict:
 
 def paired_scores(test: pd.DataFrame, results: Path, table: str, task: str, a: str, b: str,
                   field: str = "correct", file: str = "test_predictions.jsonl") -> tuple[list, list, int]:
-    """Per-item ``field`` of methods ``a`` and ``b`` on ``task``, paired over the seeds both have and
-    the items both scored (seed by seed, items in ``a``'s order); and the number of seeds. ``file``: the
-    per-item records to read (retention_predictions.jsonl: the retention probe). Raises NoPredictions
-    when a run has no per-item records, KeyError when a method has no test runs."""
+    """Per-item ``field`` of methods ``a`` and ``b`` on ``task`` as two seeds x items tables: a row per
+    seed both have, a column per item every one of those runs scored (in ``a``'s first run's order), so
+    row s pairs seed s's runs item by item (molf.lab.stats resamples seeds and items); and the number
+    of seeds. ``file``: the per-item records to read (retention_predictions.jsonl: the retention probe).
+    Raises NoPredictions when a run has no per-item records, KeyError when a method has no test runs or
+    the runs share no item."""
     rows_a, rows_b = (test[(test.task == task) & (test.method == m)] for m in (a, b))
     if rows_a.empty or rows_b.empty:
         raise KeyError(f"{task}: no test runs of {a if rows_a.empty else b}")
     seeds = sorted(set(rows_a.seed) & set(rows_b.seed))
     if not seeds:
         raise KeyError(f"{task}: {a} and {b} share no seed")
-    xs, ys = [], []
-    for seed in seeds:
-        pa = _predictions(_run_folder(results, table, rows_a[rows_a.seed == seed].iloc[0]), file)
-        pb = _predictions(_run_folder(results, table, rows_b[rows_b.seed == seed].iloc[0]), file)
-        for key in pa:
-            if key in pb:
-                xs.append(float(pa[key][field]))
-                ys.append(float(pb[key][field]))
+    runs = [(_predictions(_run_folder(results, table, rows_a[rows_a.seed == seed].iloc[0]), file),
+             _predictions(_run_folder(results, table, rows_b[rows_b.seed == seed].iloc[0]), file))
+            for seed in seeds]
+    keys = [key for key in runs[0][0] if all(key in pa and key in pb for pa, pb in runs)]
+    if not keys:
+        raise KeyError(f"{task}: {a} and {b} share no scored item")
+    xs = [[float(pa[key][field]) for key in keys] for pa, _ in runs]
+    ys = [[float(pb[key][field]) for key in keys] for _, pb in runs]
     return xs, ys, len(seeds)
 
 
@@ -172,12 +174,13 @@ def _compare(test, results, table, task, a, b, margin: float | None = None) -> t
         return "missing", f"{task} {a} vs {b}: no per-item predictions"
     except KeyError as error:  # a method not run on this task: that part is left out
         return "absent", str(error).strip("'\"")
-    c = stats.mcnemar(xs, ys) if set(xs + ys) <= {0.0, 1.0} else stats.paired_bootstrap(xs, ys)
+    c = stats.compare(xs, ys)
+    binary = {v for row in xs + ys for v in row} <= {0.0, 1.0}
     if margin is None:
         verdict = stats.verdict(c)
     else:
         verdict = ("reproduced" if c.low > -margin else "not reproduced" if c.high < -margin else "inconclusive")
-    at_ceiling = margin is None and set(xs + ys) <= {0.0, 1.0} and min(c.mean_a, c.mean_b) >= CEILING
+    at_ceiling = margin is None and binary and min(c.mean_a, c.mean_b) >= CEILING
     if at_ceiling:  # neither side can show more: a harder test could still separate them
         verdict = "inconclusive"
     text = f"{task}: {c.line(a, b)}, {seeds} seeds → {verdict}" + (" (both at the ceiling)" if at_ceiling else "")
@@ -228,10 +231,11 @@ def _claim_line(number: int, parts: list[tuple[str, str]], note: str = "") -> st
 
 def claims_section(results: Path, table: str, ablations: str | None = None) -> str:
     """One line per paper claim (docs/evidence.md), each computed from the per-item test predictions:
-    paired over the same items and seeds (exact McNemar for 0/1 scores, else a paired bootstrap; 95%
-    bootstrap intervals; molf.lab.stats.verdict). A claim of several parts is reproduced when every part
-    is, not reproduced when any part is not, inconclusive otherwise (a part without predictions too; a
-    part whose method was not run on that task is named and left out)."""
+    paired over the same items and seeds (molf.lab.stats.compare: exact McNemar for one seed of 0/1
+    scores, else a paired bootstrap that resamples seeds and items; 95% bootstrap intervals;
+    molf.lab.stats.verdict). A claim of several parts is reproduced when every part is, not reproduced
+    when any part is not, inconclusive otherwise (a part without predictions too; a part whose method
+    was not run on that task is named and left out)."""
     test = pd.read_csv(results / f"{table}.csv")
     present = set(test.task)
     mc = "mcq2" if "mcq2" in present else "mcq"
@@ -298,7 +302,7 @@ def retention_lines(results: Path, table: str, pairs=(("lora", "fft"),)) -> str:
             except KeyError as error:
                 lines.append(f"retention: {str(error).strip(chr(39) + chr(34))}")
                 continue
-            c = stats.paired_bootstrap(xs, ys)
+            c = stats.compare(xs, ys)
             side = f"{a} retains more" if c.low > 0 else f"{b} retains more" if c.high < 0 else "no difference shown"
             lines.append(f"retention: {task}: {c.line(a, b)}, {seeds} seeds → {side}"
                          + _so_far(test, task, (a, b), seeds))
@@ -332,7 +336,7 @@ def secondary_lines(results: Path, table: str, pairs=SECONDARY_PAIRS) -> str:
                     xs, ys, seeds = paired_scores(test, results, table, task, a, b, field=field)
                 except (NoPredictions, KeyError):
                     continue
-                c = stats.paired_bootstrap(xs, ys)
+                c = stats.compare(xs, ys)
                 side = f"{a} higher" if c.low > 0 else f"{b} higher" if c.high < 0 else "no difference shown"
                 lines.append(f"{task} {what}: {c.line(a, b)}, {seeds} seeds → {side}"
                              + _so_far(test, task, (a, b), seeds))
@@ -341,9 +345,9 @@ def secondary_lines(results: Path, table: str, pairs=SECONDARY_PAIRS) -> str:
 
 def task_lines(results: Path, table: str) -> str:
     """Per task: does the best method (by mean test score) beat the best model-free rule
-    (molf.lab.heuristics) on the same items? Exact McNemar over the items of every seed of that
-    method, each paired with the rule's answer to the same item. "a task" needs p < 0.05 in its
-    favour; otherwise the task cannot tell methods apart yet."""
+    (molf.lab.heuristics) on the same items? Each seed's run of that method paired item by item with
+    the rule's answers (molf.lab.stats.compare: McNemar for one seed, else the bootstrap over seeds and
+    items). "a task" needs p < 0.05 in its favour; otherwise the task cannot tell methods apart yet."""
     test = pd.read_csv(results / f"{table}.csv")
     lines = []
     for task in sorted(set(test.task)):
@@ -357,17 +361,15 @@ def task_lines(results: Path, table: str) -> str:
         rule, by_id = found
         rule_items = {json.dumps(k): v for k, v in by_id.items()}  # keyed like _predictions
         method = rows.groupby("method")["test_score"].mean().idxmax()
-        xs, ys = [], []
         try:
-            for _, r in rows[rows.method == method].iterrows():
-                for key, item in _predictions(_run_folder(results, table, r)).items():
-                    if key in rule_items:
-                        xs.append(float(item["correct"]))
-                        ys.append(float(rule_items[key]))
+            runs = [_predictions(_run_folder(results, table, r)) for _, r in rows[rows.method == method].iterrows()]
         except NoPredictions:
             lines.append(f"{task}: {method} vs the best rule ({rule}): no per-item predictions")
             continue
-        c = stats.mcnemar(xs, ys)
+        keys = [key for key in runs[0] if key in rule_items and all(key in run for run in runs)]
+        xs = [[float(run[key]["correct"]) for key in keys] for run in runs]
+        ys = [[float(rule_items[key]) for key in keys]] * len(runs)
+        c = stats.compare(xs, ys)
         verdict = "a task" if stats.verdict(c) == "reproduced" else "not a task yet"
         lines.append(f"{task}: best method {c.line(method, repr(rule))}, "
                      f"{int(rows[rows.method == method].seed.nunique())} seeds → {verdict}")

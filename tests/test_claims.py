@@ -67,6 +67,21 @@ def test_a_small_difference_is_inconclusive_and_a_clear_loss_within_margin_claim
     assert "no test runs of molf_e" in claims[3]
 
 
+def test_a_gap_that_flips_with_the_seed_gets_no_verdict(tmp_path):
+    # FFT wins seeds 0 and 2 by 40 points and loses seed 1 by 40: 120 discordant items, 80 for FFT,
+    # which McNemar over the pooled items would call significant; resampling seeds shows the sign
+    # of the gap is not settled by three runs.
+    outcomes = {("fact", "fft"): [correct_share(0.8), correct_share(0.4), correct_share(0.8)],
+                ("fact", "lora"): [correct_share(0.4), correct_share(0.8), correct_share(0.4)]}
+    results = fake_results(tmp_path, outcomes)
+    claims = lines_of(report.claims_section(results, "tbl"))
+    assert claims[1].startswith("claim 1: inconclusive") and "diff +0.133" in claims[1]
+    low = float(claims[1].split("diff +0.133 [")[1].split(",")[0])
+    assert low < 0 and "3 seeds → inconclusive" in claims[1]
+    xs, ys, seeds = report.paired_scores(pd.read_csv(results / "tbl.csv"), results, "tbl", "fact", "fft", "lora")
+    assert seeds == 3 and [sum(row) for row in xs] == [80, 40, 80] and [sum(row) for row in ys] == [40, 80, 40]
+
+
 def test_an_unfinished_table_shows_its_numbers_but_gives_no_verdict_yet(tmp_path):
     outcomes = {("fact", "fft"): [correct_share(0.9)], ("fact", "lora"): [correct_share(0.3)]}
     results = fake_results(tmp_path, outcomes)

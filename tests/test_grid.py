@@ -136,7 +136,7 @@ def test_runs_of_shares_another_tables_runs_and_refuses_a_different_config(tmp_p
     test = pd.read_csv(results / "abl.csv")
     assert set(test.dir) == {"runs/tbl/fact/lora/lr0.001_s0", "runs/abl/fact/lora_r2/lr0.001_s0"}
     xs, ys, seeds = report.paired_scores(test, results, "abl", "fact", "lora_base", "lora_r2")
-    assert seeds == 1 and len(xs) == len(ys) == 4
+    assert seeds == 1 and len(xs) == len(ys) == 1 and len(xs[0]) == len(ys[0]) == 4  # seeds x items
     ablation["methods"]["lora_base"]["ranks"] = [2]  # not the same run: refused, not mixed in
     with pytest.raises(ValueError, match="different config"):
         grid.main([str(write_spec(tmp_path, ablation, "abl2")), "--results", str(results)])
