@@ -48,7 +48,9 @@ and std in the summary), one record per probe item in retention_predictions.json
 --plan prints every cell, its number of steps and estimated time, and the total, training nothing; the
 finished runs settle what they can (the picked lrs, the lrs the edge rule has added, the cells done).
 A cell's step time is, in order of preference: "recorded" (the median step time of a run of the same
-model, task and method in this table's results), "measured" (a few training steps of the model and
+model, task and method in this table's results), "scaled from <task>" (that of the same model and method
+on another task of the table, times the ratio of tokens per row: on main_v2 sql, FFT's mcq2 time scaled
+so came within 7% of its recorded one), "measured" (a few training steps of the model and
 method, timed on this machine, on random tokens of the expected length), or "flops" (parameters x
 tokens per step x 6 for methods that train the base weights, x 4 for those that freeze them, divided by
 a matrix-multiply rate measured on this machine, or --assume-tflops, times --utilisation). Training
@@ -533,6 +535,26 @@ def _recorded_step_time(folder: Path) -> float | None:
     return statistics.median(found) if found else None
 
 
+def _scaled_step_time(spec: dict, table: str, results: Path, model: str, task: str, label: str,
+                      tokens_row: float, token_cache: dict) -> tuple[float | None, str]:
+    """The recorded step time of the same model and method on another task of the table, times the
+    ratio of tokens per row (step time grows about linearly with tokens at these lengths); of several
+    such tasks, the one nearest in tokens per row, where a step's fixed overhead distorts the ratio
+    least. (None, "") when no other task has finished runs of this method."""
+    best = None
+    for other in spec["tasks"]:
+        if other == task:
+            continue
+        recorded = _recorded_step_time(run_dir(spec, table, model, other, label, 1.0, 0, results).parent)
+        if recorded is None:
+            continue
+        other_tokens, _ = _tokens_per_row(spec, model, other, token_cache)
+        gap = abs(math.log(tokens_row / other_tokens))
+        if best is None or gap < best[0]:
+            best = (gap, recorded * tokens_row / other_tokens, other)
+    return (None, "") if best is None else (best[1], f"scaled from {best[2]}")
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "unknown"
@@ -585,6 +607,8 @@ def plan(spec: dict, table: str, results: Path, train_tasks: set, measure_steps:
         folder = run_dir(spec, table, model, task, label, lr, seed, results)
         done = (folder / "metrics.json").is_file() and not picked_later
         step_s, basis = _recorded_step_time(folder.parent), "recorded"
+        if step_s is None:
+            step_s, basis = _scaled_step_time(spec, table, results, model, task, label, tokens_row, token_cache)
         if step_s is None and measure_steps > 0 and _loadable_here(model):
             key = (model, label, round(tokens_row))
             if key not in measured:
@@ -628,6 +652,7 @@ def print_plan(spec: dict, table: str, results: Path, train_tasks: set, args) ->
         tokens = sorted(set(frame[frame.task == task]["tokens_basis"]))
         print(f"  {task}: {rows} training rows ({basis}); tokens per row from {', '.join(tokens)}")
     print("  s_per_step basis: recorded = median step time of finished runs of the same model/task/method; "
+          "scaled from <task> = that of the same model/method on <task>, times the ratio of tokens per row; "
           "measured = timed training steps on random tokens here; flops = parameters x tokens per step x "
           f"(6 training the base, 4 frozen base, +2 with checkpointing) / ({info['rate']} x "
           f"{info['utilisation']:g} utilisation)")

@@ -213,6 +213,16 @@ def test_plan_uses_recorded_step_times_marks_done_cells_and_falls_back_to_flops(
         recorded, rel=1e-2)
     assert "1 cells, 1 done, 0 to train" in [line for line in lines if line.startswith("total:")][0]
 
+    # a task without runs of this method: the recorded time of another task, scaled by tokens per row
+    assert grid.main([str(write_spec(tmp_path, {**spec, "tasks": ["fact", "mcq2"]})), "--results", str(results),
+                      "--plan", "--measure-steps", "0"]) == 0
+    lines = plan_lines(capsys)
+    cell = [line.split() for line in lines if line.split()[:1] == ["mcq2"]]
+    tokens = {task: grid._tokens_per_row(spec, "tiny", task, {})[0] for task in ("fact", "mcq2")}
+    assert tokens["fact"] != tokens["mcq2"]
+    assert len(cell) == 1 and cell[0][7:10] == ["scaled", "from", "fact"]
+    assert float(cell[0][6]) == pytest.approx(recorded * tokens["mcq2"] / tokens["fact"], rel=1e-2)
+
     # no model to time (never load one): parameters x tokens / a measured matmul rate, said so
     assert grid.main([str(write_spec(tmp_path, SPEC, "other")), "--results", str(results), "--plan",
                       "--measure-steps", "0"]) == 0
