@@ -49,8 +49,8 @@ and std in the summary), one record per probe item in retention_predictions.json
 finished runs settle what they can (the picked lrs, the lrs the edge rule has added, the cells done).
 A cell's step time is, in order of preference: "recorded" (the median step time of a run of the same
 model, task and method in this table's results), "scaled from <task>" (that of the same model and method
-on another task of the table, times the ratio of tokens per row: on main_v2 sql, FFT's mcq2 time scaled
-so came within 7% of its recorded one), "measured" (a few training steps of the model and
+on another task of the table, times the ratio of tokens per row: on main_v2 sql, the mcq2 step times
+scaled so came out 15% (FFT) and 19% (LoRA) above the recorded ones), "measured" (a few training steps of the model and
 method, timed on this machine, on random tokens of the expected length), or "flops" (parameters x
 tokens per step x 6 for methods that train the base weights, x 4 for those that freeze them, divided by
 a matrix-multiply rate measured on this machine, or --assume-tflops, times --utilisation). Training
