@@ -1,6 +1,6 @@
 """Write the shipped task data: ``python data/generate.py [--out DIR]`` (default: this folder).
 
-Three small task families stand in for the paper's hub datasets, in the same row schemas, so that
+Small task families stand in for the paper's hub datasets, in the same row schemas, so that
 ``molf.lab.tasks`` serves both. Standard library only; every random choice comes from
 ``random.Random(SEED + offset)`` (one generator per task), rows are written in a fixed order with a
 fixed JSON layout, so rerunning the script reproduces every file byte for byte.
@@ -13,6 +13,15 @@ sql   text-to-SQL in the schema of ``gretelai/synthetic_text_to_sql`` (``id``, `
       swamped. Asserted here: every context runs in sqlite, every gold query runs on its own context
       and returns a non-empty, non-NULL result (COUNT > 0), and ORDER BY ... LIMIT answers have no ties
       at the cut. 1000 train / 100 validation / 100 test.
+sql2  sql's thirteen question shapes on schemas a split never shares: sql's seven schemas and five more
+      (books, players, cars, farms, hotels; SQL2_EXTRA_DOMAINS). Train draws from nine schemas,
+      validation from one (farms) and test from two (vessels, hotels; SQL2_SPLIT_DOMAINS), so no table,
+      column or category value of a held-out schema is ever trained on (only the generic column
+      ``name`` and people's names recur): a model has to read the schema in the prompt and map the
+      question's words onto it. On sql, where every test question's template and schema are trained,
+      FFT and LoRA both reach 100% execution accuracy; sql2 asks for the transfer that sql cannot
+      measure. Distinct questions within each split; every shape in every split; the same checks on
+      contexts and gold queries as sql. 1000 train / 100 validation / 200 test.
 fact  counterfactual knowledge injection in the schema of CounterFact (``case_id``,
       ``requested_rewrite`` {``prompt`` with ``{}`` for the subject, ``relation_id``, ``subject``,
       ``target_true`` {``str``}, ``target_new`` {``str``}}, ``paraphrase_prompts``,
@@ -139,6 +148,56 @@ SHIP_WORDS = (["Northern", "Ocean", "Blue", "Star", "Sea", "Iron", "Pacific", "C
               ["Spirit", "Voyager", "Pearl", "Falcon", "Trader", "Breeze", "Dawn", "Titan"])
 PRODUCT_WORDS = (["Deluxe", "Classic", "Mini", "Smart", "Eco", "Pro", "Retro", "Ultra"],
                  ["Kite", "Lamp", "Blender", "Racket", "Speaker", "Planter", "Puzzle", "Notebook"])
+# sql2's five further schemas; name_parts: the two word lists of a row's name (else a person's name).
+SQL2_EXTRA_DOMAINS = [
+    {"domain": "library", "table": "books", "entity": "books", "singular": "book",
+     "name": ("title", "titles", "title", "books"), "name_parts": TITLE_WORDS,
+     "group": ("genre", ["Mystery", "Fantasy", "Romance", "Poetry", "Biography", "Travel"]),
+     "in_group": "in the '{}' genre", "per_group": "for each genre",
+     "nums": [("pages", "page count", 80, 900, 1), ("year", "publication year", 1900, 2024, 1)],
+     "lookup": ("genres", "shelf", ["Shelf A", "Shelf B", "Shelf C", "Shelf D"],
+                "whose genre is kept on '{}'")},
+    {"domain": "sports", "table": "players", "entity": "players", "singular": "player",
+     "name": ("name", "names", "name", "people"),
+     "group": ("team", ["Lions", "Tigers", "Eagles", "Sharks", "Wolves", "Bears"]),
+     "in_group": "playing for the '{}'", "per_group": "for each team",
+     "nums": [("goals", "number of goals", 0, 60, 1), ("matches", "number of matches", 1, 80, 1)],
+     "lookup": ("teams", "league", ["North League", "South League", "East League", "West League"],
+                "whose team plays in the '{}'")},
+    {"domain": "automotive", "table": "cars", "entity": "cars", "singular": "car",
+     "name": ("model", "models", "model", "cars"),
+     "name_parts": (["Swift", "Urban", "Falcon", "Nova", "Terra", "Volt", "Astra", "Zen"],
+                    ["GT", "LX", "Sport", "One", "EV", "Cross", "Plus", "X"]),
+     "group": ("maker", ["Toyota", "Ford", "Honda", "Volvo", "Fiat", "Kia"]),
+     "in_group": "made by '{}'", "per_group": "for each maker",
+     "nums": [("horsepower", "horsepower", 60, 600, 5), ("price", "price", 8000, 120000, 500)],
+     "lookup": ("makers", "dealer", ["Metro Motors", "City Cars", "Auto Hub", "Drive Inn"],
+                "whose maker is sold by '{}'")},
+    {"domain": "agriculture", "table": "farms", "entity": "farms", "singular": "farm",
+     "name": ("farm_name", "farm names", "farm name", "farms"),
+     "name_parts": (["Green", "Sunny", "Old", "Red", "Willow", "Maple", "Stone", "Hill"],
+                    ["Acres", "Farm", "Fields", "Ranch", "Meadow", "Valley", "Creek", "Orchard"]),
+     "group": ("crop", ["Wheat", "Rice", "Maize", "Barley", "Soy", "Cotton"]),
+     "in_group": "growing '{}'", "per_group": "for each crop",
+     "nums": [("area", "area", 5, 900, 5), ("yield_tons", "yield in tons", 10, 5000, 10)],
+     "lookup": ("crops", "season", ["Spring", "Summer", "Autumn", "Winter"], "whose crop is sown in '{}'")},
+    {"domain": "hospitality", "table": "hotels", "entity": "hotels", "singular": "hotel",
+     "name": ("name", "names", "name", "hotels"),
+     "name_parts": (["Grand", "Royal", "Park", "Plaza", "City", "Garden", "Palace", "Harbor"],
+                    ["Hotel", "Inn", "Suites", "Lodge", "Resort", "House", "Residence", "Stay"]),
+     "group": ("location", ["Paris", "Rome", "Lisbon", "Vienna", "Prague", "Madrid"]),
+     "in_group": "located in '{}'", "per_group": "for each location",
+     "nums": [("rooms", "number of rooms", 10, 500, 1), ("rating", "rating", 1.0, 5.0, 0.1)],
+     "lookup": ("locations", "zone", ["Zone 1", "Zone 2", "Zone 3", "Zone 4"], "whose location is in '{}'")},
+]
+SQL2_DOMAINS = SQL_DOMAINS + SQL2_EXTRA_DOMAINS
+# sql2 holds whole schemas out: no table, column or value of a validation or test schema is trained on.
+SQL2_SPLIT_DOMAINS = {
+    "validation": {"agriculture"},
+    "test": {"maritime", "hospitality"},
+}
+SQL2_SPLIT_DOMAINS["train"] = {d["domain"] for d in SQL2_DOMAINS} - set().union(*SQL2_SPLIT_DOMAINS.values())
+SQL2_SPLIT_SIZES = {"train": 1000, "validation": 100, "test": 200}
 AGGREGATES = [("AVG", "average"), ("SUM", "total"), ("MAX", "highest"), ("MIN", "lowest")]
 SQL_SHAPES = ["select_eq", "select_two_columns", "select_threshold", "count_eq", "count_threshold",
               "aggregate_eq", "group_count", "group_aggregate", "group_top", "order_limit",
@@ -227,6 +286,8 @@ def sql_question_specs(domain: dict) -> list[dict]:
 
 
 def random_name(rng: random.Random, domain: dict) -> str:
+    if "name_parts" in domain:
+        return f"{rng.choice(domain['name_parts'][0])} {rng.choice(domain['name_parts'][1])}"
     table = domain["table"]
     if table == "flights":
         return rng.choice(["DL", "LH", "EK", "QF", "AC", "KL"]) + str(rng.randrange(100, 1000))
@@ -297,16 +358,17 @@ def gold_result_is_usable(spec: dict, context: str) -> bool:
     return True
 
 
-def generate_sql(rng: random.Random) -> dict[str, list[dict]]:
+def sql_rows(rng: random.Random, domains: list[dict], total: int, first_id: int = 1) -> list[dict]:
+    """``total`` rows of distinct questions from ``domains``, ids counting up from ``first_id``: the query
+    shapes take turns so that rare shapes are not swamped; each row gets its own random tables."""
     pools = {shape: [] for shape in SQL_SHAPES}
-    for domain in SQL_DOMAINS:
+    for domain in domains:
         for spec in sql_question_specs(domain):
             pools[spec["shape"]].append({**spec, "domain_spec": domain})
     for shape in SQL_SHAPES:
         rng.shuffle(pools[shape])
-    total = sum(SPLIT_SIZES.values())
     chosen, seen = [], set()
-    while len(chosen) < total:  # round-robin over shapes so that the small pools are not swamped
+    while len(chosen) < total:
         progressed = False
         for shape in SQL_SHAPES:
             if pools[shape] and len(chosen) < total:
@@ -326,9 +388,23 @@ def generate_sql(rng: random.Random) -> dict[str, list[dict]]:
                 break
         else:
             raise AssertionError(f"no usable context for {spec['sql']}")
-        rows.append({"id": index + 1, "domain": domain["domain"], "sql_complexity": spec["shape"],
+        rows.append({"id": first_id + index, "domain": domain["domain"], "sql_complexity": spec["shape"],
                      "sql_prompt": spec["question"], "sql_context": context, "sql": spec["sql"]})
-    return split_in_order(rows)
+    return rows
+
+
+def generate_sql(rng: random.Random) -> dict[str, list[dict]]:
+    return split_in_order(sql_rows(rng, SQL_DOMAINS, sum(SPLIT_SIZES.values())))
+
+
+def generate_sql2(rng: random.Random) -> dict[str, list[dict]]:
+    """sql's questions on unseen schemas: each split draws from its own domains (SQL2_SPLIT_DOMAINS)."""
+    out, next_id = {}, 1
+    for split, size in SQL2_SPLIT_SIZES.items():
+        domains = [d for d in SQL2_DOMAINS if d["domain"] in SQL2_SPLIT_DOMAINS[split]]
+        out[split] = sql_rows(rng, domains, size, first_id=next_id)
+        next_id += size
+    return out
 
 
 # -------------------------------------------------------------------------------------------- fact
@@ -729,7 +805,7 @@ def generate_mcq2(rng: random.Random) -> dict[str, list[dict]]:
 # -------------------------------------------------------------------------------------------- main
 
 GENERATORS = {"sql": (generate_sql, 1), "fact": (generate_fact, 2), "mcq": (generate_mcq, 3),
-              "mcq2": (generate_mcq2, 4)}
+              "mcq2": (generate_mcq2, 4), "sql2": (generate_sql2, 5)}
 
 
 def generate(out_dir: Path) -> list[Path]:

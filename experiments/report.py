@@ -25,7 +25,8 @@ from molf.lab.analysis import MODULE_TYPES  # noqa: E402
 from molf.lab.plots import method_label  # noqa: E402
 
 METHOD_ORDER = ["fft", "lora", "molf", "molf_e", "adalora", "dora"]
-METRIC = {"fact": "efficacy", "mcq": "accuracy", "mcq2": "accuracy (cloze)", "sql": "execution accuracy"}
+METRIC = {"fact": "efficacy", "mcq": "accuracy", "mcq2": "accuracy (cloze)", "sql": "execution accuracy",
+          "sql2": "execution accuracy (unseen schemas)"}
 
 
 def cell(mean: float, std: float, seeds: int) -> str:
@@ -39,7 +40,7 @@ def main_table(summary: pd.DataFrame, test: pd.DataFrame) -> str:
     """One row per method: each task's test score, its lr and seeds, and, when the summary has a
     "retention" column (grid.py runs that scored the retention probe), the retention after training on
     that task."""
-    shown = [t for t in ("fact", "mcq", "mcq2", "sql") if t in set(summary["task"])]
+    shown = [t for t in ("fact", "mcq", "mcq2", "sql", "sql2") if t in set(summary["task"])]
     n_test = {t: int(test[test.task == t]["test_n"].iloc[0]) for t in shown if "test_n" in test}
     kept = "retention" in summary  # a column beside each task's score
     n_probe = (int(test["test_retention_n"].dropna().iloc[0])
@@ -238,14 +239,15 @@ def claims_section(results: Path, table: str, ablations: str | None = None) -> s
     was not run on that task is named and left out)."""
     test = pd.read_csv(results / f"{table}.csv")
     present = set(test.task)
-    mc = "mcq2" if "mcq2" in present else "mcq"
+    mc = "mcq2" if "mcq2" in present else "mcq"  # the second version of a task stands in for the first
+    sq = "sql2" if "sql2" in present else "sql"
     planned = set(" ".join(test["tasks_planned"].dropna()).split()) if "tasks_planned" in test else set()
     # a task the table plans but has no test runs of yet: the claims over every task cannot be settled
     pending = [("missing", f"{t}: no test runs yet") for t in sorted(planned - present)]
     lines = []
     # (1) the better of FFT and LoRA flips with the task: FFT wins knowledge injection, LoRA the others
     parts = [_compare(test, results, table, "fact", "fft", "lora")] if "fact" in present else []
-    parts += [_compare(test, results, table, t, "lora", "fft") for t in ("sql", mc) if t in present]
+    parts += [_compare(test, results, table, t, "lora", "fft") for t in (sq, mc) if t in present]
     lines.append(_claim_line(1, parts + pending))
     # (2) MoLF is better than, or within 1.5 points of, the better of FFT and LoRA on every task
     parts = []

@@ -56,6 +56,16 @@ def test_claims_follow_the_paired_comparisons(tmp_path):
     assert claims[4].startswith("claim 4: inconclusive") and claims[5].startswith("claim 5: inconclusive")
 
 
+def test_claim_1_reads_sql2_where_a_table_has_it_as_it_reads_mcq2_over_mcq(tmp_path):
+    good, poor = [correct_share(0.9)], [correct_share(0.3)]
+    outcomes = {("sql", "fft"): good, ("sql", "lora"): good,      # saturated: both right everywhere
+                ("sql2", "fft"): poor, ("sql2", "lora"): good,    # the version that tests transfer
+                ("mcq", "fft"): good, ("mcq", "lora"): poor, ("mcq2", "fft"): poor, ("mcq2", "lora"): good}
+    claim = lines_of(report.claims_section(fake_results(tmp_path, outcomes), "tbl"))[1]
+    assert claim.startswith("claim 1: reproduced") and "sql2: lora 0.900 vs fft 0.300" in claim
+    assert "sql:" not in claim and "mcq:" not in claim
+
+
 def test_a_small_difference_is_inconclusive_and_a_clear_loss_within_margin_claims_fail(tmp_path):
     outcomes = {
         ("fact", "fft"): [correct_share(0.52, 3)], ("fact", "lora"): [correct_share(0.50)],  # too close to call

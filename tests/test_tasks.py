@@ -16,8 +16,12 @@ from torch import nn
 
 from molf.lab import models, tasks
 
+FIRST_NAMES = {"Alice", "Bob", "Carla", "David", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jamal",
+               "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara"}
+
 REPO = Path(__file__).resolve().parent.parent
-SIZES = {"sql": (1000, 100, 100), "mcq": (1000, 100, 100), "fact": (182, 19, 37), "mcq2": (800, 100, 200)}
+SIZES = {"sql": (1000, 100, 100), "mcq": (1000, 100, 100), "fact": (182, 19, 37), "mcq2": (800, 100, 200),
+         "sql2": (1000, 100, 200)}
 
 CONTEXT = ("CREATE TABLE employees (id INT, name TEXT, department TEXT, salary INT); "
            "INSERT INTO employees (id, name, department, salary) VALUES "
@@ -72,6 +76,45 @@ def test_sql_data_has_distinct_questions_several_schemas_all_shapes_and_runnable
     # every prompt + target fits the default max_len, so encode never has to cut a schema
     features = tasks.encode("sql", [r for rows in splits.values() for r in rows], tokenizer, max_len=10_000)
     assert max(len(f["input_ids"]) for f in features) <= 256
+
+
+def _schema_words(row: dict) -> set[str]:
+    """The table and column names and the quoted values of a row's context."""
+    import re
+    context = row["sql_context"]
+    names = set(re.findall(r"CREATE TABLE (\w+)", context))
+    for columns in re.findall(r"CREATE TABLE \w+ \(([^)]*)\)", context):
+        names |= {c.split()[0] for c in columns.split(",")}
+    return (names - {"id"}) | set(re.findall(r"'([^']*)'", context))
+
+
+def test_sql2_tests_schemas_that_train_never_shows():
+    splits = {split: tasks.load("sql2", split) for split in tasks.SPLITS}
+    domains = {split: {r["domain"] for r in rows} for split, rows in splits.items()}
+    assert len(domains["train"]) >= 8 and len(domains["validation"]) == 1 and len(domains["test"]) == 2
+    assert not domains["train"] & (domains["validation"] | domains["test"]) and not domains["validation"] & domains["test"]
+    seen = {split: set().union(*map(_schema_words, rows)) for split, rows in splits.items()}
+    # no table, column or value of a held-out schema appears in train, but for the generic column
+    # "name" and people's names (first names drawn from one list)
+    shared = {w for w in seen["test"] & seen["train"] if w != "name" and w.split()[0] not in FIRST_NAMES}
+    assert not shared, sorted(shared)[:10]
+    for split, rows in splits.items():  # every shape in every split, distinct questions, runnable gold
+        assert len({r["sql_complexity"] for r in rows}) == 13, split
+        assert len({r["sql_prompt"] for r in rows}) == len(rows), split
+    ids = [r["id"] for rows in splits.values() for r in rows]
+    assert len(ids) == len(set(ids))
+    for row in splits["test"]:
+        rows = tasks._run_read_only(row["sql_context"], row["sql"])
+        assert rows and all(v is not None for r in rows for v in r), row["sql"]
+
+
+def test_sql2_rules_stay_near_zero_on_test():
+    from molf.lab import heuristics
+    test = tasks.load("sql2", "test")
+    scored = heuristics.correct("sql2", test, tasks.load("sql2", "train"))
+    assert set(scored) == set(heuristics.sql_rules())
+    assert all(sum(items.values()) <= 0.05 * len(test) for items in scored.values()), {
+        name: sum(items.values()) for name, items in scored.items()}
 
 
 def test_mcq_answers_are_balanced_over_the_letters_in_every_split():

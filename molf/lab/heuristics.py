@@ -9,7 +9,7 @@ gives the rules, ``correct(task, rows, train)`` their 0/1 per item, keyed by ``t
   alphabetically first, the option right most often in train, the lower-median number, ...) and, for
   mcq2, the row's category and cue (the category's commonest letter in train, the option sharing the
   longest substring with the category's name or with the cue, the one closest to the cue in length). ``tests/test_tasks.py`` checks that they stay at chance on mcq2.
-- sql: fixed queries on the context's tables (every row of the first or last table, its row count).
+- sql, sql2: fixed queries on the context's tables (every row of the first or last table, its row count).
 - fact: none. Efficacy compares the model's own probabilities of two answers; no rule has any.
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ def rules(task: str, train: list[dict]) -> dict[str, Rule]:
     """The rules of ``task`` (empty for fact: see the module's docstring)."""
     if task in ("mcq", "mcq2"):
         return option_rules(train)
-    if task == "sql":
+    if task in tasks.SQL_TASKS:
         return sql_rules()
     if task == "fact":
         return {}
@@ -107,7 +107,7 @@ def correct(task: str, rows: list[dict], train: list[dict]) -> dict[str, dict]:
         scores = {}
         for position, row in enumerate(rows):
             guess = rule(row)
-            if task == "sql":
+            if task in tasks.SQL_TASKS:
                 right = tasks.sql_execution_match(guess, row["sql"], row["sql_context"])[0]
             else:
                 right = guess == row["cop"]

@@ -5,14 +5,17 @@ injection (CounterFact), LoRA wins tasks that need little new knowledge (MedMCQA
 
     name   local data (data/<name>/<split>.jsonl)        hub data (source="hub")             metric
     sql    7 schemas, 13 query shapes (1000/100/100)    gretelai/synthetic_text_to_sql       execution_accuracy
+    sql2   sql on unseen schemas: 9 train schemas,       (local only)                        execution_accuracy
+           1 validation, 2 test (1000/100/200)
     fact   182 counterfactual rewrites of known facts   CounterFact (rome.baulab.info JSON)  efficacy
     mcq    computed 4-option questions (1000/100/100)   openlifescienceai/medmcqa            accuracy
+    mcq2   category questions, cloze (800/100/200)      (local only)                        accuracy
 
 ``data/generate.py`` writes the local files (see its docstring); ``docs/tasks.md`` documents the tasks.
 
 Prompts (plain text, no chat template, so base and instruct models see the same thing):
 
-    sql   "Context: {sql_context}\\nQuestion: {sql_prompt}\\nSQL:"          target " {sql}"
+    sql   "Context: {sql_context}\\nQuestion: {sql_prompt}\\nSQL:"          target " {sql}"   (sql2 alike)
     fact  the rewrite prompt with the subject filled in, e.g.
           "The official language of Iraq is"                                target " {target_new}"
     mcq   "Question: {question}\\nA. {opa}\\nB. {opb}\\nC. {opc}\\nD. {opd}\\nAnswer:"   target " A" .. " D"
@@ -82,13 +85,15 @@ import torch
 
 from . import paths
 
-TASKS = ("sql", "fact", "mcq", "mcq2")
+TASKS = ("sql", "fact", "mcq", "mcq2", "sql2")
+SQL_TASKS = ("sql", "sql2")  # the same rows, prompt and metrics; sql2 tests on schemas it never trained on
 SPLITS = ("train", "validation", "test")
 SOURCES = ("local", "hub")
-PRIMARY_METRIC = {"sql": "execution_accuracy", "fact": "efficacy", "mcq": "accuracy", "mcq2": "accuracy"}
+PRIMARY_METRIC = {"sql": "execution_accuracy", "fact": "efficacy", "mcq": "accuracy", "mcq2": "accuracy",
+                  "sql2": "execution_accuracy"}
 METRIC_VARIANTS = ("ours", "reference")
 REFERENCE_PRIMARY_METRIC = {"sql": "execution_accuracy_set", "fact": "efficacy_full", "mcq": "accuracy_generate",
-                            "mcq2": "accuracy_generate"}
+                            "mcq2": "accuracy_generate", "sql2": "execution_accuracy_set"}
 MCQ_MAX_NEW_TOKENS = 16
 OPTION_FIELDS = ("opa", "opb", "opc", "opd")
 OPTION_LETTERS = ("A", "B", "C", "D")
@@ -178,7 +183,7 @@ def validate_row(name: str, row, where: str, allow_writes: bool = False) -> None
     _check_choice("task", name, TASKS)
     if not isinstance(row, dict):
         raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    if name == "sql":
+    if name in SQL_TASKS:
         for field in ("sql_prompt", "sql_context", "sql"):
             _field(row, field, str, where)
         if not allow_writes and not _is_query(row["sql"]):
@@ -380,7 +385,7 @@ def prompt_and_target(name: str, row: dict) -> tuple[str, str]:
     """The prompt text and the target text (with its leading space) of one row; the only place where
     the prompt formats are defined."""
     _check_choice("task", name, TASKS)
-    if name == "sql":
+    if name in SQL_TASKS:
         return f"Context: {row['sql_context']}\nQuestion: {row['sql_prompt']}\nSQL:", " " + row["sql"]
     if name in ("mcq", "mcq2"):
         options = "\n".join(f"{letter}. {row[field]}" for letter, field in zip(OPTION_LETTERS, OPTION_FIELDS))
@@ -793,7 +798,7 @@ def evaluate(name: str, model, tokenizer, rows: list[dict], batch_size: int = 16
     try:
         with torch.no_grad():
             scorer = _EVALUATORS[name, variant]
-            extra = (max_new_tokens,) if name == "sql" else ()  # only sql generates
+            extra = (max_new_tokens,) if name in SQL_TASKS else ()  # only sql generates
             metrics, items = scorer(model, tokenizer, rows, batch_size, *extra)
     finally:
         model.train(was_training)
@@ -1021,6 +1026,7 @@ def _evaluate_fact(model, tokenizer, rows, batch_size):
 # (task, metric variant) -> its scorer; every scorer returns (metrics, items)
 _EVALUATORS = {
     ("sql", "ours"): _evaluate_sql, ("sql", "reference"): _evaluate_sql_reference,
+    ("sql2", "ours"): _evaluate_sql, ("sql2", "reference"): _evaluate_sql_reference,
     ("fact", "ours"): _evaluate_fact, ("fact", "reference"): _evaluate_fact_reference,
     ("mcq", "ours"): _evaluate_mcq, ("mcq", "reference"): _evaluate_mcq_reference,
     ("mcq2", "ours"): _evaluate_mcq2, ("mcq2", "reference"): _evaluate_mcq2_reference,
