@@ -37,7 +37,7 @@
 
 # %% tags=["parameters"]
 model = "smollm2-135m"     # "tiny" for a 2-layer random Llama; a hub id / local path for a bigger model
-task = "fact"               # "fact" (counterfactual knowledge injection), "sql", "mcq" or "mcq2"
+task = "fact"               # "fact" (counterfactual knowledge injection), "sql", "sql2", "mcq" or "mcq2"
 steps = 20                  # optimizer steps per training run
 batch_size = 4
 seq_len = 64                # tokens per example (longer ones are truncated)
