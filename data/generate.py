@@ -13,15 +13,15 @@ sql   text-to-SQL in the schema of ``gretelai/synthetic_text_to_sql`` (``id``, `
       swamped. Asserted here: every context runs in sqlite, every gold query runs on its own context
       and returns a non-empty, non-NULL result (COUNT > 0), and ORDER BY ... LIMIT answers have no ties
       at the cut. 1000 train / 100 validation / 100 test.
-sql2  sql's thirteen question shapes on schemas a split never shares: sql's seven schemas and five more
-      (books, players, cars, farms, hotels; SQL2_EXTRA_DOMAINS). Train draws from nine schemas,
-      validation from one (farms) and test from two (vessels, hotels; SQL2_SPLIT_DOMAINS), so no table,
-      column or category value of a held-out schema is ever trained on (only the generic column
-      ``name`` and people's names recur): a model has to read the schema in the prompt and map the
-      question's words onto it. On sql, where every test question's template and schema are trained,
-      FFT and LoRA both reach 100% execution accuracy; sql2 asks for the transfer that sql cannot
-      measure. Distinct questions within each split; every shape in every split; the same checks on
-      contexts and gold queries as sql. 1000 train / 100 validation / 200 test.
+sql2  sql's thirteen question shapes on schemas a split never shares: sql's seven schemas and nine more
+      (SQL2_EXTRA_DOMAINS). Train draws from ten schemas, validation from two (farms, restaurants) and
+      test from four (vessels, hotels, power plants, animals; SQL2_SPLIT_DOMAINS), so no table, column
+      or category value of a held-out schema is ever trained on (only the generic column ``name`` and
+      people's names recur): a model has to read the schema in the prompt and map the question's
+      words onto it. On sql, where every test question's template and schema are trained, FFT and
+      LoRA both reach 100% execution accuracy; sql2 asks for the transfer that sql cannot measure.
+      Distinct questions within each split; every shape in every split; the same checks on contexts
+      and gold queries as sql. 1000 train / 100 validation / 400 test.
 fact  counterfactual knowledge injection in the schema of CounterFact (``case_id``,
       ``requested_rewrite`` {``prompt`` with ``{}`` for the subject, ``relation_id``, ``subject``,
       ``target_true`` {``str``}, ``target_new`` {``str``}}, ``paraphrase_prompts``,
@@ -148,7 +148,7 @@ SHIP_WORDS = (["Northern", "Ocean", "Blue", "Star", "Sea", "Iron", "Pacific", "C
               ["Spirit", "Voyager", "Pearl", "Falcon", "Trader", "Breeze", "Dawn", "Titan"])
 PRODUCT_WORDS = (["Deluxe", "Classic", "Mini", "Smart", "Eco", "Pro", "Retro", "Ultra"],
                  ["Kite", "Lamp", "Blender", "Racket", "Speaker", "Planter", "Puzzle", "Notebook"])
-# sql2's five further schemas; name_parts: the two word lists of a row's name (else a person's name).
+# sql2's nine further schemas; name_parts: the two word lists of a row's name (else a person's name).
 SQL2_EXTRA_DOMAINS = [
     {"domain": "library", "table": "books", "entity": "books", "singular": "book",
      "name": ("title", "titles", "title", "books"), "name_parts": TITLE_WORDS,
@@ -189,15 +189,50 @@ SQL2_EXTRA_DOMAINS = [
      "in_group": "located in '{}'", "per_group": "for each location",
      "nums": [("rooms", "number of rooms", 10, 500, 1), ("rating", "rating", 1.0, 5.0, 0.1)],
      "lookup": ("locations", "zone", ["Zone 1", "Zone 2", "Zone 3", "Zone 4"], "whose location is in '{}'")},
+    {"domain": "music", "table": "albums", "entity": "albums", "singular": "album",
+     "name": ("title", "titles", "title", "albums"),
+     "name_parts": (["Midnight", "Electric", "Velvet", "Neon", "Wild", "Lonely", "Paper", "Glass"],
+                    ["Hearts", "Dreams", "Roads", "Lights", "Waves", "Stories", "Skies", "Rooms"]),
+     "group": ("label", ["Motown", "Atlantic", "Capitol", "Sub Pop", "Island", "Rough Trade"]),
+     "in_group": "released on the '{}' label", "per_group": "for each label",
+     "nums": [("tracks", "number of tracks", 6, 24, 1), ("length_min", "length in minutes", 25, 90, 1)],
+     "lookup": ("labels", "owner", ["Universal", "Sony", "Warner Music", "Independent"],
+                "whose label is owned by '{}'")},
+    {"domain": "restaurants", "table": "restaurants", "entity": "restaurants", "singular": "restaurant",
+     "name": ("name", "names", "name", "restaurants"),
+     "name_parts": (["Blue", "Golden", "Little", "Olive", "Spice", "Rustic", "Lucky", "Corner"],
+                    ["Bistro", "Kitchen", "Table", "Grill", "Diner", "Cafe", "Tavern", "Terrace"]),
+     "group": ("cuisine", ["Italian", "Thai", "Mexican", "Indian", "Greek", "Korean"]),
+     "in_group": "serving '{}' food", "per_group": "for each cuisine",
+     "nums": [("seats", "number of seats", 12, 250, 1), ("menu_items", "number of menu items", 10, 120, 1)],
+     "lookup": ("cuisines", "spice_level", ["Mild", "Medium", "Hot", "Very Hot"], "whose cuisine is rated '{}'")},
+    {"domain": "energy", "table": "power_plants", "entity": "power plants", "singular": "power plant",
+     "name": ("plant_code", "plant codes", "plant code", "plants"),
+     "name_parts": (["Upper", "Lower", "Central", "Coastal", "Ridge", "Delta", "Summit", "Prairie"],
+                    ["Station", "Plant", "Works", "Facility", "Unit", "Hub", "Array", "Park"]),
+     "group": ("fuel", ["Solar", "Wind", "Hydro", "Coal", "Gas", "Nuclear"]),
+     "in_group": "running on '{}'", "per_group": "for each fuel",
+     "nums": [("capacity_mw", "capacity in megawatts", 5, 2000, 5), ("staff", "number of staff", 5, 900, 1)],
+     "lookup": ("fuels", "grid_operator", ["GridCo", "PowerNet", "VoltLine", "EnerLink"],
+                "whose fuel is dispatched by '{}'")},
+    {"domain": "zoo", "table": "animals", "entity": "animals", "singular": "animal",
+     "name": ("name", "names", "name", "animals"),
+     "name_parts": (["Happy", "Big", "Tiny", "Old", "Swift", "Brave", "Sleepy", "Shy"],
+                    ["Leo", "Max", "Kiki", "Bubbles", "Rocky", "Daisy", "Ziggy", "Coco"]),
+     "group": ("species", ["Lion", "Zebra", "Panda", "Giraffe", "Otter", "Penguin"]),
+     "in_group": "of the species '{}'", "per_group": "for each species",
+     "nums": [("weight_kg", "weight in kilograms", 1, 900, 1), ("age_years", "age in years", 1, 40, 1)],
+     "lookup": ("species_info", "habitat", ["Savanna", "Forest", "Ocean", "Mountains"],
+                "whose species lives in the '{}' habitat")},
 ]
 SQL2_DOMAINS = SQL_DOMAINS + SQL2_EXTRA_DOMAINS
 # sql2 holds whole schemas out: no table, column or value of a validation or test schema is trained on.
 SQL2_SPLIT_DOMAINS = {
-    "validation": {"agriculture"},
-    "test": {"maritime", "hospitality"},
+    "validation": {"agriculture", "restaurants"},
+    "test": {"maritime", "hospitality", "energy", "zoo"},
 }
 SQL2_SPLIT_DOMAINS["train"] = {d["domain"] for d in SQL2_DOMAINS} - set().union(*SQL2_SPLIT_DOMAINS.values())
-SQL2_SPLIT_SIZES = {"train": 1000, "validation": 100, "test": 200}
+SQL2_SPLIT_SIZES = {"train": 1000, "validation": 100, "test": 400}
 AGGREGATES = [("AVG", "average"), ("SUM", "total"), ("MAX", "highest"), ("MIN", "lowest")]
 SQL_SHAPES = ["select_eq", "select_two_columns", "select_threshold", "count_eq", "count_threshold",
               "aggregate_eq", "group_count", "group_aggregate", "group_top", "order_limit",

@@ -5,8 +5,8 @@ injection (CounterFact), LoRA wins tasks that need little new knowledge (MedMCQA
 
     name   local data (data/<name>/<split>.jsonl)        hub data (source="hub")             metric
     sql    7 schemas, 13 query shapes (1000/100/100)    gretelai/synthetic_text_to_sql       execution_accuracy
-    sql2   sql on unseen schemas: 9 train schemas,       (local only)                        execution_accuracy
-           1 validation, 2 test (1000/100/200)
+    sql2   sql on unseen schemas: 10 train schemas,      (local only)                        execution_accuracy
+           2 validation, 4 test (1000/100/400)
     fact   182 counterfactual rewrites of known facts   CounterFact (rome.baulab.info JSON)  efficacy
     mcq    computed 4-option questions (1000/100/100)   openlifescienceai/medmcqa            accuracy
     mcq2   category questions, cloze (800/100/200)      (local only)                        accuracy
