@@ -529,6 +529,8 @@ def _recorded_step_time(folder: Path) -> float | None:
             found.append(float(value))
     if not found:
         for steps in folder.glob("*/steps.csv"):
+            if not steps.stat().st_size:  # a run that has just started has not written its header yet
+                continue
             times = pd.read_csv(steps)["step_time_s"].tolist()[1:]  # the first step warms up
             if times:
                 found.append(statistics.median(times))

@@ -403,3 +403,14 @@ def test_a_tied_validation_score_goes_to_the_larger_logprob_margin_then_the_smal
     for r in rows:
         r["val_score"], r["val_tiebreak"] = 1.0, float("nan")
     assert grid.pick_lrs(pd.DataFrame(rows), spec)[0]["tiny", "fact", "lora"] == 2.5e-4
+
+
+def test_recorded_step_time_skips_a_run_that_has_not_logged_a_step(tmp_path):
+    # --plan while a grid trains: the newest run's steps.csv exists but is still empty
+    started, logged = tmp_path / "lr1_s0", tmp_path / "lr2_s0"
+    started.mkdir()
+    (started / "steps.csv").write_text("")
+    assert grid._recorded_step_time(tmp_path) is None
+    logged.mkdir()
+    (logged / "steps.csv").write_text("step,loss,step_time_s\n0,2.0,9.0\n1,1.5,3.0\n2,1.0,5.0\n")
+    assert grid._recorded_step_time(tmp_path) == 4.0  # the median after the warm-up step
