@@ -226,7 +226,7 @@ def _claim_line(number: int, parts: list[tuple[str, str]], note: str = "") -> st
     verdict = _combine(verdicts)
     if missing and all(v == "missing" for v in verdicts) and all("no per-item predictions" in t for t in missing):
         verdict = "inconclusive (no per-item predictions)"
-    text = "; ".join(t for _, t in parts) or "no runs"
+    text = "; ".join(dict.fromkeys(t for _, t in parts)) or "no runs"  # a part said once, in order
     return f"claim {number}: {verdict} — {text}{note}"
 
 
