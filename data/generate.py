@@ -88,9 +88,17 @@ FIRST_NAMES = ["Alice", "Bob", "Carla", "David", "Elena", "Farid", "Grace", "Hir
                "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara"]
 LAST_NAMES = ["Smith", "Garcia", "Chen", "Okafor", "Novak", "Silva", "Kim", "Haddad", "Brown", "Rossi"]
 
-# One schema per domain. name: the identifying text column; group: a category column; nums: two
-# numeric columns (column, words, low, high, step); lookup: the second table of JOIN questions, which
-# maps each group value to an attribute.
+TITLE_WORDS = (["Silent", "Golden", "Hidden", "Last", "Broken", "Crimson", "Distant", "Frozen"],
+               ["River", "Empire", "Garden", "Signal", "Harbor", "Summer", "Machine", "Echo"])
+SHIP_WORDS = (["Northern", "Ocean", "Blue", "Star", "Sea", "Iron", "Pacific", "Coral"],
+              ["Spirit", "Voyager", "Pearl", "Falcon", "Trader", "Breeze", "Dawn", "Titan"])
+PRODUCT_WORDS = (["Deluxe", "Classic", "Mini", "Smart", "Eco", "Pro", "Retro", "Ultra"],
+                 ["Kite", "Lamp", "Blender", "Racket", "Speaker", "Planter", "Puzzle", "Notebook"])
+
+# One schema per domain. name: the identifying text column; name_parts (optional): the two word lists
+# a row's name is drawn from (else a person's name); group: a category column; nums: two numeric
+# columns (column, words, low, high, step); lookup: the second table of JOIN questions, which maps
+# each group value to an attribute.
 SQL_DOMAINS = [
     {"domain": "human resources", "table": "employees", "entity": "employees", "singular": "employee",
      "name": ("name", "names", "name", "people"),
@@ -100,7 +108,7 @@ SQL_DOMAINS = [
      "lookup": ("departments", "city", ["Boston", "Chicago", "Denver", "Seattle"],
                 "whose department is based in '{}'")},
     {"domain": "retail", "table": "products", "entity": "products", "singular": "product",
-     "name": ("name", "names", "name", "products"),
+     "name": ("name", "names", "name", "products"), "name_parts": PRODUCT_WORDS,
      "group": ("category", ["Toys", "Books", "Garden", "Kitchen", "Sports", "Music"]),
      "in_group": "in the '{}' category", "per_group": "in each category",
      "nums": [("price", "price", 2, 400, 0.25), ("stock", "stock level", 0, 600, 1)],
@@ -128,27 +136,21 @@ SQL_DOMAINS = [
      "lookup": ("wards", "building", ["North", "South", "East", "West"],
                 "whose ward is in the '{}' building")},
     {"domain": "entertainment", "table": "movies", "entity": "movies", "singular": "movie",
-     "name": ("title", "titles", "title", "films"),
+     "name": ("title", "titles", "title", "films"), "name_parts": TITLE_WORDS,
      "group": ("studio", ["Pixar", "Ghibli", "Warner", "Lionsgate", "A24", "Gaumont"]),
      "in_group": "produced by '{}'", "per_group": "for each studio",
      "nums": [("runtime", "runtime", 70, 200, 1), ("budget", "budget", 1, 300, 1)],
      "lookup": ("studios", "country", ["USA", "Japan", "France", "Canada"],
                 "whose studio is based in '{}'")},
     {"domain": "maritime", "table": "vessels", "entity": "vessels", "singular": "vessel",
-     "name": ("name", "names", "name", "ships"),
+     "name": ("name", "names", "name", "ships"), "name_parts": SHIP_WORDS,
      "group": ("home_port", ["Rotterdam", "Singapore", "Hamburg", "Busan", "Santos", "Durban"]),
      "in_group": "registered in the port of '{}'", "per_group": "for each home port",
      "nums": [("tonnage", "tonnage", 500, 90000, 100), ("max_speed", "maximum speed", 8, 35, 0.5)],
      "lookup": ("ports", "region", ["Europe", "Asia", "Americas", "Africa"],
                 "whose home port is in the '{}' region")},
 ]
-TITLE_WORDS = (["Silent", "Golden", "Hidden", "Last", "Broken", "Crimson", "Distant", "Frozen"],
-               ["River", "Empire", "Garden", "Signal", "Harbor", "Summer", "Machine", "Echo"])
-SHIP_WORDS = (["Northern", "Ocean", "Blue", "Star", "Sea", "Iron", "Pacific", "Coral"],
-              ["Spirit", "Voyager", "Pearl", "Falcon", "Trader", "Breeze", "Dawn", "Titan"])
-PRODUCT_WORDS = (["Deluxe", "Classic", "Mini", "Smart", "Eco", "Pro", "Retro", "Ultra"],
-                 ["Kite", "Lamp", "Blender", "Racket", "Speaker", "Planter", "Puzzle", "Notebook"])
-# sql2's nine further schemas; name_parts: the two word lists of a row's name (else a person's name).
+# sql2's nine further schemas (same keys as SQL_DOMAINS).
 SQL2_EXTRA_DOMAINS = [
     {"domain": "library", "table": "books", "entity": "books", "singular": "book",
      "name": ("title", "titles", "title", "books"), "name_parts": TITLE_WORDS,
@@ -321,14 +323,11 @@ def sql_question_specs(domain: dict) -> list[dict]:
 
 
 def random_name(rng: random.Random, domain: dict) -> str:
-    if "name_parts" in domain:
-        return f"{rng.choice(domain['name_parts'][0])} {rng.choice(domain['name_parts'][1])}"
-    table = domain["table"]
-    if table == "flights":
+    if domain["table"] == "flights":
         return rng.choice(["DL", "LH", "EK", "QF", "AC", "KL"]) + str(rng.randrange(100, 1000))
-    words = {"movies": TITLE_WORDS, "vessels": SHIP_WORDS, "products": PRODUCT_WORDS}.get(table)
-    if words:
-        return f"{rng.choice(words[0])} {rng.choice(words[1])}"
+    if "name_parts" in domain:
+        first, second = domain["name_parts"]
+        return f"{rng.choice(first)} {rng.choice(second)}"
     return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
 
 

@@ -16,9 +16,6 @@ from torch import nn
 
 from molf.lab import models, tasks
 
-FIRST_NAMES = {"Alice", "Bob", "Carla", "David", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jamal",
-               "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara"}
-
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {"sql": (1000, 100, 100), "mcq": (1000, 100, 100), "fact": (182, 19, 37), "mcq2": (800, 100, 200),
          "sql2": (1000, 100, 400)}
@@ -32,6 +29,15 @@ GOLD = "SELECT name FROM employees WHERE department = 'Sales';"
 @pytest.fixture(scope="module")
 def tokenizer():
     return models.load_tokenizer("tiny")
+
+
+def generate_module():
+    """data/generate.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("generate", REPO / "data" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    return generate
 
 
 def write_rows(folder: Path, task: str, split: str, rows: list) -> Path:
@@ -96,8 +102,9 @@ def test_sql2_tests_schemas_that_train_never_shows():
     seen = {split: set().union(*map(_schema_words, rows)) for split, rows in splits.items()}
     # no table, column or value of a held-out schema appears in train, but for the generic column
     # "name" and people's names (first names drawn from one list)
+    first_names = set(generate_module().FIRST_NAMES)
     for held_out in ("validation", "test"):
-        shared = {w for w in seen[held_out] & seen["train"] if w != "name" and w.split()[0] not in FIRST_NAMES}
+        shared = {w for w in seen[held_out] & seen["train"] if w != "name" and w.split()[0] not in first_names}
         assert not shared, (held_out, sorted(shared)[:10])
     for split, rows in splits.items():  # every shape in every split, distinct questions, runnable gold
         assert len({r["sql_complexity"] for r in rows}) == 13, split
@@ -556,10 +563,7 @@ def test_every_task_and_variant_returns_one_record_per_item_agreeing_with_the_me
 # -------------------------------------------------------------------------------------------- mcq2
 
 def test_mcq2_is_balanced_in_letters_quadruples_and_words_with_disjoint_word_pools():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("generate", REPO / "data" / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
+    generate = generate_module()
     category_of = {w: c.split(" ", 1)[1] for c, ws in generate.MCQ2_CATEGORIES.items() for w in ws}
     words = {}
     for split in tasks.SPLITS:
