@@ -105,3 +105,14 @@ def test_the_router_explorer_draws_an_imported_run(tmp_path):
     importer.import_reference_log(tmp_path / "ref.jsonl", tmp_path / "run")
     fig = explorer.RouterExplorer(tmp_path / "run").frame(step=2)
     assert fig.axes
+
+
+def test_a_step_missing_from_the_log_is_imported_without_a_winner(tmp_path):
+    log = tmp_path / "ref.jsonl"
+    line = '{"step": %d, "selections": {"model.layers.0.mlp.up_proj": {"winners": ["fft"], "scores": {"fft": 0.5, "lora": 0.25}}}}\n'
+    log.write_text(line % 0 + line % 2)
+    report = importer.import_reference_log(log, tmp_path / "run")
+    assert (report.records, report.missing_steps) == (2, 1)
+    data = runs.load(tmp_path / "run")
+    assert list(data.steps["step"]) == [0, 1, 2]
+    assert data.routing.groupby("step")["won"].sum().tolist() == [1, 0, 1]

@@ -41,12 +41,14 @@ class ImportReport:
     scores: int             # expert scores in the log
     scores_lost: int        # of those, read as 0.0 at 6 decimals: stored as NaN
     decisions_unreadable: int  # decisions whose winner cannot be told from the rounded scores
+    missing_steps: int = 0  # steps absent from the log, imported as steps without a winner
 
     def summary(self) -> str:
         return (f"imported {self.records} steps, {self.modules} modules, {self.decisions} decisions (all kept); "
                 f"{self.scores_lost} of {self.scores} scores read 0.0 at {ROUNDING_DECIMALS} decimals and are "
                 f"stored as NaN; {self.decisions_unreadable} decisions cannot be recovered from the rounded "
-                f"scores alone (the log's winners are used)")
+                f"scores alone (the log's winners are used); {self.missing_steps} steps missing from the log "
+                f"are imported without a winner")
 
 
 def _bad(path: Path, line_no: int, why: str) -> ValueError:
@@ -116,7 +118,17 @@ def import_reference_log(log: str | Path, out_dir: str | Path, *, expert_names: 
 
     modules, decisions, n_scores, lost, unreadable = set(), 0, 0, 0, 0
     lines = []
+    experts_of = {}
     for row in records:
+        for module, sel in row["selections"].items():
+            experts_of.setdefault(module, [rename.get(e, e) for e in sel["scores"]])
+    gaps = 0
+    for row in records:
+        while len(lines) < row["step"]:  # a step the log skipped (no module had a gradient): no winner
+            lines.append(RoutingRecord(step=len(lines), lr=None, winners={m: () for m in experts_of},
+                                       scores={m: dict.fromkeys(es, math.nan) for m, es in experts_of.items()},
+                                       extra={"imported": True, "missing": True}).to_json())
+            gaps += 1
         winners, scores = {}, {}
         for module, sel in row["selections"].items():
             modules.add(module)
@@ -133,12 +145,11 @@ def import_reference_log(log: str | Path, out_dir: str | Path, *, expert_names: 
         lines.append(RoutingRecord(step=row["step"], lr=None, winners=winners, scores=scores,
                                    extra={"imported": True}).to_json())
     (out / "routing.jsonl").write_text("".join(lines))
-    steps = [row["step"] for row in records]
     (out / "steps.csv").write_text("step,loss,lr,grad_norm,step_time_s\n"
-                                   + "".join(f"{s},,,,\n" for s in steps))
-    report = ImportReport(len(records), len(modules), decisions, n_scores, lost, unreadable)
+                                   + "".join(f"{s},nan,nan,nan,nan\n" for s in range(len(lines))))
+    report = ImportReport(len(records), len(modules), decisions, n_scores, lost, unreadable, gaps)
     meta = {"method": "molf", "source": "reference-import", "imported_from": str(Path(log).resolve()),
-            "steps": steps[-1] + 1, "score_decimals": ROUNDING_DECIMALS, "import": report.__dict__,
+            "steps": len(lines), "score_decimals": ROUNDING_DECIMALS, "import": report.__dict__,
             **(config or {})}
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     runs.write_winners(out)
