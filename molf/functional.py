@@ -22,6 +22,10 @@ part, and calls one of these::
   (``batch.ok``: a non-finite gradient somewhere in their module) keep their moments through a
   ``torch.where`` select, since a host-side skip would need the flags on the host.
 
+``MoLFAdamW(impl="auto")`` (the default) takes chunked on the CPU for ``Score`` objects and contiguous
+tensors, masked on accelerators, foreach otherwise; never compiled (a first step that may spend a
+minute building, and needs a C++ compiler and ninja, is for a user to ask for).
+
 Each advances the moments of every parameter in ``batch``, calls ``route`` exactly once (with the
 ``sqrt(v)`` list or the per-parameter score sums it computed) to learn which MoLF parameters won, and
 applies the decoupled AdamW update to the winners and to the plain parameters. On the chunked, foreach
