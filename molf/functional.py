@@ -22,6 +22,10 @@ part, and calls one of these::
   (``batch.ok``: a non-finite gradient somewhere in their module) keep their moments through a
   ``torch.where`` select, since a host-side skip would need the flags on the host.
 
+``MoLFAdamW(impl="auto")`` (the default) takes chunked on the CPU for ``Score`` objects and contiguous
+tensors, masked on accelerators, foreach otherwise; never compiled (a first step that may spend a
+minute building, and needs a C++ compiler and ninja, is for a user to ask for).
+
 Each advances the moments of every parameter in ``batch``, calls ``route`` exactly once (with the
 ``sqrt(v)`` list or the per-parameter score sums it computed) to learn which MoLF parameters won, and
 applies the decoupled AdamW update to the winners and to the plain parameters. On the chunked, foreach
@@ -86,6 +90,60 @@ class ParamBatch:
         out.molf_index = [j for j, i in enumerate(keep) if i in molf]
         return out
 
+
+def bias_corrections(batch: ParamBatch) -> None:
+    """Fill in ``batch.bias1`` and ``batch.bias2_sqrt`` (``1 - b1^t``, ``sqrt(1 - b2^t)``) as Python floats,
+    exactly as torch's AdamW computes them: one host read of all step counters (CPU tensors, so no
+    device sync) and one power per distinct (betas, t), in practice one per step."""
+    table, batch.bias1, batch.bias2_sqrt = {}, [], []
+    for (b1, b2), t in zip(batch.betas, torch.stack(batch.steps).tolist() if batch.steps else []):
+        if (b1, b2, t) not in table:
+            table[b1, b2, t] = (1 - b1 ** t, (1 - b2 ** t) ** 0.5)
+        batch.bias1.append(table[b1, b2, t][0])
+        batch.bias2_sqrt.append(table[b1, b2, t][1])
+
+
+class Scratch:
+    """``scratch(like)``: one reusable chunk-sized buffer per (dtype, device), for the CPU paths. No large
+    temporaries: on the CPU, fresh memory costs a page fault per 4 KiB, which made temporaries the
+    largest cost of a step."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.dtype, like.device)
+        if key not in self.buffers or self.buffers[key].numel() < CHUNK:
+            self.buffers[key] = torch.empty(CHUNK, dtype=like.dtype, device=like.device)
+        return self.buffers[key]
+
+
+class DeferredSkips:
+    """The masked path advances every step counter on the host and learns on the device which parameters
+    skipped (a non-finite gradient). ``expect`` starts the flags' copy to the host (pinned memory and a
+    CUDA event, so the wait, if any, is for a step the device finished long ago); ``settle``, at the
+    start of the next ``step()`` or ``state_dict()``, gives the skipped counters their step back. In
+    between, a skipped parameter's ``state["step"]`` reads one too high; nothing uses it before."""
+
+    def __init__(self):
+        self.pending = None  # (step counters, host flags, event)
+
+    def expect(self, steps: list, ok: torch.Tensor) -> None:
+        event = torch.cuda.Event() if ok.device.type == "cuda" else None
+        flags = ok.to("cpu", non_blocking=event is not None)
+        if event is not None:
+            event.record()
+        self.pending = (steps, flags, event)
+
+    def settle(self) -> None:
+        if self.pending is not None:
+            steps, flags, event = self.pending
+            self.pending = None
+            if event is not None:
+                event.synchronize()
+            for step, ok in zip(steps, flags.tolist()):
+                if not ok:
+                    step -= 1
 
 # route(sqrt_v=None, param_sums=None, skipped_modules=()) -> bool tensor on the device, one flag per MoLF
 # parameter of the batch (in ``molf_index`` order): did its expert win? ``sqrt_v`` is the full

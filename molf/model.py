@@ -21,6 +21,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _tied_elsewhere(model: nn.Module, chosen: list[str]) -> dict[str, list[str]]:
+    """For each chosen linear whose weight or bias is also used outside it (tied, as an output head to
+    the input embedding), the qualified names of those other uses. Ties are found by tensor identity and
+    by the same memory (a tensor sharing another's data, not merely its storage)."""
+    def storage(p):
+        return None if p.device.type == "meta" or p.numel() == 0 else (p.device, p.data_ptr())
+
+    owners: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        for key in (id(p), storage(p)):
+            if key is not None:
+                owners.setdefault(key, []).append(name)
+    tied = {}
+    for module_name in chosen:
+        for p in model.get_submodule(module_name).parameters(recurse=False):
+            others = {o for key in (id(p), storage(p)) if key is not None for o in owners[key]
+                      if o.rpartition(".")[0] != module_name}
+            if others:
+                tied[module_name] = sorted(others)
+    return tied
+
+
 def _matches(name: str, suffixes: Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
@@ -35,7 +57,8 @@ def wrap(model: nn.Module, ranks=(128,), alphas=None, rslora: bool = True, dropo
     rslora            scale ``alpha / sqrt(r)`` (default) or classic ``alpha / r``.
     targets           ``"all-linear"`` (every ``nn.Linear`` not in ``exclude``) or a list of module-name
                       suffixes such as ``["q_proj", "v_proj"]``.
-    exclude           module-name suffixes never wrapped (``lm_head`` by default).
+    exclude           module-name suffixes never wrapped (``lm_head`` by default). A layer whose weight is
+                      tied to another module's (an output head tied to the embedding) is refused, named.
     train_base=False  MoLF-Efficient: the base weight (the FFT expert) is frozen and each module routes
                       between its LoRA experts, so it needs two or more of them.
     freeze_non_linear freeze everything outside the wrapped layers (embeddings, norms, lm_head), for a
@@ -71,6 +94,12 @@ def wrap(model: nn.Module, ranks=(128,), alphas=None, rslora: bool = True, dropo
     if not chosen:
         raise ValueError(f"targets={targets!r} (exclude={exclude!r}) match no nn.Linear in the model")
 
+    tied = _tied_elsewhere(model, chosen)
+    if tied:
+        name, others = next(iter(tied.items()))
+        raise ValueError(f"{name!r} shares its weight with {others} (tied weights): routing and merging it "
+                         f"would change those too. Leave it out (exclude=({name.rpartition('.')[2]!r},)) "
+                         f"or untie it first")
     # Build every layer first (this only reads the model), then change the model.
     layers = {name: MoLFLinear(model.get_submodule(name), ranks, alphas, rslora=rslora, dropout=dropout)
               for name in chosen}

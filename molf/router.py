@@ -114,23 +114,41 @@ pfn = Score("pfn", term=_u_squared, finish=_pfn_finish, cpp_term="u * u")
 SCORES: dict[str, Callable[[RouterStats], torch.Tensor]] = {"epd": epd, "pfn": pfn}
 
 
-def register_score(name: str, fn: Callable[[RouterStats], torch.Tensor]) -> None:
-    """Make ``fn`` (a ``Score``, or any callable ``score(RouterStats) -> Tensor[n_experts]``) available
-    as ``MoLFAdamW(score=name)``."""
+def score_key(name: str) -> str:
+    """The one rule for score names: case-insensitive (``"EPD"`` is ``"epd"``), kept lower-case."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"score name must be a non-empty string, got {name!r}")
+    return name.lower()
+
+
+def register_score(name: str, fn: Callable[[RouterStats], torch.Tensor]) -> None:
+    """Make ``fn`` (a ``Score``, or any callable ``score(RouterStats) -> Tensor[n_experts]``) available
+    as ``MoLFAdamW(score=name)``; names are case-insensitive (``score_key``)."""
+    key = score_key(name)
     if not callable(fn):
         raise ValueError(f"score {name!r} must be callable, got {fn!r}")
-    SCORES[name] = fn
+    SCORES[key] = fn
 
 
 def resolve_score(score) -> Callable[[RouterStats], torch.Tensor]:
+    """A callable as it is; a name (any case) as registered."""
     if callable(score):
         return score
     if isinstance(score, str) and score.lower() in SCORES:
-        return SCORES[score.lower()]
-    raise ValueError(f"unknown score {score!r}; use one of {sorted(SCORES)} or a callable "
-                     f"score(stats: RouterStats) -> Tensor[n_experts]")
+        return SCORES[score_key(score)]
+    raise ValueError(f"unknown score {score!r}; use one of {sorted(SCORES)} (any case), a registered name, "
+                     f"or a callable score(stats: RouterStats) -> Tensor[n_experts]")
+
+
+def name_of(score) -> str:
+    """The name a score goes by (``score_key`` of it): a name as given, a ``Score``'s name, the name it was
+    registered under, else the callable's ``__name__``."""
+    if isinstance(score, str):
+        return score_key(score)
+    registered = [k for k, fn in SCORES.items() if fn is score]
+    if registered:
+        return registered[0]
+    return score_key(score.name if isinstance(score, Score) else getattr(score, "__name__", "custom"))
 
 
 def decide(scores: torch.Tensor, valid: torch.Tensor, topk: torch.Tensor):
@@ -152,3 +170,16 @@ def decide(scores: torch.Tensor, valid: torch.Tensor, topk: torch.Tensor):
     topk = torch.as_tensor(topk, device=scores.device)
     winners = (rank < topk.reshape(-1, 1)) & valid & finite.unsqueeze(1)
     return winners, finite
+
+
+def top_k_flags(scores, k: int) -> list[bool]:
+    """``decide`` for one module, on the host: which of ``scores`` (a 1-D tensor or a list of floats,
+    one per expert) are among the top ``k``. Same rule as the optimizer: ties go to the lower index,
+    and a NaN/inf score anywhere means no winner at all (a NaN never wins)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    row = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
+    if row.dim() != 1:
+        raise ValueError(f"scores must be one value per expert (1-D), got shape {tuple(row.shape)}")
+    winners, _ = decide(row.view(1, -1), torch.ones(1, len(row), dtype=torch.bool), torch.tensor([k]))
+    return winners[0].tolist()

@@ -159,8 +159,8 @@ def test_a_module_without_gradient_is_not_routed_nor_counted(impl):
     (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
     (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
     (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0, got inf"),
-    (dict(eps=float("inf")), "eps must be a finite number >= 0, got inf"),
-    (dict(eps=float("nan")), "eps must be a finite number >= 0, got nan"),
+    (dict(eps=float("inf")), "eps must be a finite number > 0, got inf"),
+    (dict(eps=float("nan")), "eps must be a finite number > 0, got nan"),
     (dict(betas=(0.9, float("nan"))), "betas must both be in"),
     (dict(impl="fast"), r"impl must be one of \('auto', 'chunked', 'foreach', 'masked'\), got 'fast'"),
 ])

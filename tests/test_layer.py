@@ -162,3 +162,64 @@ def test_tiny_llama_wrap_merge_save_reload(tmp_path):
     assert "lora" not in str(list(reloaded.state_dict()))
     with torch.no_grad():
         assert (reloaded(ids).logits - trained).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------- tied output heads
+def tiny_llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied))
+
+
+def tied_toy():
+    model = toy()
+    model.lm_head.weight = model.embed_tokens.weight  # as transformers ties an output head
+    return model
+
+
+@pytest.mark.parametrize("build, embedding", [(lambda: tiny_llama(True), "model.embed_tokens.weight"),
+                                               (tied_toy, "embed_tokens.weight")])
+def test_a_head_tied_to_the_embedding_is_refused_by_name_and_the_model_left_as_it_was(build, embedding):
+    model = build()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"'lm_head' shares its weight with \['{embedding}'\] \(tied weights\)"):
+        molf.wrap(model, ranks=(4,), exclude=())
+    assert not molf.wrapped_modules(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert molf.wrapped_modules(molf.wrap(model, ranks=(4,)))  # the default exclude=("lm_head",) wraps the rest
+
+
+def test_an_untied_head_wraps_trains_and_merges_exactly():
+    model = tiny_llama(False)
+    molf.wrap(model, ranks=(4,), exclude=())
+    assert "lm_head" in molf.wrapped_modules(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    opt = molf.MoLFAdamW(molf.param_groups(model, 1e-2, 1e-2))
+    for _ in range(4):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    assert len(opt.last_decisions) == 8 and sum(opt.win_counts["lm_head"].values()) == 4  # the head was routed
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        trained = model(ids).logits
+        molf.merge(model)
+        merged = model(ids).logits
+    assert (merged - trained).abs().max().item() < 1e-5
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
+# ---------------------------------------------------------------- the LoRA A initialisation
+@pytest.mark.parametrize("d_in, rank", [(16, 4), (300, 8)])
+def test_lora_a_starts_kaiming_uniform_with_a_sqrt5_and_b_at_zero(d_in, rank):
+    """Kaiming-uniform with a = sqrt(5) (as nn.Linear, peft's LoRA and the reference): gain sqrt(1/3),
+    so A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)). Pinned draw for draw: any other gain or bound fails."""
+    layer = molf.MoLFLinear(nn.Linear(d_in, 12), ranks=(rank, rank), alphas=(8, 8))
+    torch.manual_seed(7)
+    layer.reset_lora_parameters()
+    torch.manual_seed(7)
+    bound = 1 / math.sqrt(d_in)
+    for A, B in zip(layer.lora_A, layer.lora_B):
+        assert torch.equal(A.weight, torch.empty(rank, d_in).uniform_(-bound, bound))
+        assert torch.count_nonzero(B.weight) == 0
+    assert layer.lora_A[0].weight.abs().max() <= bound

@@ -58,8 +58,8 @@ def detect(monkeypatch):
     """``detect(opt)`` -> a context manager counting host reads during ``opt.step()``."""
     def make(opt):
         host = [st["step"] for st in opt.state.values()]
-        if opt._unconfirmed is not None:  # last step's flags, copied to the host asynchronously
-            host.append(opt._unconfirmed[1])
+        if opt._skips.pending is not None:  # last step's flags, copied to the host asynchronously
+            host.append(opt._skips.pending[1])
         detector = SyncDetector(host)
         for name in ("tolist", "numpy", "cpu"):
             original = getattr(torch.Tensor, name)

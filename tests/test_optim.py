@@ -272,7 +272,8 @@ def test_nan_score_never_wins_and_is_counted(impl):
     (dict(topk=0), "topk must be an integer >= 1, got 0"),
     (dict(topk=3), "topk=3 exceeds the 2 experts"),
     (dict(score="nope"), "unknown score 'nope'"),
-    (dict(eps=-1.0), "eps must be a finite number >= 0, got -1.0"),
+    (dict(eps=-1.0), "eps must be a finite number > 0, got -1.0"),
+    (dict(eps=0.0), "eps must be a finite number > 0, got 0.0"),  # 0/0 would make every score NaN
     (dict(betas=(0.9, 1.0)), "betas must both be in"),
     (dict(betas=(-0.1, 0.9)), "betas"),
     (dict(weight_decay=-0.5), "weight_decay"),
