@@ -30,6 +30,8 @@ import jupytext
 import nbformat
 import pytest
 
+from molf.lab import suite
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "04_router_explorer"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,9 +40,8 @@ PLAYWRIGHT_PIN = next((line.strip() for line in (ROOT / "requirements.txt").read
 INSTALL = f"apt-get install -y chromium && pip install {PLAYWRIGHT_PIN}"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-# The notebook's parameters for the test: the 2-layer random Llama and a handful of steps.
-TINY = {"model": "tiny", "steps": 8, "batch_size": 2, "seq_len": 48, "eval_limit": 4, "live_steps": 4,
-        "live_chunk": 2, "device": "cpu"}
+# The notebook's parameters for the test: the suite's regression mode (the 2-layer random Llama, a handful of steps).
+TINY = {**suite.TINY, "device": "cpu"}
 SERVER_START_S = 90      # JupyterLab answering /api/status
 RUN_ALL_S = 150          # every cell executed (tiny training, evaluation, live run)
 REDRAW_S = 30            # one control's redraw: a figure of the tiny model takes well under a second
