@@ -112,6 +112,10 @@ def test_check_trains_afresh_over_a_runs_directory_that_holds_the_old_runs(tmp_p
     refused = _suite("--check", "--only", "00_quickstart", "--runs-dir", runs, "--train-dir", runs / "train")
     assert refused.returncode == 2 and "already holds something" in refused.stderr, refused.stderr
     assert "running" not in refused.stdout
+    rewrite = _suite("--update-golden", "--only", "00_quickstart", "--runs-dir", runs, "--train-dir", runs / "train",
+                     "--golden-dir", tmp_path / "golden")
+    assert rewrite.returncode == 2 and "already holds something" in rewrite.stderr, rewrite.stderr
+    assert not (tmp_path / "golden").exists()
 
 
 def test_dropping_the_lr_from_epd_fails_the_check_and_names_the_key(tmp_path):
