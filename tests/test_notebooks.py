@@ -181,7 +181,11 @@ def test_every_notebook_ran_with_a_progress_line(produced):
         nb = nbformat.read(executed, as_version=4)
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
         assert outputs and not [o for o in outputs if o.output_type == "error"]
-        assert any(c.metadata.get("tags") == ["injected-parameters"] for c in nb.cells)
+        injected = next(c.source for c in nb.cells if c.metadata.get("tags") == ["injected-parameters"])
+        given = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(injected).body}
+        assert {k: given.get(k) for k in notebook.SUITE_PARAMETERS} == {
+            "runs_dir": str(runs_dir.resolve()), "figures_dir": str(runs_dir.resolve() / "figures"),
+            "train_dir": str(runs_dir.resolve() / "train"), "progress": False, "headless": True}, injected
         line = next(l for l in stdout.splitlines() if l.startswith(f"[{i}/{len(suite.NOTEBOOKS)}] {name}") and " ok " in l)
         assert float(line.split()[-2]) > 0  # "[i/n] name ok  12.3 s"
 
