@@ -4,7 +4,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: demo test test-all lint bench venv clean notebooks figures golden
+.PHONY: demo test test-all lint bench venv clean notebooks lab figures golden
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv .venv
@@ -26,20 +26,24 @@ figures: $(STAMP)
 	$(PY) -m molf.lab.suite --figures-dir figures $(ARGS)
 
 # Rewrite the regression mode's golden numbers (notebooks/golden/) after a change meant to move them.
+# --update-golden trains every run afresh (in a temporary folder): runs/tiny holds only the executed notebooks.
 golden: $(STAMP)
 	$(PY) -m molf.lab.suite --tiny --update-golden --runs-dir runs/tiny $(ARGS)
 
-test: $(STAMP) lint
+test: $(STAMP) lint notebooks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# After editing a notebook (its .py in an editor, or the .ipynb in JupyterLab): bring each pair in line
-# (the newer file wins) and clear the outputs, as the .ipynb are committed.
+# The notebooks are committed as their .py (jupytext percent scripts). This writes the local .ipynb of each
+# (git ignores them; JupyterLab keeps your outputs there), or, where you edited the .ipynb, brings the .py
+# in line: the newer file of each pair wins.
 notebooks: $(STAMP)
-	$(PY) -m jupytext --sync notebooks/[0-9]*.py
-	$(PY) -m nbconvert --clear-output --inplace --log-level=WARN notebooks/[0-9]*.ipynb
+	$(PY) -m jupytext --sync --quiet notebooks/[0-9]*.py
+
+lab: notebooks
+	$(PY) -m jupyter lab notebooks/
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)

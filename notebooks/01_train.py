@@ -2,12 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: language_info
+#     notebook_metadata_filter: language_info,-language_info.version,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -26,8 +25,9 @@
 # %% [markdown]
 # # 01 · Train one run
 #
-# Every setting of `molf.lab.train.TrainConfig` is a parameter of this notebook (papermill: `-p name value`).
-# `None` means the method's paper default. A bad value fails in the first cell after the parameters,
+# Every setting of `molf.lab.train.TrainConfig` is a parameter of this notebook (papermill: `-p name value`),
+# except `out_dir`: the run's directory under `train_dir` is named after its config. `None` means the
+# method's paper default. A bad value fails in the first cell after the parameters,
 # with the runner's `ValueError`, before anything trains.
 #
 # Methods: `fft` (dense AdamW), `lora`, `dora`, `adalora` (peft), `molf` (FFT expert + LoRA experts),
@@ -44,8 +44,11 @@ seed = 0
 device = "cpu"              # "cpu", "cuda" or "auto"
 source = "local"            # "local" (the shipped data/) or "hub" (the paper's datasets; needs a network)
 metric_variant = "ours"     # "ours" or "reference" (the reference implementation's metrics; docs/tasks.md)
-runs_dir = "../runs"        # training runs, executed notebooks and <notebook>.json
+runs_dir = "../runs"        # <notebook>.json (the numbers) and, unless train_dir is set, the training runs
 figures_dir = "../runs/figures"  # PNG figures (the committed ../figures change only on purpose)
+train_dir = None            # training runs, one directory each (None: <runs_dir>/train)
+progress = True             # progress bars while training (the suite turns them off)
+headless = False            # True: widget apps shown as pictures (the suite's headless runs)
 method = "molf"             # fft, lora, dora, adalora, molf, molf_e
 epochs = None               # train for this many epochs instead (then also pass steps None)
 grad_accum = 1
@@ -66,7 +69,16 @@ topk = None
 freeze_non_linear = None    # molf_e: also freeze embeddings and norms
 train_limit = None
 eval_split = "test"
-dtype = "float32"
+dtype = "float32"           # "float32" or "bfloat16": the weights' dtype
+autocast = False            # bf16 autocast of forward and loss (weights stay in dtype)
+gradient_checkpointing = False
+optimizer_impl = "auto"     # MoLFAdamW's step (molf, molf_e): "auto" (eager) or "compiled" (C++ kernels, CPU)
+eval_batch_size = 16
+save_every = 50             # checkpoint every N steps (and at the end); 0: only at the end
+save_model = False          # write the merged final model to the run directory
+keep_checkpoint = False     # keep checkpoint.pt once the run has finished
+log_grad_norms = True
+log_routing = True
 window = 5                  # rolling window (steps) of the stability summary
 spike_k = 3.0               # a spike: loss > rolling mean + spike_k * rolling std
 
@@ -76,13 +88,7 @@ import pandas as pd
 from molf.lab import analysis, notebook, plots
 
 nb = notebook.setup("01_train", globals())
-hp = dict(lr=lr, wd=wd, lr_fft=lr_fft, lr_lora=lr_lora, wd_fft=wd_fft, wd_lora=wd_lora, ranks=ranks,
-          alphas=alphas, dropout=dropout, score=score, topk=topk, freeze_non_linear=freeze_non_linear)
-settings = dict(model=model, task=task, method=method, steps=steps, epochs=epochs, batch_size=batch_size,
-                grad_accum=grad_accum, seq_len=seq_len, schedule=schedule, warmup_ratio=warmup_ratio,
-                max_grad_norm=max_grad_norm, seed=seed, train_limit=train_limit, eval_split=eval_split,
-                eval_limit=eval_limit, device=device, dtype=dtype,
-                **{k: v for k, v in hp.items() if v is not None})
+settings = notebook.train_settings(globals())  # every TrainConfig field, as set above
 config = nb.run_config(**settings)   # validates every value: a bad one stops here
 print("run directory:", config.out_dir)
 pd.Series({k: v for k, v in vars(config).items() if k != "out_dir"}, dtype=object).to_frame("resolved config")

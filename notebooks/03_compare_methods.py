@@ -2,12 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: language_info
+#     notebook_metadata_filter: language_info,-language_info.version,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -48,8 +47,11 @@ seed = 0
 device = "cpu"              # "cpu", "cuda" or "auto"
 source = "local"            # "local" (the shipped data/) or "hub" (the paper's datasets; needs a network)
 metric_variant = "ours"     # "ours" or "reference" (the reference implementation's metrics; docs/tasks.md)
-runs_dir = "../runs"        # training runs, executed notebooks and <notebook>.json
+runs_dir = "../runs"        # <notebook>.json (the numbers) and, unless train_dir is set, the training runs
 figures_dir = "../runs/figures"  # PNG figures (the committed ../figures change only on purpose)
+train_dir = None            # training runs, one directory each (None: <runs_dir>/train)
+progress = True             # progress bars while training (the suite turns them off)
+headless = False            # True: widget apps shown as pictures (the suite's headless runs)
 # MoLF hyper-parameters (None = the paper's default: lr 5e-5 for both experts, one LoRA expert r=128, EPD, top-1)
 lr_fft = None
 lr_lora = None

@@ -2,12 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: language_info
+#     notebook_metadata_filter: language_info,-language_info.version,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -54,6 +53,9 @@ seed = 0
 device = "cpu"
 runs_dir = "../runs"       # <runs_dir>/06_why_an_expert_wins.json: this notebook's numbers
 figures_dir = "../runs/figures"  # PNG figures (the committed ../figures change only on purpose)
+train_dir = None           # not used here: every lesson trains in memory (the suite gives it to every notebook)
+progress = True            # progress bars while training (the suite turns them off)
+headless = False           # True: the classroom app shown as a picture (the suite's headless runs)
 # MoLF settings (the paper's: lr 5e-5 for both experts, one LoRA expert r=128, alpha 32, EPD, top-1)
 lr_fft = 5e-5
 lr_ratio = 1.0             # lr_lora / lr_fft

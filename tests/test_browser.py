@@ -26,8 +26,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
+
+from molf.lab import suite
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "04_router_explorer"
@@ -37,9 +40,8 @@ PLAYWRIGHT_PIN = next((line.strip() for line in (ROOT / "requirements.txt").read
 INSTALL = f"apt-get install -y chromium && pip install {PLAYWRIGHT_PIN}"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-# The notebook's parameters for the test: the 2-layer random Llama and a handful of steps.
-TINY = {"model": "tiny", "steps": 8, "batch_size": 2, "seq_len": 48, "eval_limit": 4, "live_steps": 4,
-        "live_chunk": 2, "device": "cpu"}
+# The notebook's parameters for the test: the suite's regression mode (the 2-layer random Llama, a handful of steps).
+TINY = {**suite.TINY, "device": "cpu"}
 SERVER_START_S = 90      # JupyterLab answering /api/status
 RUN_ALL_S = 150          # every cell executed (tiny training, evaluation, live run)
 REDRAW_S = 30            # one control's redraw: a figure of the tiny model takes well under a second
@@ -74,9 +76,9 @@ def _free_port() -> int:
 
 
 def _tiny_notebook(folder: Path) -> Path:
-    """Copy the (output-free) notebook into ``folder`` with tiny parameters in a cell after its parameters
-    cell (as papermill injects them), runs and figures under ``folder``."""
-    nb = nbformat.read(ROOT / "notebooks" / f"{NOTEBOOK}.ipynb", as_version=4)
+    """The notebook (from its committed .py) as an .ipynb in ``folder``, with tiny parameters in a cell after
+    its parameters cell (as papermill injects them), runs and figures under ``folder``."""
+    nb = jupytext.read(ROOT / "notebooks" / f"{NOTEBOOK}.py")
     runs_dir = folder / "runs"
     values = {**TINY, "runs_dir": str(runs_dir), "figures_dir": str(runs_dir / "figures")}
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
@@ -299,8 +301,7 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
 def test_nothing_trains_below_the_explorer():
     """A kernel handles a widget event only after every queued cell: so that the app answers as soon as
     "Run all" shows it, the live run comes before it and no cell after it trains."""
-    cells = [c.source for c in nbformat.read(ROOT / "notebooks" / f"{NOTEBOOK}.ipynb", as_version=4).cells
-             if c.cell_type == "code"]
+    cells = [c.source for c in jupytext.read(ROOT / "notebooks" / f"{NOTEBOOK}.py").cells if c.cell_type == "code"]
     app = next(i for i, source in enumerate(cells) if "nb.app(app.widget" in source)
     live = next(i for i, source in enumerate(cells) if "explorer.live(" in source)
     assert live < app

@@ -68,6 +68,56 @@ def test_golden_files_are_committed_for_every_notebook(name):
         assert entry["tolerance"] == regression.TOLERANCES[regression._kind(key)][0], key
 
 
+def _startup(tmp_path, name: str, code: str) -> Path:
+    """An IPython directory whose start-up file runs ``code`` in every kernel the suite starts."""
+    startup = tmp_path / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / name).write_text(textwrap.dedent(code))
+    return tmp_path / "ipython"
+
+
+def _suite(*args, ipython_dir=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if ipython_dir is not None:
+        env["IPYTHONDIR"] = str(ipython_dir)
+    return subprocess.run([sys.executable, "-m", "molf.lab.suite", "--tiny", "--timeout", "300", *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _finished(train_dir: Path) -> dict:
+    return {p.name: (p / "metrics.json").stat().st_mtime_ns for p in train_dir.iterdir() if (p / "metrics.json").is_file()}
+
+
+def test_check_trains_afresh_over_a_runs_directory_that_holds_the_old_runs(tmp_path):
+    """A finished run is keyed by its config, not by the code: --check must not reuse one. Here the runs
+    directory holds 00_quickstart's run from the unchanged code; EPD then divides by sqrt(N) instead of N,
+    and --check over the same runs directory must see it."""
+    runs = tmp_path / "runs"
+    plain = _suite("--only", "00_quickstart", "--runs-dir", runs)
+    assert plain.returncode == 0, f"{plain.stdout}\n{plain.stderr}"
+    before = _finished(runs / "train")
+    assert len(before) == 1
+    sqrt_n = _startup(tmp_path, "00_epd_over_sqrt_n.py", """
+        # EPD divided by sqrt(N_e) instead of N_e
+        from molf import router
+        epd = router.SCORES["epd"]
+        router.register_score("epd", router.Score("epd", term=epd.term, finish=lambda sums, lr, numel: lr * sums / numel.sqrt()))
+    """)
+    changed = _suite("--check", "--only", "00_quickstart", "--runs-dir", runs, ipython_dir=sqrt_n)
+    assert changed.returncode == 3, f"{changed.stdout}\n{changed.stderr}"
+    assert "golden check FAILED" in changed.stdout and "00_quickstart: fft win share" in changed.stdout, changed.stdout
+    assert "training afresh in " in changed.stdout
+    assert _finished(runs / "train") == before  # the old run neither reused nor touched
+    # a --train-dir that already holds runs is refused before anything runs
+    refused = _suite("--check", "--only", "00_quickstart", "--runs-dir", runs, "--train-dir", runs / "train")
+    assert refused.returncode == 2 and "already holds something" in refused.stderr, refused.stderr
+    assert "running" not in refused.stdout
+    rewrite = _suite("--update-golden", "--only", "00_quickstart", "--runs-dir", runs, "--train-dir", runs / "train",
+                     "--golden-dir", tmp_path / "golden")
+    assert rewrite.returncode == 2 and "already holds something" in rewrite.stderr, rewrite.stderr
+    assert not (tmp_path / "golden").exists()
+
+
 def test_dropping_the_lr_from_epd_fails_the_check_and_names_the_key(tmp_path):
     """A real change to the score, trained for real on one notebook (not the whole suite)."""
     startup = tmp_path / "ipython" / "profile_default" / "startup"

@@ -1,4 +1,4 @@
-"""The set-up the suite's notebooks share: one call right after the ``parameters`` cell.
+"""What the suite's notebooks share: one call right after the ``parameters`` cell, and its helpers.
 
     from molf.lab import analysis, notebook, plots
 
@@ -11,63 +11,139 @@
 papermill injected) and returns a :class:`Notebook`. It also turns on inline figures. Nothing is put
 into the namespace: every name a cell uses is visible in the notebook.
 
-Progress bars: ``nb.train`` shows tqdm's bar when the notebook is run by hand (JupyterLab, VS Code) and
-not when ``python -m molf.lab.suite`` runs it, where a bar would only clutter the saved output (the
-suite sets ``MOLF_PROGRESS=0`` for its kernels; set ``MOLF_PROGRESS=1`` to see bars there too).
+Every notebook declares the parameters that ``python -m molf.lab.suite`` sets (:data:`SUITE_PARAMETERS`):
+where its outputs go (``runs_dir``, ``figures_dir``, ``train_dir``), ``progress`` (tqdm bars while
+training: on when a person runs the notebook, off in the suite's executed notebooks) and ``headless``
+(widget apps shown as pictures: nobody can move a control in a headless run).
 """
 from __future__ import annotations
 
-import os
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from . import plots, suite
+from . import plots
 
 # The settings every training run of the suite's notebooks shares, read from the parameters cell.
 COMMON = ("model", "task", "steps", "batch_size", "seq_len", "eval_limit", "seed", "device", "source",
           "metric_variant")
 # MoLF's own hyper-parameters; a notebook that sets one to None leaves the paper's default.
 MOLF_HP = ("lr_fft", "lr_lora", "ranks", "score", "topk")
-PROGRESS_VARIABLE = "MOLF_PROGRESS"
-HEADLESS_VARIABLE = "MOLF_HEADLESS"
+# The parameters the suite gives every notebook (each notebook declares them with its defaults for a
+# person running it by hand): where outputs go, progress bars, and widget apps as pictures.
+SUITE_PARAMETERS = ("runs_dir", "figures_dir", "train_dir", "progress", "headless")
+# TrainConfig fields that are not notebook parameters: the run directory is named after the config.
+NOT_PARAMETERS = ("out_dir",)
 
 
-def progress_default() -> bool:
-    """Show training progress bars? ``$MOLF_PROGRESS`` if set ("0"/"1"), else yes."""
-    value = os.environ.get(PROGRESS_VARIABLE, "").strip().lower()
-    if value in ("", "1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"${PROGRESS_VARIABLE} must be 0 or 1, got {value!r}")
+# ---------------------------------------------------------------------------- runs, results, figures
+def run_config(train_dir, **kwargs):
+    """A ``TrainConfig`` whose ``out_dir`` is ``<train_dir>/<model>-<task>-<method>-<hash>``.
+
+    The hash covers what the *resolved* config computes (defaults filled in; not where or how it is
+    written or shown: ``train.run_identity``), so two notebooks asking for the same training (even one
+    spelling out a default the other leaves as None) share one run directory, and a finished run is
+    returned by ``train.run`` without training again. Bad values raise the runner's ``ValueError``
+    here, before anything trains.
+    """
+    from .train import TrainConfig, run_identity
+    train_dir = Path(train_dir)
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("save_model", False)
+    for key in ("ranks", "alphas"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    probe = TrainConfig(**{**kwargs, "out_dir": str(train_dir)}).resolved()
+    identity = run_identity(probe)  # what the run computes: a progress bar or out_dir do not make a new run
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", f"{probe.model}-{probe.task}-{probe.method}").strip("_")
+    train_dir.mkdir(parents=True, exist_ok=True)
+    return dataclasses.replace(probe, out_dir=str(train_dir / f"{slug}-{digest}"))
 
 
+def train(train_dir, **kwargs):
+    """``train.run(run_config(train_dir, **kwargs))`` with one printed line; returns ``molf.lab.runs.RunData``."""
+    from . import analysis, runs
+    from .train import run
+    config = run_config(train_dir, **kwargs)
+    finished = (Path(config.out_dir) / "metrics.json").is_file()
+    began = time.perf_counter()
+    result = run(config)
+    data = runs.load(result.out_dir)
+    m = data.metrics
+    score = analysis.primary_score(m)
+    print(f"{config.method:8s} {'reused' if finished else 'trained'} {Path(config.out_dir).name}: "
+          f"{m['steps']} steps, final loss {m['final_loss']:.4f}, {m['primary_metric']} "
+          f"{score if score is None else round(score, 4)}, {time.perf_counter() - began:.1f} s")
+    return data
+
+
+def train_settings(namespace: dict) -> dict:
+    """Every ``TrainConfig`` field that ``namespace`` (a notebook's ``globals()``) sets, by name: the
+    settings of a notebook whose parameters are the runner's (``01_train``)."""
+    from .train import TrainConfig
+    return {f.name: namespace[f.name] for f in dataclasses.fields(TrainConfig)
+            if f.name in namespace and f.name not in NOT_PARAMETERS}
+
+
+def finite_json(obj) -> object:
+    """``obj`` with numpy/pandas scalars converted; raises ``ValueError`` on NaN or inf anywhere."""
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"refusing to write a non-finite number ({obj}) to the results JSON")
+    return obj
+
+
+def write_results(runs_dir, notebook: str, results: dict) -> Path:
+    """Write a notebook's key numbers to ``<runs_dir>/<notebook>.json`` (finite numbers only)."""
+    path = Path(runs_dir) / f"{notebook}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite_json(results), indent=2, allow_nan=False))
+    return path
+
+
+def figure_path(figures_dir, notebook: str, name: str) -> Path:
+    return Path(figures_dir) / f"{notebook}_{name}.png"
+
+
+# ---------------------------------------------------------------------------- one notebook
 @dataclass
 class Notebook:
     """One notebook's shared settings and helpers (made by :func:`setup`)."""
 
     name: str                      # "02_routing_dynamics": the prefix of its figures and results
-    runs_dir: Path                 # training runs, <name>.json
+    runs_dir: Path                 # <name>.json
     figures_dir: Path              # <name>_<figure>.png
+    train_dir: Path                # the training runs, one directory each (named by run_config)
     common: dict = field(default_factory=dict)   # model, task, steps, ... for every training run
     molf_hp: dict = field(default_factory=dict)  # the MoLF hyper-parameters given (None ones left out)
     progress: bool = True          # tqdm bars while training
     headless: bool = False         # run by the suite: show apps as pictures (see ``app``)
 
     def run_config(self, **settings):
-        """The validated ``TrainConfig`` of one run (see ``suite.run_config``); a bad value raises here."""
-        return suite.run_config(self.runs_dir, **{"progress": self.progress, **settings})
+        """The validated ``TrainConfig`` of one run (see :func:`run_config`); a bad value raises here."""
+        return run_config(self.train_dir, **{"progress": self.progress, **settings})
 
     def train(self, **settings):
-        """Train (or reuse) one run and return its ``molf.lab.runs.RunData`` (see ``suite.train``)."""
-        return suite.train(self.runs_dir, **{"progress": self.progress, **settings})
+        """Train (or reuse) one run and return its ``molf.lab.runs.RunData`` (see :func:`train`)."""
+        return train(self.train_dir, **{"progress": self.progress, **settings})
 
     def app(self, widget, picture):
-        """Show an ipywidgets app: ``widget()`` when a person runs the notebook; under the headless suite
-        (``$MOLF_HEADLESS=1``, where no one can move a control) ``picture()``, a figure of its current
-        state, so the executed notebook still shows what the app shows."""
+        """Show an ipywidgets app: ``widget()`` when a person runs the notebook; when ``headless`` (the
+        suite, where no one can move a control) ``picture()``, a figure of its current state, so the
+        executed notebook still shows what the app shows."""
         from IPython.display import display
 
         if not self.headless:
@@ -79,30 +155,37 @@ class Notebook:
 
     def save(self, fig, name: str) -> None:
         """Save ``fig`` as ``<figures_dir>/<notebook>_<name>.png``; it is also shown below the cell."""
-        plots.save(fig, suite.figure_path(self.figures_dir, self.name, name))
+        plots.save(fig, figure_path(self.figures_dir, self.name, name))
 
     def write_results(self, results: dict) -> None:
         """Write the notebook's key numbers to ``<runs_dir>/<notebook>.json`` (finite numbers only)."""
-        suite.write_results(self.runs_dir, self.name, results)
+        write_results(self.runs_dir, self.name, results)
 
 
 def setup(name: str, namespace: dict) -> Notebook:
     """The :class:`Notebook` for ``name``, from the parameters in ``namespace`` (pass ``globals()``).
 
-    ``runs_dir`` and ``figures_dir`` must be set; the :data:`COMMON` settings and :data:`MOLF_HP` are
-    taken from whichever of them the notebook defines."""
+    ``runs_dir`` and ``figures_dir`` must be set; ``train_dir`` (None: ``<runs_dir>/train``),
+    ``progress`` (default on) and ``headless`` (default off) may be; the :data:`COMMON` settings and
+    :data:`MOLF_HP` are taken from whichever of them the notebook defines."""
     missing = [k for k in ("runs_dir", "figures_dir") if k not in namespace]
     if missing:
         raise ValueError(f"notebook {name}: the parameters cell must set {missing}")
+    for key in ("progress", "headless"):
+        if not isinstance(namespace.get(key, False), bool):
+            raise ValueError(f"notebook {name}: parameter {key} must be True or False, got {namespace[key]!r}")
     _inline_figures()
+    runs_dir = Path(namespace["runs_dir"])
+    train_dir = namespace.get("train_dir")
     return Notebook(
         name=name,
-        runs_dir=Path(namespace["runs_dir"]),
+        runs_dir=runs_dir,
         figures_dir=Path(namespace["figures_dir"]),
+        train_dir=runs_dir / "train" if train_dir is None else Path(train_dir),
         common={k: namespace[k] for k in COMMON if k in namespace},
         molf_hp={k: namespace[k] for k in MOLF_HP if namespace.get(k) is not None},
-        progress=progress_default(),
-        headless=os.environ.get(HEADLESS_VARIABLE, "").strip() == "1",
+        progress=namespace.get("progress", True),
+        headless=namespace.get("headless", False),
     )
 
 

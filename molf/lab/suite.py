@@ -1,4 +1,4 @@
-"""Run the notebook suite headlessly with papermill, and the helpers the notebooks share.
+"""Run the notebook suite headlessly with papermill.
 
     python -m molf.lab.suite                                  # the main job: every notebook, SmolLM2-135M
     python -m molf.lab.suite --tiny                           # the regression mode: tiny model, tiny steps
@@ -8,31 +8,32 @@
     python -m molf.lab.suite --figures-dir figures            # refresh the committed figures (make figures)
 
 Executed notebooks go to ``--runs-dir`` (default ``runs/``, with each notebook's numbers as
-``<notebook>.json`` beside it and the training runs under ``runs/train/``), figures to
-``--figures-dir`` (default ``<runs-dir>/figures``: a plain run leaves the checkout as it was; the
-figures committed under ``figures/`` change only when that folder is asked for). One progress line per
-notebook; the exit status is 1 when a notebook fails (the failing cell's error is printed), 2 on bad
-arguments and 3 when every notebook ran but ``--check`` found numbers that moved from the golden
+``<notebook>.json`` beside it), training runs to ``--train-dir`` (default ``<runs-dir>/train``),
+figures to ``--figures-dir`` (default ``<runs-dir>/figures``: a plain run leaves the checkout as it
+was; the figures committed under ``figures/`` change only when that folder is asked for). One progress
+line per notebook; the exit status is 1 when a notebook fails (the failing cell's error is printed), 2
+on bad arguments and 3 when every notebook ran but ``--check`` found numbers that moved from the golden
 files (``<notebooks-dir>/golden/``; see ``molf.lab.regression``). ``--timeout`` bounds each cell
 (default: none; 600 s in ``--tiny`` mode), so a hung kernel fails the run instead of stalling it.
 
 Parameters (``-p key value``; values are Python literals, anything else is a string) go to every
 selected notebook that declares them in its ``parameters`` cell; a key that no selected notebook
-declares is an error. Runs are shared between notebooks through their directory name, which is a
-function of the full resolved training config (``run_config``): notebooks given equal settings reuse
-one finished run instead of training it again.
+declares is an error. The suite sets each notebook's own parameters too
+(``molf.lab.notebook.SUITE_PARAMETERS``: the three folders, ``progress False`` and ``headless True``).
+Runs are shared between notebooks through their directory name, which is a function of the full
+resolved training config (``molf.lab.notebook.run_config``): notebooks given equal settings reuse one
+finished run instead of training it again. A run is keyed by its config, not by the code that computed
+it, so ``--check`` and ``--update-golden`` never reuse one: they train every run afresh, in a new
+temporary folder (removed at the end) or in a ``--train-dir`` that holds no runs yet.
 """
 from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
-import hashlib
-import json
-import math
 import os
-import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,73 +46,6 @@ KERNEL = "python3"
 TINY = {"model": "tiny", "steps": 8, "batch_size": 2, "seq_len": 48, "eval_limit": 4, "live_steps": 4,
         "live_chunk": 2}
 TINY_TIMEOUT = 600  # seconds per cell in --tiny mode: the longest cell takes ~30 s on 2 cores
-
-
-# ---------------------------------------------------------------------------- helpers for notebooks
-def run_config(runs_dir, **kwargs):
-    """A ``TrainConfig`` whose ``out_dir`` is ``<runs_dir>/train/<model>-<task>-<method>-<hash>``.
-
-    The hash covers what the *resolved* config computes (defaults filled in; not where or how it is
-    written or shown: ``train.run_identity``), so two notebooks asking for the
-    same training (even one spelling out a default the other leaves as None) share one run directory,
-    and a finished run is returned by ``train.run`` without training again. Bad values raise the
-    runner's ``ValueError`` here, before anything trains.
-    """
-    from .train import TrainConfig, run_identity
-    runs_dir = Path(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    kwargs.setdefault("progress", False)
-    kwargs.setdefault("save_model", False)
-    for key in ("ranks", "alphas"):
-        if isinstance(kwargs.get(key), list):
-            kwargs[key] = tuple(kwargs[key])
-    probe = TrainConfig(**{**kwargs, "out_dir": str(runs_dir)}).resolved()
-    identity = run_identity(probe)  # what the run computes: a progress bar or out_dir do not make a new run
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()[:10]
-    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", f"{probe.model}-{probe.task}-{probe.method}").strip("_")
-    return dataclasses.replace(probe, out_dir=str(runs_dir / "train" / f"{slug}-{digest}"))
-
-
-def train(runs_dir, **kwargs):
-    """``train.run(run_config(runs_dir, **kwargs))`` with one printed line; returns ``molf.lab.runs.RunData``."""
-    from . import analysis, runs
-    from .train import run
-    config = run_config(runs_dir, **kwargs)
-    finished = (Path(config.out_dir) / "metrics.json").is_file()
-    began = time.perf_counter()
-    result = run(config)
-    data = runs.load(result.out_dir)
-    m = data.metrics
-    score = analysis.primary_score(m)
-    print(f"{config.method:8s} {'reused' if finished else 'trained'} {Path(config.out_dir).name}: "
-          f"{m['steps']} steps, final loss {m['final_loss']:.4f}, {m['primary_metric']} "
-          f"{score if score is None else round(score, 4)}, {time.perf_counter() - began:.1f} s")
-    return data
-
-
-def finite_json(obj) -> object:
-    """``obj`` with numpy/pandas scalars converted; raises ``ValueError`` on NaN or inf anywhere."""
-    if isinstance(obj, dict):
-        return {str(k): finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        raise ValueError(f"refusing to write a non-finite number ({obj}) to the results JSON")
-    return obj
-
-
-def write_results(runs_dir, notebook: str, results: dict) -> Path:
-    """Write a notebook's key numbers to ``<runs_dir>/<notebook>.json`` (finite numbers only)."""
-    path = Path(runs_dir) / f"{notebook}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite_json(results), indent=2, allow_nan=False))
-    return path
-
-
-def figure_path(figures_dir, notebook: str, name: str) -> Path:
-    return Path(figures_dir) / f"{notebook}_{name}.png"
 
 
 # ---------------------------------------------------------------------------- the runner
@@ -136,6 +70,21 @@ def _kernel_manager_class():
     return Quiet
 
 
+def notebook_file(name: str, notebooks_dir, into) -> Path:
+    """Notebook ``name`` as a file papermill runs: ``<notebooks_dir>/<name>.py`` (a jupytext percent script,
+    the form the notebooks are committed in) converted to ``<into>/<name>.ipynb``, else an
+    ``<notebooks_dir>/<name>.ipynb`` of your own."""
+    script, ipynb = Path(notebooks_dir) / f"{name}.py", Path(notebooks_dir) / f"{name}.ipynb"
+    if script.is_file():
+        import jupytext
+        path = Path(into) / f"{name}.ipynb"
+        jupytext.write(jupytext.read(script), path)
+        return path
+    if ipynb.is_file():
+        return ipynb
+    raise FileNotFoundError(f"notebook {name} not found: neither {script} nor {ipynb} exists")
+
+
 def _literal(text: str):
     try:
         return ast.literal_eval(text)
@@ -154,7 +103,7 @@ def _error_summary(error) -> str:
     return f"{ename}: {evalue}"
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m molf.lab.suite", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model for every notebook (default: the embedded smollm2-135m)")
@@ -163,7 +112,10 @@ def main(argv=None) -> int:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="a notebook parameter (Python literal or string); repeatable")
     parser.add_argument("--only", action="append", choices=NOTEBOOKS, help="run only this notebook (repeatable)")
-    parser.add_argument("--runs-dir", default="runs", help="executed notebooks, numbers and training runs")
+    parser.add_argument("--runs-dir", default="runs", help="executed notebooks and their numbers")
+    parser.add_argument("--train-dir", default=None,
+                        help="training runs (default: <runs-dir>/train; with --check or --update-golden a new "
+                             "temporary folder, or this one if it holds nothing yet)")
     parser.add_argument("--figures-dir", default=None,
                         help="PNG figures (default: <runs-dir>/figures; 'figures' refreshes the committed ones)")
     parser.add_argument("--notebooks-dir", default=None,
@@ -172,13 +124,37 @@ def main(argv=None) -> int:
                         help=f"per-cell timeout in seconds (default: none; {TINY_TIMEOUT} with --tiny)")
     golden = parser.add_mutually_exclusive_group()
     golden.add_argument("--check", action="store_true",
-                        help="after the run, compare every notebook's key numbers with its golden file")
+                        help="train afresh, then compare every notebook's key numbers with its golden file")
     golden.add_argument("--update-golden", action="store_true",
-                        help="after the run, rewrite the golden files from it (on purpose)")
+                        help="train afresh, then rewrite the golden files from the run (on purpose)")
     parser.add_argument("--golden-dir", default=None, help="golden files (default: <notebooks-dir>/golden)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     runs_dir = Path(args.runs_dir).resolve()
+    fresh = args.check or args.update_golden
+    if args.train_dir is None:
+        train_dir = None if fresh else runs_dir / "train"
+    else:
+        train_dir = Path(args.train_dir).resolve()
+        if fresh and train_dir.exists() and (not train_dir.is_dir() or any(train_dir.iterdir())):
+            print(f"error: --check and --update-golden train every run afresh, and --train-dir {train_dir} "
+                  f"already holds something; give a new or empty folder (or leave --train-dir out: a "
+                  f"temporary one)", file=sys.stderr)
+            return 2
+    scratch = Path(tempfile.mkdtemp(prefix="molf-suite-"))  # the notebooks as papermill runs them, fresh runs
+    try:
+        if train_dir is None:
+            train_dir = scratch / "train"
+            print(f"training afresh in {train_dir} (removed at the end; --train-dir DIR keeps the runs)", flush=True)
+        return _run(args, runs_dir, train_dir, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(args, runs_dir: Path, train_dir: Path, scratch: Path) -> int:
     figures_dir = Path(args.figures_dir).resolve() if args.figures_dir else runs_dir / "figures"
     timeout = args.timeout if args.timeout is not None else (TINY_TIMEOUT if args.tiny else None)
     notebooks_dir = paths.notebooks_dir(args.notebooks_dir).resolve()
@@ -188,23 +164,30 @@ def main(argv=None) -> int:
         params["model"] = args.model
     if args.steps is not None:
         params["steps"] = args.steps
-    user_keys = set()
+    user_keys = {k for k in ("model", "steps") if k in params and (args.model or args.steps is not None)}
+    # The notebooks' own parameters (molf.lab.notebook.SUITE_PARAMETERS): where outputs go, no progress
+    # bars in the saved outputs, and widget apps as pictures (nobody can move a control here, and nbclient
+    # was seen to stall for its whole cell timeout on a cell that displays the explorer).
+    own = {"runs_dir": str(runs_dir), "figures_dir": str(figures_dir), "train_dir": str(train_dir),
+           "progress": False, "headless": True}
     for key, value in args.parameter:
+        if key in ("runs_dir", "figures_dir", "train_dir"):
+            print(f"error: set {key} with --{key.replace('_', '-')}, not -p", file=sys.stderr)
+            return 2
         params[key] = _literal(value)
         user_keys.add(key)
-    params["runs_dir"] = str(runs_dir)
-    params["figures_dir"] = str(figures_dir)
-    if args.model or args.steps is not None:
-        user_keys |= {k for k in ("model", "steps") if k in params}
+    shown = dict(params)
+    params = {**own, **params}
 
     selected = list(dict.fromkeys(args.only)) if args.only else list(NOTEBOOKS)
-    declared = {}
+    sources = {}
     for name in selected:
-        path = notebooks_dir / f"{name}.ipynb"
-        if not path.is_file():
-            print(f"error: notebook {path} not found", file=sys.stderr)
+        try:
+            sources[name] = notebook_file(name, notebooks_dir, scratch)
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
-        declared[name] = _declared(path)
+    declared = {name: _declared(sources[name]) for name in selected}
     unknown = sorted(k for k in user_keys if not any(k in d for d in declared.values()))
     if unknown:
         known = sorted(set().union(*declared.values()))
@@ -220,20 +203,14 @@ def main(argv=None) -> int:
     # The kernel spec may launch a bare "python": make it this interpreter (the virtualenv's).
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
-    # No tqdm bars in the executed notebooks (molf.lab.notebook shows them when a notebook is run by hand).
-    os.environ.setdefault("MOLF_PROGRESS", "0")
-    # No live widget apps either: nothing can move their controls, and nbclient can stall for its whole
-    # cell timeout on a cell that displays one (seen with the explorer); notebooks show a picture instead.
-    os.environ.setdefault("MOLF_HEADLESS", "1")
     runs_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
 
-    shown = {k: v for k, v in params.items() if k not in ("runs_dir", "figures_dir")}
-    print(f"molf suite: {len(selected)} notebook(s) -> {runs_dir} (figures: {figures_dir}); "
-          f"parameters {shown or 'as in the notebooks'}", flush=True)
+    print(f"molf suite: {len(selected)} notebook(s) -> {runs_dir} (figures: {figures_dir}; training runs: "
+          f"{train_dir}); parameters {shown or 'as in the notebooks'}", flush=True)
     began = time.perf_counter()
     for i, name in enumerate(selected, 1):
-        source = notebooks_dir / f"{name}.ipynb"
+        source = sources[name]
         target = runs_dir / f"{name}.ipynb"
         given = {k: v for k, v in params.items() if k in declared[name]}
         started = time.perf_counter()
@@ -260,7 +237,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - started
         print(f"[{i}/{len(selected)}] {name:22s} ok     {seconds:7.1f} s", flush=True)
     print(f"done: {len(selected)} notebook(s) in {time.perf_counter() - began:.1f} s", flush=True)
-    parameters = {k: v for k, v in params.items() if k not in ("runs_dir", "figures_dir")}
+    # what the golden files record and compare: the settings of the run, not where it was written or shown
+    parameters = {k: v for k, v in shown.items() if k not in own}
     if args.update_golden:
         from . import regression
         for path in regression.write_golden(golden_dir, runs_dir, selected, parameters):
