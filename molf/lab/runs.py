@@ -100,11 +100,16 @@ def _csv_header(path: Path, text: str, columns: tuple[str, ...], line: int = 1) 
     return header
 
 
-def _steps_row(path: Path, line: int, text: str, header: list[str]) -> dict:
+def _csv_fields(path: Path, line: int, text: str, header: list[str]) -> list[str]:
     fields = next(csv.reader([text]), [])
     if len(fields) != len(header):
         raise RunDirectoryError(path, f"{len(fields)} fields where the header names {len(header)}: {text[:120]!r}",
                                 line)
+    return fields
+
+
+def _steps_row(path: Path, line: int, text: str, header: list[str]) -> dict:
+    fields = _csv_fields(path, line, text, header)
     row = {"step": _number(path, line, "step", fields[0], integer=True)}
     for column, value in zip(header[1:], fields[1:]):
         row[column] = _number(path, line, column, value)
@@ -112,10 +117,7 @@ def _steps_row(path: Path, line: int, text: str, header: list[str]) -> dict:
 
 
 def _grad_norms_row(path: Path, line: int, text: str, header: list[str]) -> dict:
-    fields = next(csv.reader([text]), [])
-    if len(fields) != len(header):
-        raise RunDirectoryError(path, f"{len(fields)} fields where the header names {len(header)}: {text[:120]!r}",
-                                line)
+    fields = _csv_fields(path, line, text, header)
     step, module, expert, norm = fields[:4]
     if not module or not expert:
         raise RunDirectoryError(path, f"empty module or expert name: {text[:120]!r}", line)
@@ -163,7 +165,7 @@ def _routing_row(path: Path, line: int, text: str) -> RoutingRecord:
 
 
 class _Sequence:
-    """Checks that records come in steps 0, 1, 2, ... each step once; with ``keys``, that each step holds
+    """Checks that records come in steps 0, 1, 2, ... each step once; ``keyed``: that each step holds
     the same set of keys (a grad-norm row per module and expert) as step 0, each once."""
 
     def __init__(self, path: Path, keyed: bool = False):
@@ -171,7 +173,6 @@ class _Sequence:
         self.step = -1           # the step of the current group
         self.first: set | None = None  # the keys of step 0
         self.keys: set = set()   # the keys of the current group
-        self.line = 0
 
     def add(self, line: int, step: int, key=None) -> None:
         if step == self.step:
@@ -189,7 +190,6 @@ class _Sequence:
             raise RunDirectoryError(self.path, f"step {step} follows step {self.step} (a duplicated or "
                                                "out-of-order record)", line)
         self.keys.add(key)
-        self.line = line
 
     def _close(self, line: int) -> None:
         """The current group is over: for keyed logs, it must hold step 0's keys."""
@@ -364,9 +364,7 @@ def read_winners(path: str | Path) -> pd.DataFrame:
     header = _csv_header(path, _text(path, lines[0], 1), ("step", "lr"))
     sequence, records = _Sequence(path), []
     for number, raw in enumerate(lines[1:], start=2):
-        fields = next(csv.reader([_text(path, raw, number)]), [])
-        if len(fields) != len(header):
-            raise RunDirectoryError(path, f"{len(fields)} fields where the header names {len(header)}", number)
+        fields = _csv_fields(path, number, _text(path, raw, number), header)
         step = _number(path, number, "step", fields[0], integer=True)
         lr = None if fields[1] == "" else _number(path, number, "lr", fields[1])
         sequence.add(number, step)
