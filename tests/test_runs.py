@@ -7,6 +7,7 @@ The run directories here are written the way the runner writes them (``csv.write
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -123,7 +124,21 @@ def wrong_type(path: Path) -> int:
     return at
 
 
-DEFECTS = [torn, missing, duplicated, missing_last, garbage, wrong_type]
+def short_row(path: Path) -> int:
+    """A record lacking its last field (the routing log: lacking its required "scores" key)."""
+    lines = _lines(path)
+    at = _first_record_line(path.name, 2)
+    if path.name.endswith(".csv"):
+        lines[at - 1] = lines[at - 1].rstrip(b"\r\n").rsplit(b",", 1)[0] + b"\r\n"
+    else:
+        record = json.loads(lines[at - 1])
+        del record["scores"]
+        lines[at - 1] = (json.dumps(record) + "\n").encode()
+    path.write_bytes(b"".join(lines))
+    return at
+
+
+DEFECTS = [torn, missing, duplicated, missing_last, garbage, wrong_type, short_row]
 
 
 # ---------------------------------------------------------------------------- readers
@@ -154,7 +169,8 @@ def test_load_refuses_every_broken_log_naming_file_and_line(tmp_path, name, defe
     assert str(run_dir / name) in str(error) and (line is None or f"line {line}" in str(error))
 
 
-@pytest.mark.parametrize("defect", [torn, missing, duplicated, garbage, wrong_type], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("defect", [torn, missing, duplicated, garbage, wrong_type, short_row],
+                         ids=lambda d: d.__name__)
 @pytest.mark.parametrize("name", runs.LOGS)
 def test_each_reader_refuses_a_broken_log_on_its_own(tmp_path, name, defect):
     run_dir = write_run(tmp_path / "run")
@@ -182,6 +198,23 @@ def test_a_garbage_row_never_turns_steps_into_strings(tmp_path):
         csv.writer(f).writerow(["6", "loss?", "x", "y", "z"])
     with pytest.raises(runs.RunDirectoryError, match=r"steps.csv, line 8: loss is 'loss\?', not a number"):
         runs.read_steps(run_dir / "steps.csv")
+
+
+def test_non_finite_values_read_back_as_floats(tmp_path):
+    """The runner writes inf/nan for a step whose gradient norm was not finite (csv writes 'inf', 'nan')."""
+    run_dir = write_run(tmp_path / "run")
+    sound = runs.load(run_dir)
+    for name, value in (("steps.csv", "nan"), ("grad_norms.csv", "inf")):
+        lines = _lines(run_dir / name)
+        fields = lines[3].decode().rstrip("\r\n").split(",")
+        fields[3] = value                                  # grad_norm, the 4th column of both logs
+        lines[3] = (",".join(fields) + "\r\n").encode()
+        (run_dir / name).write_bytes(b"".join(lines))
+    data = runs.load(run_dir)
+    assert math.isnan(data.steps["grad_norm"][2]) and math.isinf(data.grad_norms["grad_norm"][2])
+    for table, before in ((data.steps, sound.steps), (data.grad_norms, sound.grad_norms)):
+        assert table.dtypes.to_dict() == before.dtypes.to_dict()
+        pd.testing.assert_frame_equal(table.drop(index=2), before.drop(index=2))
 
 
 def test_winners_file_is_validated_like_the_log(tmp_path):
@@ -345,3 +378,14 @@ def test_truncate_logs_leaves_absent_logs_absent(tmp_path):
     runs.truncate_logs(run_dir, 3)
     assert not (run_dir / "routing.jsonl").exists() and not (run_dir / "grad_norms.csv").exists()
     assert (run_dir / "steps.csv").read_bytes() == _expected_logs(3)["steps.csv"]
+
+
+def test_grad_norms_with_swapped_duplicates_is_refused(tmp_path):
+    """Each step as many rows as step 0 and each (module, expert) as many rows as there are steps, yet
+    step 0 holds one pair twice and step 1 the other twice."""
+    path = tmp_path / "grad_norms.csv"
+    rows = [runs.GRAD_NORMS_COLUMNS, [0, "m.a", "fft", 1.0], [0, "m.a", "fft", 1.0], [1, "m.b", "fft", 1.0],
+            [1, "m.b", "fft", 1.0]]
+    path.write_bytes(b"".join(_csv_line(r) for r in rows))
+    with pytest.raises(runs.RunDirectoryError, match=r"line 3: step 0 has \('m.a', 'fft'\) again"):
+        runs.read_grad_norms(path)

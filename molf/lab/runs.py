@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..routing_log import RoutingRecord
@@ -98,11 +100,16 @@ def _csv_header(path: Path, text: str, columns: tuple[str, ...], line: int = 1) 
     return header
 
 
-def _steps_row(path: Path, line: int, text: str, header: list[str]) -> dict:
+def _csv_fields(path: Path, line: int, text: str, header: list[str]) -> list[str]:
     fields = next(csv.reader([text]), [])
     if len(fields) != len(header):
         raise RunDirectoryError(path, f"{len(fields)} fields where the header names {len(header)}: {text[:120]!r}",
                                 line)
+    return fields
+
+
+def _steps_row(path: Path, line: int, text: str, header: list[str]) -> dict:
+    fields = _csv_fields(path, line, text, header)
     row = {"step": _number(path, line, "step", fields[0], integer=True)}
     for column, value in zip(header[1:], fields[1:]):
         row[column] = _number(path, line, column, value)
@@ -110,10 +117,7 @@ def _steps_row(path: Path, line: int, text: str, header: list[str]) -> dict:
 
 
 def _grad_norms_row(path: Path, line: int, text: str, header: list[str]) -> dict:
-    fields = next(csv.reader([text]), [])
-    if len(fields) != len(header):
-        raise RunDirectoryError(path, f"{len(fields)} fields where the header names {len(header)}: {text[:120]!r}",
-                                line)
+    fields = _csv_fields(path, line, text, header)
     step, module, expert, norm = fields[:4]
     if not module or not expert:
         raise RunDirectoryError(path, f"empty module or expert name: {text[:120]!r}", line)
@@ -161,7 +165,7 @@ def _routing_row(path: Path, line: int, text: str) -> RoutingRecord:
 
 
 class _Sequence:
-    """Checks that records come in steps 0, 1, 2, ... each step once; with ``keys``, that each step holds
+    """Checks that records come in steps 0, 1, 2, ... each step once; ``keyed``: that each step holds
     the same set of keys (a grad-norm row per module and expert) as step 0, each once."""
 
     def __init__(self, path: Path, keyed: bool = False):
@@ -169,7 +173,6 @@ class _Sequence:
         self.step = -1           # the step of the current group
         self.first: set | None = None  # the keys of step 0
         self.keys: set = set()   # the keys of the current group
-        self.line = 0
 
     def add(self, line: int, step: int, key=None) -> None:
         if step == self.step:
@@ -187,7 +190,6 @@ class _Sequence:
             raise RunDirectoryError(self.path, f"step {step} follows step {self.step} (a duplicated or "
                                                "out-of-order record)", line)
         self.keys.add(key)
-        self.line = line
 
     def _close(self, line: int) -> None:
         """The current group is over: for keyed logs, it must hold step 0's keys."""
@@ -219,35 +221,75 @@ def _describe(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------- the readers
-def _read_csv_log(path: Path, columns: tuple[str, ...], parse, keyed: bool) -> tuple[list[dict], list[str], int]:
+def _fast_csv(data: bytes, header: list[str], n_rows: int, numeric: list[str]) -> pd.DataFrame | None:
+    """The CSV as a typed table if every row is plainly well formed (pandas, vectorised checks), else
+    None: the caller then reads it line by line, which names the first bad line. Only a shortcut: what it
+    accepts, the line-by-line reader accepts too."""
+    try:
+        frame = pd.read_csv(io.BytesIO(data), dtype=str)  # an empty field or a short row: NaN
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if list(frame.columns) != header or len(frame) != n_rows or frame.isna().any().any():
+        return None
+    if not frame["step"].str.fullmatch(r"[0-9]+").all():
+        return None
+    try:  # str -> float64 parses each value as Python's float() does, like the line-by-line reader
+        return frame.astype({"step": "int64", **{column: "float64" for column in numeric}})
+    except (ValueError, OverflowError):
+        return None
+
+
+def _steps_in_sequence(frame: pd.DataFrame, keyed: bool) -> bool:
+    """The vectorised form of ``_Sequence``: steps 0, 1, ... each once (keyed: each step holds step 0's
+    (module, expert) pairs, each once)."""
+    steps = frame["step"].to_numpy()
+    if not keyed:
+        return bool((steps == np.arange(len(steps))).all())
+    if not len(steps):
+        return True
+    if steps[0] != 0 or not np.isin(np.diff(steps), (0, 1)).all():
+        return False
+    if (frame["module"] == "").any() or (frame["expert"] == "").any():
+        return False
+    if frame.duplicated(["step", "module", "expert"]).any():
+        return False
+    n_steps = steps[-1] + 1
+    per_step = np.bincount(steps)
+    pairs = frame.groupby(["module", "expert"], sort=False).size()
+    return bool((per_step == per_step[0]).all() and len(pairs) == per_step[0] and (pairs == n_steps).all())
+
+
+def _read_csv_log(path: Path, columns: tuple[str, ...], parse, keyed: bool, numeric) -> pd.DataFrame:
     path = Path(path)
-    lines, torn = _split_lines(path, path.read_bytes())
+    data = path.read_bytes()
+    lines, torn = _split_lines(path, data)
     if torn is not None:
         raise _torn_error(path, len(lines) + 1)
     if not lines:
         raise RunDirectoryError(path, f"the file is empty; a log starts with its header {list(columns)}")
     header = _csv_header(path, _text(path, lines[0], 1), columns)
+    fast = _fast_csv(data, header, len(lines) - 1, numeric(header))
+    if fast is not None and _steps_in_sequence(fast, keyed):
+        return fast
     sequence, rows = _Sequence(path, keyed), []
     for number, raw in enumerate(lines[1:], start=2):
         row = parse(path, number, _text(path, raw, number), header)
         sequence.add(number, row["step"], (row["module"], row["expert"]) if keyed else None)
         rows.append(row)
-    return rows, header, sequence.finish(len(lines) + 1)
+    sequence.finish(len(lines) + 1)
+    return pd.DataFrame(rows, columns=header).astype({"step": "int64", **{c: "float64" for c in numeric(header)}})
 
 
 def read_steps(path: str | Path) -> pd.DataFrame:
     """``steps.csv`` as a table: step (int), loss, lr, grad_norm, step_time_s (float), one row per step
     0, 1, 2, ...; a RunDirectoryError names the file and line of a bad record."""
-    rows, header, _ = _read_csv_log(Path(path), STEPS_COLUMNS, _steps_row, keyed=False)
-    frame = pd.DataFrame(rows, columns=header)
-    return frame.astype({"step": "int64", **{c: "float64" for c in header[1:]}})
+    return _read_csv_log(Path(path), STEPS_COLUMNS, _steps_row, False, lambda header: header[1:])
 
 
 def read_grad_norms(path: str | Path) -> pd.DataFrame:
     """``grad_norms.csv`` as a table: step, module, layer, module_type, expert, grad_norm; every step
     holds one row per (module, expert) of step 0, each once."""
-    rows, header, _ = _read_csv_log(Path(path), GRAD_NORMS_COLUMNS, _grad_norms_row, keyed=True)
-    frame = pd.DataFrame(rows, columns=header).astype({"step": "int64", "grad_norm": "float64"})
+    frame = _read_csv_log(Path(path), GRAD_NORMS_COLUMNS, _grad_norms_row, True, lambda header: ["grad_norm"])
     return _with_module_columns(frame)
 
 
@@ -322,9 +364,7 @@ def read_winners(path: str | Path) -> pd.DataFrame:
     header = _csv_header(path, _text(path, lines[0], 1), ("step", "lr"))
     sequence, records = _Sequence(path), []
     for number, raw in enumerate(lines[1:], start=2):
-        fields = next(csv.reader([_text(path, raw, number)]), [])
-        if len(fields) != len(header):
-            raise RunDirectoryError(path, f"{len(fields)} fields where the header names {len(header)}", number)
+        fields = _csv_fields(path, number, _text(path, raw, number), header)
         step = _number(path, number, "step", fields[0], integer=True)
         lr = None if fields[1] == "" else _number(path, number, "lr", fields[1])
         sequence.add(number, step)
