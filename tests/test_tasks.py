@@ -224,6 +224,42 @@ def test_invalid_json_names_file_and_line(tmp_path, monkeypatch):
         tasks.load("mcq", "test")
 
 
+@pytest.mark.parametrize("bad", [b"\xff\xfe", "é".encode("latin-1"), b"\xe2\x82"])  # truncated UTF-8 too
+def test_invalid_utf8_names_file_and_line(tmp_path, monkeypatch, bad):
+    path = write_rows(tmp_path, "mcq", "test", [MCQ_ROW, {**MCQ_ROW, "question": "PLACEHOLDER"}, MCQ_ROW])
+    path.write_bytes(path.read_bytes().replace(b"PLACEHOLDER", b"what " + bad + b"?"))
+    monkeypatch.setenv("MOLF_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"{path} line 2: not valid UTF-8"):
+        tasks.load("mcq", "test")
+    assert len(tasks.load("mcq", "test", limit=1)) == 1  # the lines before it still read
+
+
+@pytest.mark.parametrize("task, first, again", [
+    ("mcq", {**MCQ_ROW, "id": "q1"}, {**MCQ_ROW, "id": "q1"}),
+    ("sql", {**SQL_ROW, "id": 7}, {**SQL_ROW, "id": 7, "sql_prompt": "Another question?"}),
+    ("fact", FACT_ROW, {**FACT_ROW, "paraphrase_prompts": ["Another prompt"]}),  # both case_id 0
+])
+def test_a_repeated_item_id_in_a_task_file_is_refused_naming_file_line_and_id(tmp_path, monkeypatch, task, first,
+                                                                               again):
+    key = "case_id" if task == "fact" else "id"
+    other = {**first, key: first[key] + 1 if isinstance(first[key], int) else first[key] + "x"}
+    path = write_rows(tmp_path, task, "train", [first, other, again])
+    monkeypatch.setenv("MOLF_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"{path} line 3: duplicate item id {first[key]!r} \(first on line 1\)"):
+        tasks.load(task, "train")
+    assert len(tasks.load(task, "train", limit=2)) == 2
+    # ids of another type are other ids: 1 and "1" may both be in a file
+    write_rows(tmp_path, "mcq", "test", [{**MCQ_ROW, "id": 1}, {**MCQ_ROW, "id": "1"}])
+    assert len(tasks.load("mcq", "test")) == 2
+
+
+def test_every_shipped_task_file_has_unique_item_ids():
+    for task in tasks.TASKS:
+        for split in tasks.SPLITS:
+            ids = [tasks.item_id(row, None) for row in tasks.load(task, split)]
+            assert None not in ids and len(set(ids)) == len(ids), (task, split)
+
+
 # --------------------------------------------------------------------------------------- hub rows
 
 GRETEL_ROW = {"id": 5097, "domain": "forestry", "domain_description": "Comprehensive data on forests.",
