@@ -139,7 +139,7 @@ class FactTask(Task):
                 kinds.append(kind)
         if len(kept) < len(rows):
             warnings.warn(f"fact: skipped {len(rows) - len(kept)} of {len(rows)} records whose target_new and "
-                          f"target_true start with the same token", stacklevel=5)
+                          f"target_true start with the same token", stacklevel=4)
         if not prompts:
             raise ValueError("fact: no record has target_new and target_true with different first tokens")
         scores = next_token_logprobs(model, tokenizer, prompts, candidates, batch_size)
