@@ -77,7 +77,7 @@ def test_sql_data_has_distinct_questions_several_schemas_all_shapes_and_runnable
     for clause in ("WHERE", "COUNT(", "AVG(", "GROUP BY", "ORDER BY", "LIMIT", "JOIN"):
         assert clause in gold, clause
     for row in splits["test"]:
-        rows = tasks._run_read_only(row["sql_context"], row["sql"])
+        rows = tasks.sandbox.run(row["sql_context"], row["sql"])
         assert rows and all(v is not None for r in rows for v in r), row["sql"]
     # every prompt + target fits the default max_len, so encode never has to cut a schema
     features = tasks.encode("sql", [r for rows in splits.values() for r in rows], tokenizer, max_len=10_000)
@@ -112,7 +112,7 @@ def test_sql2_tests_schemas_that_train_never_shows():
     ids = [r["id"] for rows in splits.values() for r in rows]
     assert len(ids) == len(set(ids))
     for row in splits["test"]:
-        rows = tasks._run_read_only(row["sql_context"], row["sql"])
+        rows = tasks.sandbox.run(row["sql_context"], row["sql"])
         assert rows and all(v is not None for r in rows for v in r), row["sql"]
 
 
@@ -207,7 +207,8 @@ def broken(row: dict, path: str, value=...) -> dict:
 ])
 def test_a_malformed_row_names_file_line_and_field(tmp_path, monkeypatch, task, row, field, message):
     good = {"sql": SQL_ROW, "mcq": MCQ_ROW, "fact": FACT_ROW}[task]
-    path = write_rows(tmp_path, task, "train", [good, good, row])
+    key = "case_id" if task == "fact" else "id"
+    path = write_rows(tmp_path, task, "train", [{**good, key: 1}, {**good, key: 2}, row])
     monkeypatch.setenv("MOLF_DATA", str(tmp_path))
     assert len(tasks.load(task, "train", limit=2)) == 2  # the good rows load from the overridden folder
     with pytest.raises(ValueError) as caught:
@@ -221,6 +222,42 @@ def test_invalid_json_names_file_and_line(tmp_path, monkeypatch):
     monkeypatch.setenv("MOLF_DATA", str(tmp_path))
     with pytest.raises(ValueError, match=rf"{path} line 2: not valid JSON"):
         tasks.load("mcq", "test")
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xfe", "é".encode("latin-1"), b"\xe2\x82"])  # truncated UTF-8 too
+def test_invalid_utf8_names_file_and_line(tmp_path, monkeypatch, bad):
+    path = write_rows(tmp_path, "mcq", "test", [MCQ_ROW, {**MCQ_ROW, "question": "PLACEHOLDER"}, MCQ_ROW])
+    path.write_bytes(path.read_bytes().replace(b"PLACEHOLDER", b"what " + bad + b"?"))
+    monkeypatch.setenv("MOLF_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"{path} line 2: not valid UTF-8"):
+        tasks.load("mcq", "test")
+    assert len(tasks.load("mcq", "test", limit=1)) == 1  # the lines before it still read
+
+
+@pytest.mark.parametrize("task, first, again", [
+    ("mcq", {**MCQ_ROW, "id": "q1"}, {**MCQ_ROW, "id": "q1"}),
+    ("sql", {**SQL_ROW, "id": 7}, {**SQL_ROW, "id": 7, "sql_prompt": "Another question?"}),
+    ("fact", FACT_ROW, {**FACT_ROW, "paraphrase_prompts": ["Another prompt"]}),  # both case_id 0
+])
+def test_a_repeated_item_id_in_a_task_file_is_refused_naming_file_line_and_id(tmp_path, monkeypatch, task, first,
+                                                                               again):
+    key = "case_id" if task == "fact" else "id"
+    other = {**first, key: first[key] + 1 if isinstance(first[key], int) else first[key] + "x"}
+    path = write_rows(tmp_path, task, "train", [first, other, again])
+    monkeypatch.setenv("MOLF_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"{path} line 3: duplicate item id {first[key]!r} \(first on line 1\)"):
+        tasks.load(task, "train")
+    assert len(tasks.load(task, "train", limit=2)) == 2
+    # ids of another type are other ids: 1 and "1" may both be in a file
+    write_rows(tmp_path, "mcq", "test", [{**MCQ_ROW, "id": 1}, {**MCQ_ROW, "id": "1"}])
+    assert len(tasks.load("mcq", "test")) == 2
+
+
+def test_every_shipped_task_file_has_unique_item_ids():
+    for task in tasks.TASKS:
+        for split in tasks.SPLITS:
+            ids = [tasks.item_id(row, None) for row in tasks.load(task, split)]
+            assert None not in ids and len(set(ids)) == len(ids), (task, split)
 
 
 # --------------------------------------------------------------------------------------- hub rows
@@ -284,7 +321,8 @@ def test_hub_loading_picks_split_rows_skips_non_sqlite_rows_and_validates(monkey
     hub = {("sql", "train"): [GRETEL_ROW, GRETEL_ROW, mysql_only, update, ambiguous, GRETEL_ROW],
            ("mcq", "train"): [MEDMCQA_ROW] * 3, ("mcq", "validation"): [{**MEDMCQA_ROW, "cop": 5}],
            ("fact", "train"): [{**COUNTERFACT_ROW, "case_id": i} for i in range(12)]}
-    monkeypatch.setattr(tasks, "_hub_dataset", lambda name, split: (hub[(name, split)], f"fake {name}"))
+    for name in ("sql", "mcq", "fact"):  # each task's download, replaced
+        monkeypatch.setattr(tasks.get(name), "hub_dataset", lambda split, name=name: (hub[(name, split)], f"fake {name}"))
     with pytest.warns(UserWarning, match=r"2 rows \(not runnable in sqlite\), 1 rows \(gold is not a query\)"):
         train = tasks.load("sql", "train", source="hub")
     assert len(train) == 2  # row 0 is validation (every 100th row), rows 2, 3 and 4 are skipped
