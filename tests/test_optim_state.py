@@ -15,7 +15,7 @@ from toy import batch, loss_fn, toy, train
 import molf
 from molf.routing_log import RoutingRecord
 
-IMPLS = ["chunked", "foreach", "masked"]
+IMPLS = [i for i in molf.optim.IMPLS if i != "auto"]  # compiled: built once per machine
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
