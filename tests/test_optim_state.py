@@ -124,6 +124,36 @@ def test_a_checkpoint_of_another_layout_is_refused_naming_it_before_anything_cha
     train(model_b, opt_b, 1, start=1)                   # and it still trains
 
 
+def _drop_moment(sd):
+    del sd["state"][0]["exp_avg_sq"]
+
+
+def _moment_as_list(sd):
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].tolist()
+
+
+def _group_without_params(sd):
+    del sd["param_groups"][1]["params"]
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (_drop_moment, r"group 0 \(module 'layers.0.q_proj'\) expert 'fft' parameter 0: the checkpoint's state has "
+                   r"no tensor 'exp_avg_sq'"),
+    (_moment_as_list, "has no tensor 'exp_avg'"),
+    (_group_without_params, r"group 1 \(module 'layers.0.up_proj'\): the checkpoint's group is not a dict with a "
+                            r"'params' list"),
+])
+def test_a_malformed_checkpoint_is_refused_naming_the_part_before_anything_changes(corrupt, match):
+    model, opt = make()
+    train(model, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    corrupt(sd)
+    before = frozen(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_same(frozen(opt), before)
+
+
 def test_routing_counters_that_do_not_fit_are_refused_before_anything_changes():
     model, opt = make()
     train(model, opt, 1)
