@@ -301,3 +301,15 @@ def test_score_names_follow_one_case_rule(registered, asked):
         assert opt.score_name == "myscore" and opt.score_fn is molf.router.pfn
     finally:
         del molf.router.SCORES["myscore"]
+
+
+def test_the_readback_carries_counters_over_by_name_when_modules_are_added():
+    from molf.readback import RoutingReadback
+    old = RoutingReadback([("a", ("fft", "lora0")), ("b", ("fft", "lora0"))])
+    old.record(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[False, True], [True, False]]), torch.tensor(1))
+    new = old.regrid([("c", ("fft", "lora0", "lora1")), ("b", ("fft", "lora0")), ("a", ("fft", "lora0"))])
+    assert new.win_table() == {"c": {"fft": 0, "lora0": 0, "lora1": 0}, "b": {"fft": 1, "lora0": 0},
+                               "a": {"fft": 0, "lora0": 1}}
+    assert new.last_decisions() == {"c": (), "b": ("fft",), "a": ("lora0",)}
+    assert new.last_scores()["a"] == {"fft": 1.0, "lora0": 2.0} and math.isnan(new.last_scores()["c"]["lora1"])
+    assert int(new.skips) == 1
