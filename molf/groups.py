@@ -8,6 +8,8 @@ dict holds no code; a callable given to the optimizer and registered nowhere is 
 """
 from __future__ import annotations
 
+import torch
+
 from . import _validate, router
 
 IMPLS = ("auto", "chunked", "compiled", "foreach", "masked")
@@ -93,6 +95,8 @@ def check_checkpoint(groups: list[dict], state_dict: dict) -> None:
                          f"{[g.get('molf_module', 'plain') for g in groups]}")
     for i, (g, s) in enumerate(zip(groups, saved_groups)):
         where = _describe(g, i)
+        if not isinstance(s, dict) or not isinstance(s.get("params"), list):
+            raise ValueError(f"{where}: the checkpoint's group is not a dict with a 'params' list")
         for key in ("molf_module", "experts", "param_expert"):
             mine, theirs = g.get(key), s.get(key)
             if (tuple(mine) if isinstance(mine, (list, tuple)) else mine) != \
@@ -107,8 +111,8 @@ def check_checkpoint(groups: list[dict], state_dict: dict) -> None:
                 continue
             expert = f" expert {g['experts'][g['param_expert'][j]]!r}" if "molf_module" in g else ""
             for key in ("step", "exp_avg", "exp_avg_sq"):
-                if key not in st:
-                    raise ValueError(f"{where}{expert} parameter {j}: the checkpoint's state has no {key!r}")
+                if not isinstance(st, dict) or not isinstance(st.get(key), torch.Tensor):
+                    raise ValueError(f"{where}{expert} parameter {j}: the checkpoint's state has no tensor {key!r}")
             for key in ("exp_avg", "exp_avg_sq"):
                 if tuple(st[key].shape) != tuple(p.shape):
                     raise ValueError(f"{where}{expert} parameter {j}: the checkpoint's {key} has shape "

@@ -76,21 +76,10 @@ class MoLFAdamW(torch.optim.Optimizer):
             raise
         self._router.reset()
 
-    @property
-    def score_name(self) -> str:
-        return self.param_groups[0]["score"]
-
-    @property
-    def score_fn(self):
-        return self._scores(self.score_name)
-
-    @property
-    def impl(self) -> str:
-        return self.param_groups[0]["impl"]
-
-    @property
-    def process_group(self):
-        return self._router.process_group
+    score_name = property(lambda self: self.param_groups[0]["score"], doc="The score's name (every group's).")
+    score_fn = property(lambda self: self._scores(self.score_name), doc="The score itself.")
+    impl = property(lambda self: self.param_groups[0]["impl"], doc="How a step is computed (every group's).")
+    process_group = property(lambda self: self._router.process_group)
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()

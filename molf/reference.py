@@ -17,6 +17,7 @@ import math
 import torch
 
 from .optim import DEFAULT_BETAS, DEFAULT_EPS
+from .router import top_k_flags
 
 
 class NaiveMoLFAdamW:
@@ -92,10 +93,10 @@ class NaiveMoLFAdamW:
             if not all(math.isfinite(s) for s in scores):  # a NaN never wins: skip the module
                 self.last_decisions[name] = ()
                 continue
-            # Step 3: top-k, ties to the lower index (the FFT expert first).
-            topk = group.get("topk", self.topk)
-            winners = sorted(range(len(experts)), key=lambda k: (-scores[k], k))[:topk]
-            self.last_decisions[name] = tuple(experts[k] for k in sorted(winners))
+            # Step 3: top-k, ties to the lower index (the FFT expert first): the router's one rule.
+            won = top_k_flags(scores, group.get("topk", self.topk))
+            winners = [k for k in range(len(experts)) if won[k]]
+            self.last_decisions[name] = tuple(experts[k] for k in winners)
             for p, e, wd in zip(group["params"], group["param_expert"], group["param_weight_decay"]):
                 if e in winners and p.grad is not None:
                     self._update(p, lrs[e], wd)

@@ -96,7 +96,7 @@ def _worker(rank, mode, port, out, impl="auto"):
 
 def run_two_ranks(mode, out, impl="auto"):
     mp.spawn(_worker, args=(mode, _free_port(), str(out), impl), nprocs=WORLD, join=True)
-    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @contextmanager

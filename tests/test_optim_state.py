@@ -15,7 +15,7 @@ from toy import batch, loss_fn, toy, train
 import molf
 from molf.routing_log import RoutingRecord
 
-IMPLS = ["chunked", "foreach", "masked"]
+IMPLS = [i for i in molf.optim.IMPLS if i != "auto"]  # compiled: built once per machine
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
@@ -122,6 +122,36 @@ def test_a_checkpoint_of_another_layout_is_refused_naming_it_before_anything_cha
         opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
     assert_same(frozen(opt_b), before)
     train(model_b, opt_b, 1, start=1)                   # and it still trains
+
+
+def _drop_moment(sd):
+    del sd["state"][0]["exp_avg_sq"]
+
+
+def _moment_as_list(sd):
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].tolist()
+
+
+def _group_without_params(sd):
+    del sd["param_groups"][1]["params"]
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (_drop_moment, r"group 0 \(module 'layers.0.q_proj'\) expert 'fft' parameter 0: the checkpoint's state has "
+                   r"no tensor 'exp_avg_sq'"),
+    (_moment_as_list, "has no tensor 'exp_avg'"),
+    (_group_without_params, r"group 1 \(module 'layers.0.up_proj'\): the checkpoint's group is not a dict with a "
+                            r"'params' list"),
+])
+def test_a_malformed_checkpoint_is_refused_naming_the_part_before_anything_changes(corrupt, match):
+    model, opt = make()
+    train(model, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    corrupt(sd)
+    before = frozen(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_same(frozen(opt), before)
 
 
 def test_routing_counters_that_do_not_fit_are_refused_before_anything_changes():
@@ -271,3 +301,15 @@ def test_score_names_follow_one_case_rule(registered, asked):
         assert opt.score_name == "myscore" and opt.score_fn is molf.router.pfn
     finally:
         del molf.router.SCORES["myscore"]
+
+
+def test_the_readback_carries_counters_over_by_name_when_modules_are_added():
+    from molf.readback import RoutingReadback
+    old = RoutingReadback([("a", ("fft", "lora0")), ("b", ("fft", "lora0"))])
+    old.record(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[False, True], [True, False]]), torch.tensor(1))
+    new = old.regrid([("c", ("fft", "lora0", "lora1")), ("b", ("fft", "lora0")), ("a", ("fft", "lora0"))])
+    assert new.win_table() == {"c": {"fft": 0, "lora0": 0, "lora1": 0}, "b": {"fft": 1, "lora0": 0},
+                               "a": {"fft": 0, "lora0": 1}}
+    assert new.last_decisions() == {"c": (), "b": ("fft",), "a": ("lora0",)}
+    assert new.last_scores()["a"] == {"fft": 1.0, "lora0": 2.0} and math.isnan(new.last_scores()["c"]["lora1"])
+    assert int(new.skips) == 1
