@@ -215,6 +215,16 @@ class MoLFAdamW(torch.optim.Optimizer):
         sd["molf"] = self._readback.state_dict() if self._readback.layout else None
         return sd
 
+    def __getstate__(self):  # copy.deepcopy and pickle: torch keeps only groups and state; add our own
+        self._skips.settle()
+        return {**super().__getstate__(), "_scores": self._scores, "_readback": self._readback}
+
+    def __setstate__(self, state: dict) -> None:
+        self._scores, self._readback = state.pop("_scores", groups.Scores()), state.pop("_readback", None)
+        self._router, self._skips, self._scratch = StepRouter(None), functional.DeferredSkips(), functional.Scratch()
+        self._readback = self._readback or RoutingReadback([])
+        super().__setstate__(state)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, after checking that the checkpoint fits: the same modules (by name), experts,
         parameter counts and shapes; ``ValueError`` naming the first mismatch, before anything changes.

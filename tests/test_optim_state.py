@@ -313,3 +313,20 @@ def test_the_readback_carries_counters_over_by_name_when_modules_are_added():
     assert new.last_decisions() == {"c": (), "b": ("fft",), "a": ("lora0",)}
     assert new.last_scores()["a"] == {"fft": 1.0, "lora0": 2.0} and math.isnan(new.last_scores()["c"]["lora1"])
     assert int(new.skips) == 1
+
+
+@pytest.mark.parametrize("impl", ["chunked", "foreach", "masked"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_its_routing_and_trains_as_the_original(impl, how):
+    import pickle
+
+    model, opt = make(impl=impl)
+    train(model, opt, 3)
+    model_copy, opt_copy = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    assert opt_copy.win_counts == opt.win_counts and opt_copy.last_decisions == opt.last_decisions
+    assert opt_copy.score_name == opt.score_name and opt_copy.impl == impl
+    log, log_copy = [], []
+    train(model, opt, 2, start=3, log=log)
+    train(model_copy, opt_copy, 2, start=3, log=log_copy)
+    assert log == log_copy and opt_copy.win_counts == opt.win_counts
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model_copy.parameters()))
