@@ -49,19 +49,9 @@ LR_RATIOS = (0.1, 0.3, 1.0, 3.0, 10.0)
 RANKS = (4, 8, 16, 32, 64, 128)
 ALPHAS = (4.0, 8.0, 16.0, 32.0, 64.0)
 SCORE_NAMES = ("epd", "pfn")
-FFT_COLOR = "#d62728"
-LORA_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b")
-BOTH_COLOR = "#7f3f98"
 # Labels of the factor bars, per score: (column of the factor table, label).
 EPD_FACTORS = (("lr", "lr_e (scheduled)"), ("inv_n", "1 / N_e (N_e: parameters)"), ("sum_mu", "Σ m²/(√v+ε)"), ("epd", "S_e (EPD)"))
 PFN_FACTORS = (("root_sum_uu", "√(Σ u²)"), ("inv_root_n", "1 / √N_e"), ("pfn", "S_e (PFN)"))
-
-
-def expert_color(expert: str) -> str:
-    if expert == "fft":
-        return FFT_COLOR
-    index = int(expert[4:]) if expert.startswith("lora") and expert[4:].isdigit() else 0
-    return LORA_COLORS[index % len(LORA_COLORS)]
 
 
 # ---------------------------------------------------------------------------- factors from optimizer state
@@ -417,7 +407,7 @@ def _bars(ax, table: pd.DataFrame, factors, score: str, in_use: bool):
     for i, row in enumerate(table.itertuples()):
         values = [getattr(row, column) for column, _ in factors]
         won = bool(getattr(row, f"{score}_winner"))
-        color = expert_color(row.expert)
+        color = plots.expert_color(row.expert)
         bars = ax.bar(x + (i - (len(experts) - 1) / 2) * width, values, width * 0.95, color=color,
                       alpha=1.0 if won else 0.45, edgecolor="black" if won else color, lw=1.2,
                       label=f"{plots.expert_label(row.expert)}{' (wins)' if won else ''}")
@@ -488,7 +478,7 @@ def explain(lesson: Lesson, step: int | None = None, module: str | None = None):
     ax_loss.set_title("Loss (dotted: the step shown)", fontsize=10)
     ax_loss.grid(alpha=0.3)
 
-    colors = ["#dddddd", FFT_COLOR, LORA_COLORS[0], BOTH_COLOR]
+    colors = [plots.expert_color(e) for e in ("skipped", "fft", "lora0", "several")]
     ax_map.imshow(decision.to_numpy() + 1, cmap=ListedColormap(colors), vmin=-0.5, vmax=3.5, aspect="auto",
                   interpolation="nearest")
     _map_axes(ax_map, decision, layer, module_type)
@@ -512,9 +502,9 @@ def pfn_step_one_figure(table: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
     labels = [f"{int(r.layer)}.{plots.short_type(r.module_type)}" for r in table.itertuples()]
     x = np.arange(len(table))
-    ax.bar(x, table["measured"], 0.6, color=LORA_COLORS[0], alpha=0.7, label="measured PFN(LoRA) / PFN(FFT)")
+    ax.bar(x, table["measured"], 0.6, color=plots.expert_color("lora0"), alpha=0.7, label="measured PFN(LoRA) / PFN(FFT)")
     ax.scatter(x, table["predicted"], color="black", marker="_", s=400, lw=2, label="√(N_B / (N_A + N_B))", zorder=3)
-    ax.axhline(1.0, color=FFT_COLOR, ls="--", lw=1, label="1: above it LoRA would win")
+    ax.axhline(1.0, color=plots.expert_color("fft"), ls="--", lw=1, label="1: above it LoRA would win")
     ax.set_xticks(x, labels, rotation=60, fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_xlabel("module (layer.type)")
@@ -528,7 +518,7 @@ def pfn_step_one_figure(table: pd.DataFrame):
 def lr_tilt_figure(table: pd.DataFrame):
     """LoRA's win share (first step and whole run) against the lr ratio, log x."""
     fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
-    ax.plot(table["lr_ratio"], table["lora_share_step0"], marker="o", color=LORA_COLORS[0], label="first step")
+    ax.plot(table["lr_ratio"], table["lora_share_step0"], marker="o", color=plots.expert_color("lora0"), label="first step")
     ax.plot(table["lr_ratio"], table["lora_share_run"], marker="s", color="grey", ls="--", label="whole run")
     ax.set_xscale("log")
     ax.set_ylim(-0.03, 1.03)
@@ -546,9 +536,9 @@ def alpha_tilt_figure(table: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
     labels = [f"{int(r.layer)}.{plots.short_type(r.module_type)}" for r in table.itertuples()]
     x = np.arange(len(table))
-    ax.bar(x - 0.2, table["epd_change"], 0.4, color=LORA_COLORS[0], label="EPD")
+    ax.bar(x - 0.2, table["epd_change"], 0.4, color=plots.expert_color("lora0"), label="EPD")
     ax.bar(x + 0.2, table["pfn_change"], 0.4, color="grey", label="PFN")
-    ax.axhline(high / low, color=LORA_COLORS[0], ls="--", lw=1, label=f"alpha ratio {high / low:g}")
+    ax.axhline(high / low, color=plots.expert_color("lora0"), ls="--", lw=1, label=f"alpha ratio {high / low:g}")
     ax.axhline(1.0, color="black", ls=":", lw=1, label="1: unchanged")
     ax.set_xticks(x, labels, rotation=60, fontsize=8)
     ax.set_xlabel("module (layer.type)")

@@ -19,6 +19,7 @@ A run directory holds
     checkpoint.pt      model, optimizer (with routing counters), scheduler, RNG and step: the resume
                        point while a run is unfinished (removed at the end unless keep_checkpoint)
     model/             the final merged model, a plain ``transformers`` checkpoint (+ tokenizer)
+    run.lock           held (``fcntl.flock``) by the runner writing the directory: a second one is refused
 ``molf.lab.runs.load(out_dir)`` reads it all back into pandas.
 
 Resuming: ``run(config)`` on a directory holding a checkpoint of the same config continues from it and
@@ -26,6 +27,8 @@ ends identical to an uninterrupted run (the data order is a pure function of the
 On a directory holding a *finished* run of the same config it returns that run without training
 (``Run.model`` is then None); a different config in the same directory is an error.
 ``stop_after=N`` ends a call after N optimizer steps (a resumable chunk, e.g. to fit a time budget).
+The steps are ``molf.lab.engine.fit``'s; logging, checkpoints and the progress bar are its callbacks, on a
+``Session`` (one run held in memory: built or resumed once, trained by ``fit`` calls, finished once).
 
 Training length: give ``steps`` (optimizer steps) or ``epochs`` (passes over the encoded training rows:
 ``ceil(epochs * rows / (batch_size * grad_accum))`` steps), never both: ``TrainConfig(steps=None,
@@ -388,35 +391,6 @@ def _load_checkpoint(path: Path, device) -> dict:
                          f"it could run code): {first}. Delete it to train the run from its start") from None
 
 
-def _truncate_logs(out: Path, start_step: int) -> None:
-    """Drop log rows at or after ``start_step`` (written after the checkpoint we resume from), and a torn
-    last line (a crash mid-write: no line end). Any other unreadable row is an error naming file and line."""
-    for name in ("steps.csv", "grad_norms.csv", "routing.jsonl"):
-        path = out / name
-        if not path.exists():
-            continue
-        with open(path, newline="") as f:                 # line ends as written (csv writes \r\n)
-            lines = f.read().splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):
-            lines.pop()                                   # torn: the crash came mid-line
-        kept = []
-        for number, line in enumerate(lines, start=1):
-            if name.endswith(".csv") and number == 1:
-                kept.append(line)                         # the header
-                continue
-            try:
-                step = json.loads(line)["step"] if name.endswith(".jsonl") else int(line.split(",", 1)[0])
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}, line {number}: unreadable log record ({error}); "
-                                 f"delete the run directory to train again") from None
-            if step < start_step:
-                kept.append(line)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            f.write("".join(kept))
-        os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------- the run directory lock
 LOCK_FILE = "run.lock"
 
@@ -635,7 +609,7 @@ class Session(Callback):
         if self.checkpoint_path.exists():
             _check_same_run(c, out, "a checkpoint")
             self._resume(_load_checkpoint(self.checkpoint_path, device))
-            _truncate_logs(out, self.step)
+            runs.truncate_logs(out, self.step)  # logs written after the checkpoint, a torn last line
         else:
             (out / "config.json").write_text(_config_json(c))
             (out / "data.json").write_text(json.dumps(data_fingerprint(c), indent=2, sort_keys=True))
@@ -934,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_after = args.pop("stop_after")
     try:
         result = run(TrainConfig(**args), stop_after=stop_after)
-    except ValueError as error:
+    except (ValueError, RunDirectoryInUse) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result.metrics, indent=2))
