@@ -7,9 +7,9 @@
 """
 from .layer import MoLFLinear
 from .model import merge, param_groups, wrap, wrapped_modules
-from .optim import MoLFAdamW
+from .optim import DEFAULT_BETAS, DEFAULT_EPS, MoLFAdamW
 from .router import RouterStats, Score, register_score
 
-__all__ = ["MoLFLinear", "MoLFAdamW", "RouterStats", "Score", "merge", "param_groups", "register_score", "wrap",
+__all__ = ["DEFAULT_BETAS", "DEFAULT_EPS", "MoLFLinear", "MoLFAdamW", "RouterStats", "Score", "merge", "param_groups", "register_score", "wrap",
            "wrapped_modules"]
 __version__ = "0.1.0"

@@ -76,6 +76,8 @@ from .functional import IMPLEMENTATIONS, ParamBatch, _to_device
 from .router import RouterStats, Score, decide, resolve_score
 
 IMPLS = ("auto", "chunked", "compiled", "foreach", "masked")
+DEFAULT_BETAS = (0.9, 0.999)  # Adam's (beta1, beta2), as torch.optim.AdamW; the one source in molf
+DEFAULT_EPS = 1e-8
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
@@ -158,7 +160,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     plain-parameter-steps skipped whole for a NaN/inf gradient. ``state_dict()`` carries all of it.
     """
 
-    def __init__(self, params, score="epd", topk: int = 1, betas=(0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params, score="epd", topk: int = 1, betas=DEFAULT_BETAS, eps: float = DEFAULT_EPS,
                  lr: float | None = None, weight_decay: float = 0.0, process_group=None, impl: str = "auto"):
         self.score_fn = resolve_score(score)
         self.score_name = score if isinstance(score, str) else (

@@ -16,9 +16,11 @@ import math
 
 import torch
 
+from .optim import DEFAULT_BETAS, DEFAULT_EPS
+
 
 class NaiveMoLFAdamW:
-    def __init__(self, groups, score="epd", topk=1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, groups, score="epd", topk=1, betas=DEFAULT_BETAS, eps=DEFAULT_EPS, weight_decay=0.0):
         if score not in ("epd", "pfn"):
             raise ValueError(f"score must be 'epd' or 'pfn', got {score!r}")
         self.param_groups = [dict(g) for g in groups]

@@ -152,3 +152,16 @@ def decide(scores: torch.Tensor, valid: torch.Tensor, topk: torch.Tensor):
     topk = torch.as_tensor(topk, device=scores.device)
     winners = (rank < topk.reshape(-1, 1)) & valid & finite.unsqueeze(1)
     return winners, finite
+
+
+def top_k_flags(scores, k: int) -> list[bool]:
+    """``decide`` for one module, on the host: which of ``scores`` (a 1-D tensor or a list of floats,
+    one per expert) are among the top ``k``. Same rule as the optimizer: ties go to the lower index,
+    and a NaN/inf score anywhere means no winner at all (a NaN never wins)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    row = torch.as_tensor(scores, dtype=torch.float64).detach().cpu()
+    if row.dim() != 1:
+        raise ValueError(f"scores must be one value per expert (1-D), got shape {tuple(row.shape)}")
+    winners, _ = decide(row.view(1, -1), torch.ones(1, len(row), dtype=torch.bool), torch.tensor([k]))
+    return winners[0].tolist()

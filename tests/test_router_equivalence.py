@@ -52,3 +52,36 @@ def test_batched_router_decides_like_the_naive_one(score, path, monkeypatch):
         assert winners == {"fft", "lora0", "lora1"}  # all three kinds of decision are exercised
     for p, q in zip(params, naive_params):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_one_source_for_the_adam_defaults():
+    import inspect
+    for fn in (molf.MoLFAdamW.__init__, NaiveMoLFAdamW.__init__):
+        params = inspect.signature(fn).parameters
+        assert params["betas"].default is molf.DEFAULT_BETAS and params["eps"].default is molf.DEFAULT_EPS
+    assert molf.DEFAULT_BETAS == (0.9, 0.999) and molf.DEFAULT_EPS == 1e-8  # torch.optim.AdamW's
+
+
+@pytest.mark.parametrize("scores, k, want", [
+    ([1.0, 2.0, 2.0], 1, [False, True, False]),   # a tie: the lower index wins
+    ([3.0, 3.0, 3.0], 2, [True, True, False]),
+    ([0.5, 0.1, 0.9], 2, [True, False, True]),
+    ([1.0, 2.0], 5, [True, True]),                # k above the number of experts: all win
+    ([1.0, float("nan"), 2.0], 1, [False, False, False]),  # a NaN never wins, nor does anyone beside it
+    ([float("inf"), 1.0], 1, [False, False]),
+])
+def test_top_k_flags_is_the_routers_rule(scores, k, want):
+    from molf.router import top_k_flags
+    assert top_k_flags(scores, k) == want
+    assert top_k_flags(torch.tensor(scores, dtype=torch.float32), k) == want
+    finite = all(s == s and abs(s) != float("inf") for s in scores)
+    if finite:  # the reference's readable rule agrees
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+        assert [i in order for i in range(len(scores))] == want
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.0, True])
+def test_top_k_flags_refuses_a_bad_k(k):
+    from molf.router import top_k_flags
+    with pytest.raises(ValueError, match="k must be an integer"):
+        top_k_flags([1.0, 2.0], k)

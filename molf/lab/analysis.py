@@ -131,6 +131,13 @@ def switch_table(data) -> pd.DataFrame:
     return table.sort_values(["layer", "module_type"], key=module_sort_key).reset_index(drop=True)
 
 
+def busiest_module(data) -> str:
+    """The module whose winner changed most often (most ``switches`` in ``switch_table``); among equals,
+    the first in decoder order (layer, then module type). The explorer and the score traces open on it."""
+    table = switch_table(data)
+    return str(table.loc[table["switches"].idxmax(), "module"])
+
+
 def agreement_with_final(data, final_fraction: float = 0.5) -> pd.DataFrame:
     """How early routing settles: per step, the share of modules whose winner set equals that module's
     most frequent winner set over the last ``final_fraction`` of training (its "final" routing).
@@ -184,14 +191,13 @@ def pick_trace_modules(data, n: int = 3, expert: str | None = None) -> list[str]
     """Modules worth tracing: the one that switched most, the most ``expert``-dominated, the least, then
     spread over layers. Deterministic."""
     wins = win_table(data, expert).set_index("module")
-    switches = switch_table(data).set_index("module")["switches"]
     picked: list[str] = []
 
     def add(module):
         if module not in picked and len(picked) < n:
             picked.append(module)
 
-    add(switches.sort_values(ascending=False, kind="stable").index[0])
+    add(busiest_module(data))
     add(wins["win_fraction"].sort_values(ascending=False, kind="stable").index[0])
     add(wins["win_fraction"].sort_values(ascending=True, kind="stable").index[0])
     for module in wins.index[np.linspace(0, len(wins) - 1, num=max(n, 1)).round().astype(int)]:

@@ -40,8 +40,19 @@ from .analysis import (
 )
 
 WIN_CMAP = "coolwarm"
-METHOD_COLORS = {"fft": "#d62728", "lora": "#1f77b4", "dora": "#17becf", "adalora": "#9467bd",
-                 "molf": "#2ca02c", "molf_e": "#ff7f0e"}
+# The expert palette, one for every figure of the lab: the FFT expert red, the LoRA experts shades of blue
+# (lora0, lora1, ... cycling through LORA_BLUES), a skipped module (no winner that step) grey, and a
+# module-step won by several experts at once (top-k > 1) purple. Red and blue mean experts and nothing
+# else: module types and labelled runs are drawn in MODULE_TYPE_COLORS / LINE_COLORS, which avoid them
+# (the ordered settings of an ablation in viridis).
+LORA_BLUES = ("#1f77b4", "#6baed6", "#08306b", "#9ecae1")
+EXPERT_COLORS = {"fft": "#d62728", **{f"lora{i}": c for i, c in enumerate(LORA_BLUES)},
+                 "skipped": "#c7c7c7", "several": "#7f3f98"}
+MODULE_TYPE_COLORS = {"q_proj": "#ff7f0e", "k_proj": "#bcbd22", "v_proj": "#2ca02c", "o_proj": "#1b9e77",
+                      "gate_proj": "#9467bd", "up_proj": "#e377c2", "down_proj": "#8c6d31"}
+LINE_COLORS = tuple(MODULE_TYPE_COLORS.values())  # labelled lines that are neither experts nor methods
+METHOD_COLORS = {"fft": EXPERT_COLORS["fft"], "lora": EXPERT_COLORS["lora0"], "dora": "#17becf",
+                 "adalora": "#9467bd", "molf": "#2ca02c", "molf_e": "#ff7f0e"}
 METHOD_LABELS = {"fft": "FFT", "lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "molf": "MoLF",
                  "molf_e": "MoLF-E"}
 
@@ -62,13 +73,22 @@ def method_label(method: str) -> str:
 
 
 def method_color(method: str, index: int = 0):
-    return METHOD_COLORS.get(method, plt.cm.tab10(index % 10))
+    return METHOD_COLORS.get(method, LINE_COLORS[index % len(LINE_COLORS)])
 
 
+def expert_color(expert: str) -> str:
+    """The colour of an expert in every figure: ``fft`` red, ``lora<i>`` a blue (``LORA_BLUES[i % 4]``),
+    ``skipped`` (no winner) grey, ``several`` (more than one winner) purple."""
+    if expert in EXPERT_COLORS:
+        return EXPERT_COLORS[expert]
+    if expert.startswith("lora") and expert[4:].isdigit():
+        return LORA_BLUES[int(expert[4:]) % len(LORA_BLUES)]
+    raise ValueError(f"no colour for {expert!r}: experts are 'fft' and 'lora<i>' (plus 'skipped', 'several')")
 
 
-
-
+def module_type_color(module_type: str, index: int = 0) -> str:
+    """The colour of a module type's line (never an expert's red or blue); unknown types by ``index``."""
+    return MODULE_TYPE_COLORS.get(module_type, LINE_COLORS[index % len(LINE_COLORS)])
 
 
 def expert_label(expert: str, config: dict | None = None) -> str:
@@ -121,7 +141,7 @@ def agreement_plot(curves: dict, title: str | None = None, ax=None):
     """Agreement-with-final-routing curves (``agreement_with_final`` tables), one line per label."""
     fig, ax = _fig_ax(ax, figsize=(7.5, 4.2))
     for i, (label, table) in enumerate(curves.items()):
-        ax.plot(table["step"], table["agreement"], lw=1.6, label=label, color=plt.cm.tab10(i % 10))
+        ax.plot(table["step"], table["agreement"], lw=1.6, label=label, color=method_color(label, i))
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("training step")
     ax.set_ylabel("modules routed as at the end (fraction)")
@@ -204,7 +224,7 @@ def win_fraction_over_time(data, expert: str | None = None, windows: int = 8):
     per_type = table.groupby(["window", "module_type"])["win_fraction"].mean().unstack()
     for i, t in enumerate(type_order(per_type.columns)):
         left.plot(centers.loc[per_type.index], per_type[t], marker="o", ms=3, label=short_type(t),
-                  color=plt.cm.tab10(i))
+                  color=module_type_color(t, i))
     overall = table.groupby("window")["win_fraction"].mean()
     left.plot(centers.loc[overall.index], overall, color="black", lw=2.5, ls="--", label="all modules")
     left.set_ylim(-0.03, 1.03)
@@ -250,11 +270,9 @@ def score_traces(data, modules=None, n: int = 3):
                              squeeze=False, sharey=True)
     for ax, module in zip(axes[0], modules):
         rows = table[table["module"] == module]
-        for i, expert in enumerate(experts):
+        for expert in experts:
             e = rows[rows["expert"] == expert].sort_values("step")
-            color = "#d62728" if expert == "fft" else plt.cm.tab10((i + 0) % 10 if i else 0)
-            if expert != "fft":
-                color = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b"][(i - ("fft" in experts)) % 4]
+            color = expert_color(expert)
             ax.plot(e["step"], e["log10_score"], color=color, lw=1.3, label=expert_label(expert, config))
             w = e[e["won"]]
             ax.scatter(w["step"], w["log10_score"], color=color, s=14, zorder=3)
@@ -296,9 +314,8 @@ def routing_summary_bars(data, ax=None):
     share = routing.groupby(["module_type", "expert"])["won"].mean().unstack().reindex(type_order(routing["module_type"]))
     fig, ax = _fig_ax(ax, figsize=(6.5, 3.6))
     bottom = np.zeros(len(share))
-    for i, expert in enumerate(experts_of(data)):
-        color = "#d62728" if expert == "fft" else ["#1f77b4", "#ff7f0e", "#9467bd"][(i - ("fft" in share.columns)) % 3]
-        ax.bar([short_type(t) for t in share.index], share[expert], bottom=bottom, color=color,
+    for expert in experts_of(data):
+        ax.bar([short_type(t) for t in share.index], share[expert], bottom=bottom, color=expert_color(expert),
                label=expert_label(expert, config))
         bottom += share[expert].to_numpy()
     ax.set_xlabel("module type (projection)")
@@ -380,14 +397,14 @@ def grad_norm_plot(data):
     experts = list(dict.fromkeys(grads["expert"]))
     if len(experts) > 1:
         per = grads.groupby(["layer", "expert"])["grad_norm"].mean().unstack()
-        for i, expert in enumerate(sorted(experts, key=lambda e: (e != "fft", e))):
+        for expert in sorted(experts, key=lambda e: (e != "fft", len(e), e)):
             right.plot(per.index, per[expert], marker="o", ms=3, label=expert_label(expert, config),
-                       color="#d62728" if expert == "fft" else plt.cm.tab10(i))
+                       color=expert_color(expert))
         right.legend(fontsize=8, title="expert")
     else:
         per = grads.groupby(["layer", "module_type"])["grad_norm"].mean().unstack()
         for i, t in enumerate(type_order(per.columns)):
-            right.plot(per.index, per[t], marker="o", ms=3, label=short_type(t), color=plt.cm.tab10(i))
+            right.plot(per.index, per[t], marker="o", ms=3, label=short_type(t), color=module_type_color(t, i))
         right.legend(fontsize=8, ncol=2, title="module type")
     right.set_yscale("log")
     right.set_xlabel("decoder layer (index)")
