@@ -759,6 +759,227 @@ def claims(runs: pd.DataFrame, margin: float = 0.25) -> list[str]:
             claim_early_routing(picked), claim_top1_vs_dense(summary)]
 
 
+# ---------------------------------------------------------------------------- routing over training
+def routing_curves(cells: Sequence[Cell], pair: tuple[float, float], seeds: int = 4,
+                   setting: Setting = Setting(steps=150, check_every=15)) -> pd.DataFrame:
+    """MoLF at one lr pair in each of ``cells``: the share of FFT decisions per step (mean over modules
+    and seeds), with the held-out loss. Columns: cell, step, fft_share, test."""
+    frames = []
+    for cell in cells:
+        tasks = [make_task(cell, seed, setting) for seed in range(seeds)]
+        trained = train("molf", tasks, [(t, Config(*pair)) for t in range(seeds)], setting, record_routing=True)
+        share = trained.decisions.mean(axis=(1, 2))
+        frames.append(pd.DataFrame({"cell": cell.label, "step": np.arange(1, len(share) + 1), "fft_share": share,
+                                    "test": float(trained.test.mean())}))
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------- figures
+WINNER_COLORS = {"fft": "#d62728", "lora": "#1f77b4", "dora": "#17becf"}   # the project's palette
+
+
+def _grid(summary: pd.DataFrame, column: str, noise: float = 0.1) -> pd.DataFrame:
+    part = summary[np.isclose(summary["noise"], noise)]
+    return part.pivot(index="shift_rank", columns="examples", values=column).sort_index(ascending=False)
+
+
+def winner_figure(summary: pd.DataFrame, noise: float = 0.1):
+    """The winner of each cell among FFT, LoRA and DoRA (colour), its loss ratio to FFT / LoRA, and a
+    star when it beats the runner-up significantly; the noise slice beside it."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    slice_ = summary[~np.isclose(summary["noise"], noise)]
+    fig, axes = plt.subplots(1, 2 if len(slice_) else 1, figsize=(10 if len(slice_) else 6, 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2] if len(slice_) else [1]})
+    ax = axes[0, 0]
+    main = summary[np.isclose(summary["noise"], noise)]
+    ranks = sorted(main["shift_rank"].unique(), reverse=True)
+    ns = sorted(main["examples"].unique())
+
+    def draw(ax, rows, xs, ys, xkey, ykey):
+        for r in rows.itertuples():
+            x, y = xs.index(getattr(r, xkey)), ys.index(getattr(r, ykey))
+            color = WINNER_COLORS.get(r.winner, "#999999")
+            significant = r.winner_verdict == "reproduced"
+            ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, color=color, alpha=0.85 if significant else 0.35))
+            ratio = r.lora / r.fft
+            ax.text(x, y, f"{LABELS[r.winner]}{' *' if significant else ''}\nLoRA/FFT {ratio:.2f}", ha="center",
+                    va="center", fontsize=8, color="white" if significant else "black")
+        ax.set_xlim(-0.5, len(xs) - 0.5)
+        ax.set_ylim(len(ys) - 0.5, -0.5)
+        ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
+        ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
+
+    draw(ax, main, ns, ranks, "examples", "shift_rank")
+    ax.set_xlabel("training examples n")
+    ax.set_ylabel("rank k of the weight shift")
+    ax.set_title(f"Who wins (lowest held-out MSE), noise {noise:g}")
+    if len(slice_):
+        ax2 = axes[0, 1]
+        both = pd.concat([summary[summary.set_index(["shift_rank", "examples"]).index.isin(
+            slice_.set_index(["shift_rank", "examples"]).index) & np.isclose(summary["noise"], noise)], slice_])
+        levels = sorted(both["noise"].unique())
+        keys = sorted(both["shift_rank"].unique(), reverse=True)
+        draw(ax2, both, levels, keys, "noise", "shift_rank")
+        ax2.set_xlabel("label noise (x the outputs' RMS)")
+        ax2.set_ylabel("rank k of the weight shift")
+        ax2.set_title(f"Noise slice, n={int(both['examples'].iloc[0])}")
+    fig.legend(handles=[Patch(color=c, label=LABELS[m]) for m, c in WINNER_COLORS.items()]
+               + [Patch(color="#cccccc", label="pale: not significant")], loc="lower center", ncol=4,
+               bbox_to_anchor=(0.5, -0.06), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def heat_figure(summary: pd.DataFrame, columns: Sequence[str], titles: Sequence[str], label: str,
+                fmt: str = "{:+.0%}", vmin=None, vmax=None, cmap: str = "Reds", noise: float = 0.1):
+    """Heatmaps of summary columns over shift rank x examples (one panel per column)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 3.8), squeeze=False)
+    for ax, column, title in zip(axes[0], columns, titles):
+        grid = _grid(summary, column, noise)
+        image = ax.imshow(grid.to_numpy(dtype=float), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
+        ax.set_xlabel("training examples n")
+        ax.set_ylabel("rank k of the weight shift")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, label=label)
+    fig.tight_layout()
+    return fig
+
+
+def routing_figure(curves: pd.DataFrame):
+    """FFT share of MoLF's decisions per step in each cell of ``routing_curves``."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    styles = ["-", "--", ":", "-."]
+    for i, (cell, part) in enumerate(curves.groupby("cell", sort=False)):
+        ax.plot(part["step"], part["fft_share"], color="#d62728", ls=styles[i % 4], lw=1.8, label=cell)
+    ax.axhline(0.5, color="#999999", lw=0.8)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share of decisions won by FFT (fraction)")
+    ax.set_title("MoLF's routing over training (mean over modules and seeds)")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- the classroom
+CLASSROOM_LRS = {"fft": 1e-3, "lora": 1e-2, "dora": 1e-2}
+
+
+class Classroom:
+    """One cell, every method retrained on a change: FFT, LoRA, DoRA at fixed learning rates
+    (``CLASSROOM_LRS``) and MoLF at ``lr_fft`` = FFT's and ``lr_lora = lr_ratio x lr_fft``."""
+
+    def __init__(self, shift_rank: int = 1, examples: int = 256, noise: float = 0.1, lora_rank: int = 4,
+                 lr_ratio: float = 1.0, seeds: int = 3, steps: int = 100):
+        self.seeds, self.steps = seeds, steps
+        self.values = dict(shift_rank=shift_rank, examples=examples, noise=noise, lora_rank=lora_rank, lr_ratio=lr_ratio)
+        self._widgets = None
+        self.retrain()
+
+    def retrain(self, **changes) -> dict:
+        v = {**self.values, **changes}
+        if not (isinstance(v["lr_ratio"], (int, float)) and v["lr_ratio"] > 0):
+            raise ValueError(f"lr_ratio must be a number > 0, got {v['lr_ratio']!r}")
+        setting = Setting(steps=self.steps, check_every=max(1, self.steps // 5), n_val=128, n_test=128,
+                          lora_rank=int(v["lora_rank"]), lora_alpha=2.0 * int(v["lora_rank"]))
+        cell = Cell(int(v["shift_rank"]), int(v["examples"]), float(v["noise"]))
+        began = time.perf_counter()
+        tasks = [make_task(cell, seed, setting) for seed in range(self.seeds)]
+        losses = {}
+        for method in ("fft", "lora", "dora"):
+            lr = CLASSROOM_LRS[method]
+            losses[method] = train(method, tasks, [(t, Config(lr, lr)) for t in range(self.seeds)], setting).test
+        lr_fft = CLASSROOM_LRS["fft"]
+        molf_run = train("molf", tasks, [(t, Config(lr_fft, lr_fft * v["lr_ratio"])) for t in range(self.seeds)],
+                         setting, record_routing=True)
+        losses["molf"] = molf_run.test
+        self.values = v
+        self.result = {"cell": cell, "losses": {m: float(np.mean(x)) for m, x in losses.items()},
+                       "fft_share": float(np.mean(molf_run.fft_share)),
+                       "curve": molf_run.decisions.mean(axis=(1, 2)), "seconds": time.perf_counter() - began}
+        return self.result
+
+    def frame(self):
+        import matplotlib.pyplot as plt
+
+        r = self.result
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 1.4]})
+        methods = list(r["losses"])
+        colors = [WINNER_COLORS.get(m, "#2ca02c") for m in methods]
+        left.bar([LABELS[m].split(" ")[0] for m in methods], [r["losses"][m] * 1e3 for m in methods], color=colors)
+        left.set_ylabel("held-out MSE x 1e3")
+        left.set_title(f"{r['cell'].label} (mean of {self.seeds} seeds)", fontsize=10)
+        right.plot(np.arange(1, len(r["curve"]) + 1), r["curve"], color="#d62728", lw=1.8)
+        right.set_ylim(-0.03, 1.03)
+        right.set_xlabel("training step")
+        right.set_ylabel("MoLF: share won by FFT")
+        right.set_title(f"MoLF routing, lr_lora/lr_fft = {self.values['lr_ratio']:g}: FFT share "
+                        f"{r['fft_share']:.0%}", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def widget(self):
+        """Sliders (retrain on release) and the picture."""
+        import ipywidgets as w
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        if self._widgets is not None:
+            return self._widgets["box"]
+        wide, style = w.Layout(width="330px"), {"description_width": "initial"}
+        v = self.values
+        controls = {
+            "shift_rank": w.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64], value=v["shift_rank"],
+                                            description="shift rank k", continuous_update=False, layout=wide, style=style),
+            "examples": w.SelectionSlider(options=[32, 64, 128, 256, 512, 1024, 2048, 4096], value=v["examples"],
+                                          description="examples n", continuous_update=False, layout=wide, style=style),
+            "noise": w.SelectionSlider(options=[0.0, 0.1, 0.3, 1.0], value=v["noise"], description="noise",
+                                       continuous_update=False, layout=wide, style=style),
+            "lora_rank": w.SelectionSlider(options=[1, 2, 4, 8, 16], value=v["lora_rank"], description="LoRA rank",
+                                           continuous_update=False, layout=wide, style=style),
+            "lr_ratio": w.SelectionSlider(options=[0.1, 0.3, 1.0, 3.0, 10.0], value=v["lr_ratio"],
+                                          description="lr_lora / lr_fft", continuous_update=False, layout=wide,
+                                          style=style),
+        }
+        info, out = w.HTML(), w.Output()
+
+        def redraw():
+            r = self.result
+            best = min(("fft", "lora", "dora"), key=lambda m: r["losses"][m])
+            info.value = (f"<b>{LABELS[best]}</b> wins this cell; MoLF {r['losses']['molf'] * 1e3:.2f} vs best "
+                          f"{r['losses'][best] * 1e3:.2f} (x1e3), FFT share {r['fft_share']:.0%}; retrained in "
+                          f"{r['seconds']:.1f} s")
+            fig = self.frame()
+            with out:
+                out.clear_output(wait=True)
+                display(fig)
+            plt.close(fig)
+
+        def retrain(*_):
+            self.retrain(**{k: c.value for k, c in controls.items()})
+            redraw()
+
+        for control in controls.values():
+            control.observe(retrain, names="value")
+        redraw()
+        box = w.VBox([w.HTML("<b>Classroom</b>: move a slider; every method retrains on this cell and the picture "
+                             "redraws"),
+                      w.HBox([controls["shift_rank"], controls["examples"], controls["noise"]]),
+                      w.HBox([controls["lora_rank"], controls["lr_ratio"]]), info, out])
+        self._widgets = {"box": box, "info": info, "out": out, **controls}
+        return box
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m molf.lab.regime", description=__doc__.split("\n")[0])
     parser.add_argument("--run", metavar="CSV", help="run the map (resuming), writing its runs to CSV")
