@@ -58,6 +58,22 @@ def test_members_train_as_alone(method):
     assert len(set(np.round(together.val, 8))) == len(runs)
 
 
+def test_methods_in_one_fit_train_as_each_in_its_own():
+    tasks = [R.make_task(R.Cell(2, 40), seed, TINY) for seed in range(2)]
+    plan = {"fft": [(0, R.Config(1e-3, 1e-3)), (1, R.Config(3e-3, 3e-3))],
+            "lora": [(1, R.Config(1e-2, 1e-2)), (0, R.Config(1e-2, 1e-2))],
+            "molf": [(0, R.Config(1e-3, 3e-3)), (1, R.Config(3e-3, 1e-3))],
+            "molf_dense": [(1, R.Config(1e-3, 1e-3))]}
+    together = R.train_methods(tasks, plan, TINY, record_routing=True)
+    for method, runs in plan.items():
+        alone = R.train(method, tasks, runs, TINY, record_routing=True)
+        np.testing.assert_allclose(together[method].val, alone.val, rtol=1e-4, err_msg=method)
+        np.testing.assert_allclose(together[method].fft_share, alone.fft_share, err_msg=method)
+        if method in R.ROUTED:
+            assert (together[method].decisions == alone.decisions).all(), method
+    assert together["molf_dense"].fft_share.tolist() == [1.0]      # top-2 of two experts: both, every step
+
+
 def test_winner_flips_between_rank_1_and_rank_32():
     setting = R.Setting(steps=150, check_every=25, n_val=128, n_test=128)
     out = {}

@@ -344,13 +344,13 @@ class _Checks(engine.Callback):
 class _Routing(engine.Callback):
     """Per step, for every module of every routed member: did its first expert (MoLF: ``fft``) win?"""
 
-    def __init__(self, optimizer, module_names: list[str], first_expert: str):
-        self.optimizer, self.module_names, self.first = optimizer, module_names, first_expert
+    def __init__(self, optimizer, module_first: list[tuple[str, str]]):
+        self.optimizer, self.module_first = optimizer, module_first
         self.rows = []
 
     def on_step(self, loop):
         decisions, _ = self.optimizer.routing_snapshot()
-        self.rows.append([self.first in decisions.get(m, ()) for m in self.module_names])
+        self.rows.append([first in decisions.get(m, ()) for m, first in self.module_first])
 
 
 def train(method: str, tasks: Sequence[Task], runs: Sequence[tuple[int, Config]], setting: Setting = Setting(),
@@ -358,42 +358,61 @@ def train(method: str, tasks: Sequence[Task], runs: Sequence[tuple[int, Config]]
     """Train ``method`` once per ``(task index, Config)`` in ``runs``, all as members of one model,
     through ``molf.lab.engine.fit``. Returns every member's best validation loss, its test loss, and
     (MoLF variants) its routing."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
-    if not runs:
+    return train_methods(tasks, {method: runs}, setting, record_routing)[method]
+
+
+def train_methods(tasks: Sequence[Task], plan: dict, setting: Setting = Setting(),
+                  record_routing: bool = False) -> dict[str, Trained]:
+    """Train every ``method: runs`` of ``plan`` (runs: ``(task index, Config)`` pairs) as members of ONE
+    model in one ``engine.fit``: Adam-only methods as stacked blocks (one per learning rate), each routed
+    method as one block of separate members; one optimizer (``MoLFAdamW`` when a method is routed: its
+    plain groups are AdamW, and each MoLF module group carries its method's top-k). Returns a ``Trained``
+    per method, its entries in the order of its runs."""
+    if not plan:
         raise ValueError("no runs to train")
-    for t, _ in runs:
-        if not 0 <= t < len(tasks):
-            raise ValueError(f"task index {t} is out of range for {len(tasks)} tasks")
+    for method, runs in plan.items():
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+        if not runs:
+            raise ValueError(f"no runs to train for {method!r}")
+        for t, _ in runs:
+            if not 0 <= t < len(tasks):
+                raise ValueError(f"task index {t} is out of range for {len(tasks)} tasks")
     began = time.perf_counter()
-    routed = method in ROUTED
-    # members in blocks: one block per learning rate (Adam methods), one block for all (routed ones)
-    order = sorted(range(len(runs)), key=lambda i: (runs[i][1].lr_fft, runs[i][1].lr_lora)) if not routed \
-        else list(range(len(runs)))
-    members = [build_member(method, tasks[runs[i][0]].base, setting, tasks[runs[i][0]].seed) for i in order]
-    blocks, groups, module_names = [], [], []
-    if routed:
-        blocks.append(_Block(members, stacked=False))
-        for j, (i, member) in enumerate(zip(order, members)):
-            cfg = runs[i][1]
-            for g in molf.param_groups(member, lr_fft=cfg.lr_fft, lr_lora=cfg.lr_lora, wd_fft=0.0, wd_lora=0.0):
-                if "molf_module" in g:
-                    g["molf_module"] = f"{j}.{g['molf_module']}"
-                    module_names.append(g["molf_module"])
-                groups.append(g)
-        topk = 2 if method == "molf_dense" else 1
-        optimizer = molf.MoLFAdamW(groups, topk=topk, impl=setting.impl)
-        first_expert = "lora0" if method == "molf_e" else "fft"
+    any_routed = any(m in ROUTED for m in plan)
+    blocks, groups, module_first, task_of, where = [], [], [], [], {}
+    for method, runs in plan.items():
+        routed = method in ROUTED
+        # Adam-only methods: one stacked block per learning rate; a routed method: one block of members
+        order = list(range(len(runs))) if routed else \
+            sorted(range(len(runs)), key=lambda i: (runs[i][1].lr_fft, runs[i][1].lr_lora))
+        first_member = len(task_of)
+        where[method] = (first_member, order)
+        members = [build_member(method, tasks[runs[i][0]].base, setting, tasks[runs[i][0]].seed) for i in order]
+        task_of += [runs[i][0] for i in order]
+        if routed:
+            blocks.append(_Block(members, stacked=False))
+            first = "lora0" if method == "molf_e" else "fft"
+            for j, (i, member) in enumerate(zip(order, members)):
+                cfg = runs[i][1]
+                for g in molf.param_groups(member, lr_fft=cfg.lr_fft, lr_lora=cfg.lr_lora, wd_fft=0.0, wd_lora=0.0):
+                    if "molf_module" in g:
+                        g["molf_module"] = f"{method}/{first_member + j}.{g['molf_module']}"
+                        g["topk"] = 2 if method == "molf_dense" else 1
+                        module_first.append((g["molf_module"], first))
+                    groups.append(g)
+        else:
+            for key, idx in itertools.groupby(range(len(order)), key=lambda j: runs[order[j]][1]):
+                block = _Block([members[j] for j in idx], stacked=True)
+                blocks.append(block)
+                groups.append({"params": list(block.weights), "lr": key.lr_fft if method == "fft" else key.lr_lora,
+                               "weight_decay": 0.0})
+    if any_routed:
+        optimizer = molf.MoLFAdamW(groups, impl=setting.impl)
     else:
-        for key, idx in itertools.groupby(range(len(order)), key=lambda j: runs[order[j]][1]):
-            idx = list(idx)
-            block = _Block([members[j] for j in idx], stacked=True)
-            blocks.append(block)
-            groups.append({"params": list(block.weights), "lr": key.lr_fft if method == "fft" else key.lr_lora})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0, foreach=True)
     model = Members(blocks)
 
-    task_of = [runs[i][0] for i in order]
     used = sorted(set(task_of))
     offsets, start = {}, 0
     for t in used:
@@ -414,30 +433,42 @@ def train(method: str, tasks: Sequence[Task], runs: Sequence[tuple[int, Config]]
     checks = _Checks(model, stack("x_val"), stack("y_val"), stack("x_test"), stack("y_test"), setting.check_every)
     callbacks = [checks]
     routing = None
-    if routed and record_routing:
-        routing = _Routing(optimizer, module_names, first_expert)
+    if any_routed and record_routing:
+        routing = _Routing(optimizer, module_first)
         callbacks.append(routing)
     engine.fit(model, optimizer, batches, steps=setting.steps, loss_fn=member_loss, callbacks=callbacks)
 
-    back = np.empty(len(order), dtype=np.int64)
-    back[np.asarray(order)] = np.arange(len(order))   # member position of run i
-    share = np.full(len(order), np.nan)
-    if routed:
-        counts = optimizer.win_counts
-        per_member = np.zeros((len(order), 2))
-        for name, wins in counts.items():
-            j = int(name.split(".", 1)[0])
-            per_member[j, 0] += wins.get(first_expert, 0)
-            per_member[j, 1] += sum(wins.values())
-        decisions_per_step = 2 if method == "molf_dense" else 1
-        share = per_member[:, 0] / np.maximum(per_member[:, 1] / decisions_per_step, 1)
-    decisions = None
-    if routing is not None:
-        arr = np.asarray(routing.rows, dtype=bool)                     # [steps, modules in member order]
-        decisions = arr.reshape(arr.shape[0], len(order), -1)[:, back]
-    return Trained(val=checks.best_val.numpy()[back], test=checks.test.numpy()[back],
-                   best_step=checks.best_step.numpy()[back], fft_share=share[back], decisions=decisions,
-                   seconds=time.perf_counter() - began)
+    wins_of = optimizer.win_counts if any_routed else {}
+    decisions_all = np.asarray(routing.rows, dtype=bool) if routing is not None else None
+    out, seconds = {}, time.perf_counter() - began
+    for method in plan:
+        first_member, order = where[method]
+        S = len(order)
+        back = np.empty(S, dtype=np.int64)
+        back[np.asarray(order)] = np.arange(S)   # block position of run i
+        members = first_member + back
+        share = np.full(S, np.nan)
+        decisions = None
+        if method in ROUTED:
+            first = "lora0" if method == "molf_e" else "fft"
+            won, total = np.zeros(S), np.zeros(S)
+            for name, wins in wins_of.items():
+                m, rest = name.split("/", 1)
+                if m != method:
+                    continue
+                j = int(rest.split(".", 1)[0]) - first_member
+                won[j] += wins.get(first, 0)
+                total[j] += sum(wins.values())
+            per_step = 2 if method == "molf_dense" else 1
+            share = (won / np.maximum(total / per_step, 1))[back]
+            if decisions_all is not None:
+                columns = [k for k, (name, _) in enumerate(module_first) if name.startswith(method + "/")]
+                block = decisions_all[:, columns]
+                decisions = block.reshape(block.shape[0], S, -1)[:, back]
+        out[method] = Trained(val=checks.best_val.numpy()[members], test=checks.test.numpy()[members],
+                              best_step=checks.best_step.numpy()[members], fft_share=share,
+                              decisions=decisions, seconds=seconds)
+    return out
 
 
 # ---------------------------------------------------------------------------- routing settles early? (claim 4)
@@ -895,14 +926,12 @@ class Classroom:
         cell = Cell(int(v["shift_rank"]), int(v["examples"]), float(v["noise"]))
         began = time.perf_counter()
         tasks = [make_task(cell, seed, setting) for seed in range(self.seeds)]
-        losses = {}
-        for method in ("fft", "lora", "dora"):
-            lr = CLASSROOM_LRS[method]
-            losses[method] = train(method, tasks, [(t, Config(lr, lr)) for t in range(self.seeds)], setting).test
         lr_fft = CLASSROOM_LRS["fft"]
-        molf_run = train("molf", tasks, [(t, Config(lr_fft, lr_fft * v["lr_ratio"])) for t in range(self.seeds)],
-                         setting, record_routing=True)
-        losses["molf"] = molf_run.test
+        plan = {m: [(t, Config(lr, lr)) for t in range(self.seeds)] for m, lr in CLASSROOM_LRS.items()}
+        plan["molf"] = [(t, Config(lr_fft, lr_fft * v["lr_ratio"])) for t in range(self.seeds)]
+        trained = train_methods(tasks, plan, setting, record_routing=True)   # one model, one fit
+        losses = {m: t.test for m, t in trained.items()}
+        molf_run = trained["molf"]
         self.values = v
         self.result = {"cell": cell, "losses": {m: float(np.mean(x)) for m, x in losses.items()},
                        "fft_share": float(np.mean(molf_run.fft_share)),
