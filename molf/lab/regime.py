@@ -1034,7 +1034,8 @@ def main(argv=None) -> None:
     if args.claims:
         summary = summarize(pick(runs), args.margin)
         seeds = runs.groupby(CELL)["seed"].nunique()
-        print(f"mean held-out MSE x 1e3 (lr picked on validation), {seeds.min()}-{seeds.max()} seeds per cell; "
+        count = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
+        print(f"mean held-out MSE x 1e3 (lr picked on validation), {count} seeds per cell; "
               f"* the winner beats the runner-up (paired bootstrap over seeds, p < 0.05)")
         print(map_table(summary))
         for line in claims(runs, args.margin):
