@@ -51,6 +51,13 @@ def main() -> None:
                  cpu * scale / 2, MAP_TARGET_S, (cpu * scale / 2) / MAP_TARGET_S])
     print(C.table(["part", "cells", "runs", "wall s", "CPU s", "2 idle cores s (CPU/2)", "target s",
                    "ratio to target"], rows))
+    classroom = regime.Classroom(seeds=2, steps=80)          # notebook 07's app, at its defaults
+    times = []
+    for k in (32, 1, 64):
+        _, wall, cpu = timed(lambda k=k: classroom.retrain(shift_rank=k))
+        times.append((wall, cpu))
+    print(f"classroom retrain (4 methods x 2 seeds x 80 steps, one thread): median wall "
+          f"{sorted(t[0] for t in times)[1]:.2f} s, CPU {sorted(t[1] for t in times)[1]:.2f} s (target ~2 s)")
 
 
 if __name__ == "__main__":

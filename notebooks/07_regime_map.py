@@ -46,9 +46,9 @@
 # cell) and **fixed** (one pair for the whole map: the pair best on average). The fixed row is the test of
 # the router itself: with its settings frozen, does it follow the winner from cell to cell?
 #
-# The map was computed once (`python -m molf.lab.regime --run results/regime_map.csv`, 13 CPU-minutes per
-# cell on a busy machine) and is read here; `python -m molf.lab.regime --claims --from
-# results/regime_map.csv` prints the same table and claim lines.
+# The map was computed once (`python -m molf.lab.regime --run results/regime_map.csv`: 4,840 training runs,
+# about 7 CPU-minutes, see `benchmarks/bench_regime.py`) and is read here; `python -m molf.lab.regime
+# --claims --from results/regime_map.csv` prints the same table and claim lines.
 
 # %% tags=["parameters"]
 map_csv = "../results/regime_map.csv"  # the map's runs; missing: the small regression slice stands in
@@ -85,7 +85,8 @@ picked = regime.pick(runs)
 summary = regime.summarize(picked, margin)
 fixed = regime.fixed_pair(runs)
 seeds = runs.groupby(regime.CELL)["seed"].nunique()
-print(f"{source}: {len(summary)} cells, {seeds.min()}-{seeds.max()} seeds per cell, {len(runs)} training runs; "
+count = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
+print(f"{source}: {len(summary)} cells, {count} seeds per cell, {len(runs)} training runs; "
       f"MoLF's fixed pair lr_fft/lr_lora = {fixed[0]:g}/{fixed[1]:g}")
 print(regime.map_table(summary))
 
