@@ -198,3 +198,24 @@ def test_bad_settings_are_refused():
         R.make_task(R.Cell(40, 16), 0, TINY)
     with pytest.raises(ValueError, match="unknown method 'adalora'"):
         R.train("adalora", [], [(0, R.Config(1e-3, 1e-3))], TINY)
+
+
+def test_run_map_resumes_and_dense_runs_at_the_tuned_pair(tmp_path):
+    grid = {"fft": (1e-3,), "lora": (1e-2,), "dora": (1e-2,), "molf_e": (3e-3,),
+            "molf_fft": (3e-4, 3e-3), "molf_lora": (1e-3, 1e-2)}
+    spec = R.MapSpec(cells=(R.Cell(1, 40), R.Cell(8, 40)), seeds=2, setting=TINY, grid=grid,
+                     methods=("fft", "molf", "molf_dense"))
+    out = tmp_path / "map.csv"
+    first = R.run_map(R.MapSpec(cells=spec.cells[:1], seeds=2, setting=TINY, grid=grid, methods=spec.methods), out=out)
+    assert len(first) == 2 * (1 + 4 + 1)                     # fft, 4 MoLF pairs, dense at one pair
+    for _, rows in first.groupby("shift_rank"):
+        tuned = rows[rows["method"] == "molf"].groupby(["lr_fft", "lr_lora"])["val"].mean().idxmin()
+        dense = rows[rows["method"] == "molf_dense"]
+        assert set(zip(dense["lr_fft"], dense["lr_lora"])) == {tuned}
+        assert rows[rows["method"] == "molf"]["agree10"].between(0, 1).all()
+    calls = []
+    whole = R.run_map(spec, out=out, log=calls.append)
+    assert all(line.startswith("k=8 n=40") for line in calls)   # the first cell was not trained again
+    assert len(whole) == 2 * len(first) and len(R.load(out)) == len(whole)
+    pd.testing.assert_frame_equal(whole[whole["shift_rank"] == 1].reset_index(drop=True),
+                                  R.load(out).query("shift_rank == 1").reset_index(drop=True), check_exact=False)
