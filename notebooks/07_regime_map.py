@@ -170,6 +170,27 @@ display(Markdown(
     f"learning-rate pair does most of the choosing (EPD multiplies each expert's score by its learning rate)."))
 
 # %% [markdown]
+# ## Numbers
+#
+# The regression slice (two cells, 4 seeds, a short budget) gives the numbers the suite's regression check
+# compares; the map's own numbers are in `results/regime_map.csv`. (This runs before the classroom: a kernel
+# answers a slider only after every queued cell, so nothing trains below the app.)
+
+# %%
+results = {"notebook": nb.name, "map_source": source, "cells": len(summary), "fixed_pair": list(fixed),
+           "claims": lines, "summary": summary.to_dict(orient="records")}
+if regression_slice:
+    slice_summary = regime.summarize(regime.pick(regime.run_map(regime.SLICE)), margin)
+    for r in slice_summary.itertuples():
+        cell = f"k={r.shift_rank} n={r.examples}"
+        for row in ("fft", "lora", "dora", "molf", "molf_fixed", "molf_dense", "molf_e"):
+            results[f"slice {regime.LABELS[row]} test loss x1e3 ({cell})"] = getattr(r, row) * 1e3
+        results[f"slice MoLF tuned fft win share ({cell})"] = r.molf_share
+        results[f"slice MoLF fixed fft win share ({cell})"] = r.molf_fixed_share
+nb.write_results(results)
+print(f"key numbers written to {nb.name}.json in runs_dir")
+
+# %% [markdown]
 # ## 6. Classroom: move a slider, every method retrains on one cell
 #
 # Shift rank, examples, noise, the LoRA rank (of LoRA, DoRA and MoLF's expert) and MoLF's learning-rate
@@ -182,25 +203,3 @@ classroom = regime.Classroom(seeds=classroom_seeds, steps=classroom_steps)
 nb.app(classroom.widget, classroom.frame)  # the app; run headless by the suite, a picture of it
 fig = classroom.frame()
 nb.save(fig, "classroom")
-
-# %% [markdown]
-# ## Numbers
-#
-# The regression slice (two cells, 4 seeds, a short budget) gives the numbers the suite's regression check
-# compares; the map's own numbers are in `results/regime_map.csv`.
-
-# %%
-results = {"notebook": nb.name, "map_source": source, "cells": len(summary), "fixed_pair": list(fixed),
-           "claims": lines, "summary": summary.to_dict(orient="records"),
-           "classroom": {"values": classroom.values, "losses": classroom.result["losses"],
-                         "fft_share": classroom.result["fft_share"]}}
-if regression_slice:
-    slice_summary = regime.summarize(regime.pick(regime.run_map(regime.SLICE)), margin)
-    for r in slice_summary.itertuples():
-        cell = f"k={r.shift_rank} n={r.examples}"
-        for row in ("fft", "lora", "dora", "molf", "molf_fixed", "molf_dense", "molf_e"):
-            results[f"slice {regime.LABELS[row]} test loss x1e3 ({cell})"] = getattr(r, row) * 1e3
-        results[f"slice MoLF tuned fft win share ({cell})"] = r.molf_share
-        results[f"slice MoLF fixed fft win share ({cell})"] = r.molf_fixed_share
-nb.write_results(results)
-print(f"key numbers written to {nb.name}.json in runs_dir")
