@@ -219,3 +219,15 @@ def test_run_map_resumes_and_dense_runs_at_the_tuned_pair(tmp_path):
     assert len(whole) == 2 * len(first) and len(R.load(out)) == len(whole)
     pd.testing.assert_frame_equal(whole[whole["shift_rank"] == 1].reset_index(drop=True),
                                   R.load(out).query("shift_rank == 1").reset_index(drop=True), check_exact=False)
+
+
+def test_transformer_lines_pick_each_lr_on_validation():
+    rows = []
+    for seed in range(6):
+        for method, lr, val, test in (("fft", 1e-3, 0.5, 0.50), ("fft", 3e-3, 0.4, 0.40 + 0.01 * seed),
+                                      ("lora", 1e-2, 0.2, 0.20 + 0.01 * seed), ("lora", 3e-2, 0.9, 0.05)):
+            rows.append(dict(shift_rank=1, seed=seed, method=method, lr=lr, val=val, test=test))
+    (line,) = R.transformer_lines(pd.DataFrame(rows))
+    # LoRA's 3e-2 has the lower test loss but the worse validation loss: 1e-2 is picked
+    assert line.startswith("tiny LM, shift rank 1: LoRA beats FFT: reproduced — FFT 0.425 vs LoRA 0.225")
+    assert "lr FFT 0.003, LoRA 0.01" in line
