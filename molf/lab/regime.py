@@ -24,7 +24,8 @@ single-member run). The forward is one ``torch.func.vmap`` of the member network
 
     python -m molf.lab.regime --claims                 # run the map, print it and the claim lines
     python -m molf.lab.regime --claims --from results/regime_map.csv   # from a saved map
-    python -m molf.lab.regime --slice                  # the small regression slice
+    python -m molf.lab.regime --slice --claims         # the small regression slice, and its claim lines
+    python -m molf.lab.regime --transformer            # the same question in the tiny causal LM
 """
 from __future__ import annotations
 
