@@ -44,12 +44,18 @@ def test_recomputed_factors_equal_the_optimizers_scores(score):
     assert q.loc["fft", "n_params"] == 64 * 64 and q.loc["lora0", "param_numels"] == (8 * 64, 64 * 8)
 
 
-def test_the_in_process_loop_is_the_runners(tmp_path):
+@pytest.mark.parametrize("changes", [{}, {"score": "pfn", "lr_ratio": 10.0, "max_grad_norm": None}])
+def test_the_classroom_takes_the_runners_steps(tmp_path, changes):
+    """Same losses, learning rates, scores and decisions, to the bit, from one engine."""
+    settings = teaching.Settings(steps=3, rank=8, **changes)
     config = runner.TrainConfig(model="tiny", task="fact", method="molf", steps=3, batch_size=2, seq_len=48,
-                                eval_limit=0, ranks=(8,), save_model=False, progress=False, out_dir=str(tmp_path))
+                                eval_limit=0, ranks=(8,), save_model=False, progress=False, out_dir=str(tmp_path),
+                                score=settings.score, lr_lora=settings.lr_lora, max_grad_norm=settings.max_grad_norm)
     runner.run(config)
-    theirs = runs.load(tmp_path).routing
-    ours = teaching.train(TINY, steps=3).routing
+    data = runs.load(tmp_path)
+    lesson = teaching.train(settings)
+    assert list(data.steps["loss"]) == lesson.losses and list(data.steps["lr"]) == lesson.lrs
+    theirs, ours = data.routing, lesson.routing
     merged = theirs.merge(ours, on=["step", "module", "expert"], suffixes=("_runner", "_teaching"))
     assert len(merged) == len(theirs) == len(ours) == 3 * 14 * 2
     assert (merged["won_runner"] == merged["won_teaching"]).all()

@@ -3,7 +3,8 @@
     from molf.lab.explorer import RouterExplorer, explore, live
     RouterExplorer("runs/train/<run>")      # one run: step slider, layer / module-type pickers
     explore("runs")                         # pick any routed run found under a folder
-    live(TrainConfig(...), chunk=4)         # train in resumable chunks, redraw the routing map each time
+    live(TrainConfig(...))                  # train in this kernel, redraw the routing map every step
+    LiveRun(TrainConfig(...)).widget()      # the same with Stop / Resume (training in a background thread)
 
 Every view is also a plain function that returns a matplotlib Figure (``frame``, ``render_final_frame``,
 ``live_frame``), so a headless run (papermill, CI) still produces the pictures.
@@ -17,6 +18,14 @@ A frame has three panels:
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
+import html
+import io
+import math
+import os
+import threading
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -25,7 +34,9 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from .. import routing_log
 from . import analysis, plots, runs
+from .engine import Callback
 
 MODES = ("decision at step", "cumulative win share")
 
@@ -98,8 +109,8 @@ class RouterExplorer:
 
         # 1. routing map
         if mode == MODES[0]:
-            colors = [self._expert_color(e) for e in self.experts]
-            cmap = ListedColormap(["#dddddd"] + colors)
+            colors = [plots.expert_color(e) for e in self.experts]
+            cmap = ListedColormap([plots.expert_color("skipped")] + colors)
             image = ax_map.imshow(self.winner[si] + 1, cmap=cmap, vmin=-0.5, vmax=len(self.experts) + 0.5,
                                   aspect="auto", interpolation="nearest")
             # a discrete colour bar where the cumulative mode has its continuous one: switching modes keeps the
@@ -129,7 +140,7 @@ class RouterExplorer:
         for ei, expert in enumerate(self.experts):
             with np.errstate(divide="ignore", invalid="ignore"):
                 trace = np.log10(self.score[:, li, ti, ei])
-            color = self._expert_color(expert)
+            color = plots.expert_color(expert)
             ax_trace.plot(self.steps, trace, color=color, lw=1.2, label=plots.expert_label(expert, config))
             won = self.winner[:, li, ti] == ei
             ax_trace.scatter(self.steps[won], trace[won], color=color, s=12, zorder=3)
@@ -148,7 +159,7 @@ class RouterExplorer:
                 values = np.log10(self.score[si, li, :, ei])
             x = np.arange(len(self.types)) + (ei - (len(self.experts) - 1) / 2) * offset
             won = self.winner[si, li, :] == ei
-            color = self._expert_color(expert)
+            color = plots.expert_color(expert)
             ax_layer.scatter(x[won], values[won], s=60, color=color, edgecolor=color,
                              label=f"{plots.expert_label(expert, config)} (filled: won)")
             ax_layer.scatter(x[~won], values[~won], s=60, facecolor="white", edgecolor=color, lw=1.5)
@@ -166,16 +177,8 @@ class RouterExplorer:
     def render_final_frame(self, mode: str = MODES[1], layer: int | None = None, module_type: str | None = None):
         """The picture at the last logged step (for headless runs); default module: the most switching."""
         if layer is None or module_type is None:
-            busiest = analysis.switch_table(self.data).sort_values("switches", ascending=False, kind="stable").iloc[0]
-            layer, module_type = int(busiest["layer"]), busiest["module_type"]
+            layer, module_type = self.render_defaults()
         return self.frame(int(self.steps[-1]), layer, module_type, mode)
-
-    def _expert_color(self, expert: str):
-        if expert == "fft":
-            return "#d62728"
-        palette = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b"]
-        lora = [e for e in self.experts if e != "fft"]
-        return palette[lora.index(expert) % len(palette)]
 
     # ------------------------------------------------------------------ widgets
     def widget(self):
@@ -221,8 +224,9 @@ class RouterExplorer:
         return box
 
     def render_defaults(self) -> tuple[int, str]:
-        busiest = analysis.switch_table(self.data).sort_values("switches", ascending=False, kind="stable").iloc[0]
-        return int(busiest["layer"]), busiest["module_type"]
+        """(layer, module type) of the module whose winner changed most often (``analysis.busiest_module``)."""
+        busiest = analysis.busiest_module(self.data)
+        return runs.module_layer(busiest), runs.module_type(busiest)
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -283,7 +287,7 @@ def _value(v) -> str:
 
 # ---------------------------------------------------------------------------- live training
 def live_frame(data, expert: str | None = None):
-    """Routing map (cumulative win share so far) and the loss so far of a run in progress."""
+    """Routing map (cumulative win share so far) and the loss so far of a run on disk (``runs.load``)."""
     expert = expert or analysis.default_expert(data)
     n_layers = data.routing["layer"].nunique()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(3.8, 1.2 + 0.22 * n_layers)), layout="constrained",
@@ -302,35 +306,316 @@ def live_frame(data, expert: str | None = None):
     return fig
 
 
-def live(config, chunk: int = 4, display: bool = True, on_frame=None):
-    """Train ``config`` (a ``molf.lab.train.TrainConfig``) in chunks of ``chunk`` steps, redrawing the routing
-    map after each chunk (resumable: each chunk is ``train.run(config, stop_after=chunk)``).
+class LiveRecord(Callback):
+    """What a live frame shows, kept as the run trains: every step's loss and, per module, how many steps
+    each expert won (counts, so memory does not grow with the routing of every step)."""
 
-    In a notebook the picture updates in place (one display handle); ``on_frame(fig, data)`` is called
-    for every frame if given. Returns ``(run, last_figure)``; a finished run draws once.
+    def __init__(self, optimizer, start_step: int = 0):
+        groups = [g for g in optimizer.param_groups if "molf_module" in g]
+        self.modules = [g["molf_module"] for g in groups]
+        self.experts = list(dict.fromkeys(e for g in groups for e in g["experts"]))
+        self.layers = sorted({runs.module_layer(m) for m in self.modules})
+        self.types = analysis.type_order(runs.module_type(m) for m in self.modules)
+        self.cell = {m: (self.layers.index(runs.module_layer(m)), self.types.index(runs.module_type(m)))
+                     for m in self.modules}
+        self.wins = np.zeros((len(self.layers), len(self.types), len(self.experts)))
+        self.losses: list[float] = []
+        self.start_step = self.steps_done = start_step
+
+    def add(self, step: int, loss: float, winners: dict) -> None:
+        for module, experts in winners.items():
+            layer, kind = self.cell[module]
+            for expert in experts:
+                self.wins[layer, kind, self.experts.index(expert)] += 1
+        self.losses.append(float(loss))
+        self.steps_done = step + 1
+
+    def on_step(self, loop):
+        self.add(loop.step, loop.loss, loop.optimizer.last_decisions)
+
+    def share(self, expert: str) -> np.ndarray:
+        """[layer, module type] share of the steps so far that ``expert`` won (NaN where no module is)."""
+        counted = max(1, self.steps_done - self.start_step)
+        grid = self.wins[:, :, self.experts.index(expert)] / counted
+        present = np.zeros(grid.shape, dtype=bool)
+        for layer, kind in self.cell.values():
+            present[layer, kind] = True
+        return np.where(present, grid, np.nan)
+
+
+class LiveFigure:
+    """The live picture, built once and updated in place: the tracked expert's win share per layer and
+    module type so far, and the loss so far. ``png()`` renders it (no pyplot: safe from a thread)."""
+
+    def __init__(self, record: LiveRecord, total_steps: int, title: str, config: dict):
+        from matplotlib.figure import Figure
+        self.record, self.total_steps, self.title = record, total_steps, title
+        self.expert = "fft" if "fft" in record.experts else record.experts[-1]  # as analysis.default_expert
+        self.fig = Figure(figsize=(11, max(3.6, 1.2 + 0.22 * len(record.layers))), layout="constrained")
+        left, self.right = self.fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+        self.image = left.imshow(record.share(self.expert), cmap=plots.WIN_CMAP, vmin=0, vmax=1, aspect="auto",
+                                 interpolation="nearest")
+        self.fig.colorbar(self.image, ax=left, label=f"share of steps won by "
+                                                     f"{plots.expert_label(self.expert, config)} (fraction)")
+        left.set_xticks(range(len(record.types)), [plots.short_type(t) for t in record.types])
+        left.set_yticks(range(len(record.layers)), record.layers, fontsize=7 if len(record.layers) > 12 else 9)
+        left.set_xlabel("module type (projection)")
+        left.set_ylabel("decoder layer (index)")
+        self.map_title = left.set_title("Win share so far")
+        (self.line,) = self.right.plot([], [], color="black", marker="o", ms=3)
+        self.right.set_xlim(-0.5, max(total_steps, 1) - 0.5)
+        self.right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        self.right.set_xlabel("training step")
+        self.right.set_ylabel("training loss (nats/token)")
+        self.right.set_title("Loss so far")
+        self.right.grid(alpha=0.3)
+        self.suptitle = self.fig.suptitle(title)
+        self.update()
+
+    def update(self) -> None:
+        r = self.record
+        self.image.set_data(r.share(self.expert))
+        first = r.steps_done - len(r.losses)
+        self.line.set_data(range(first, r.steps_done), r.losses)
+        if r.losses:
+            low, high = min(r.losses), max(r.losses)
+            pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+            self.right.set_ylim(low - pad, high + pad)
+        steps = f"steps {r.start_step}..{r.steps_done - 1}" if r.steps_done > r.start_step else "no steps yet"
+        self.map_title.set_text(f"Win share so far ({steps})")
+        self.suptitle.set_text(f"Live: {self.title}, {r.steps_done}/{self.total_steps} steps done")
+
+    def png(self, dpi: int = 80) -> bytes:
+        buffer = io.BytesIO()
+        self.fig.savefig(buffer, format="png", dpi=dpi)
+        return buffer.getvalue()
+
+
+class _Redraw(Callback):
+    def __init__(self, live: LiveRun):
+        self.live = live
+
+    def on_step(self, loop):
+        if (loop.step + 1 - loop.start_step) % self.live.every == 0 or loop.step + 1 == loop.steps:
+            self.live.redraw()
+
+
+class _StopButton(Callback):
+    def __init__(self, signal: threading.Event):
+        self.signal = signal
+
+    def on_step(self, loop):
+        if self.signal.is_set():
+            loop.request_stop("Stop pressed")
+
+
+_LIVE_RUNS: dict = {}  # run directory -> the LiveRun of this process that holds it
+
+
+class LiveRun:
+    """A routed run trained in this kernel on one loaded model, redrawn every ``every`` steps: no reload
+    and no checkpoint between frames (``molf.lab.train.Session`` plus callbacks of the one engine).
+
+        app = LiveRun(TrainConfig(method="molf", model="tiny", steps=100, out_dir="runs/live"))
+        app.widget()       # progress line, Stop / Resume, the picture (shown in a notebook)
+        app.start()        # trains in a background thread: the kernel stays free, Stop works
+        app.run()          # or: trains here, to the end (or until interrupted)
+
+    The run directory is written as ``train.run`` writes it (logs as it goes; at the end the merged
+    model, the evaluation and metrics.json), so the finished run is an ordinary run. Stop ends after the
+    current step; Resume continues the same in-memory run. ``status`` is "ready", "training",
+    "stopped", "done" or "failed"; ``message`` says why.
+    """
+
+    def __init__(self, config, every: int = 1, model=None, tokenizer=None, on_frame=None):
+        from . import train
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1 (steps between frames), got {every!r}")
+        if config.method not in train.MOLF_METHODS:
+            raise ValueError(f"live routing needs a routed method {train.MOLF_METHODS}, got {config.method!r}")
+        self.every, self.on_frame = every, on_frame
+        # A notebook cell run again makes a new LiveRun of the same directory while the old one (kept alive
+        # by its buttons) still holds the directory: the new one replaces it.
+        key = Path(config.out_dir).resolve()
+        if key in _LIVE_RUNS:
+            _LIVE_RUNS.pop(key).close()
+        self.session = train.Session(dataclasses.replace(config, progress=False), model, tokenizer)
+        _LIVE_RUNS[key] = self
+        s = self.session
+        self.record = LiveRecord(s.optimizer, start_step=0)
+        if s.step:  # resumed from a checkpoint: the frames start from what the logs hold
+            self._read_back(s.out, s.step)
+        title = f"{plots.method_label(s.config.method)} on {s.config.model}, {s.config.task}"
+        self.figure = LiveFigure(self.record, s.total_steps, title, dataclasses.asdict(s.config))
+        self.result = None                         # the finished Run
+        self.status, self.message = "ready", f"ready: {s.step}/{s.total_steps} steps done"
+        self.frame_seconds: list[float] = []       # wall time between consecutive frames
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_frame = None
+        self._widgets = None
+
+    def _read_back(self, out: Path, step: int) -> None:
+        with open(out / "steps.csv", newline="") as f:
+            losses = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+        for record in routing_log.read(out / "routing.jsonl"):
+            if record.step < step:
+                self.record.add(record.step, losses[record.step], record.winners)
+
+    # ------------------------------------------------------------------ training
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run(self, steps: int | None = None):
+        """Train here: to the end (then finish: merge, save, evaluate), a Stop, or ``steps`` more steps.
+        Returns the finished ``train.Run`` (None while the run is not finished)."""
+        if self.result is not None:
+            return self.result
+        s = self.session
+        self._stop.clear()
+        self._set("training", f"training: {s.step}/{s.total_steps} steps done")
+        self._last_frame = time.perf_counter()
+        try:
+            loop = s.fit(steps, callbacks=[self.record, _Redraw(self), _StopButton(self._stop)])
+            if s.finished_training:
+                self._set("training", f"evaluating: {s.total_steps}/{s.total_steps} steps done")
+                self.result = s.finish()
+                self._set("done", self._done_message())
+            elif loop.stop_reason == "Stop pressed":
+                self._set("stopped", f"stopped at {s.step}/{s.total_steps} steps (Stop pressed); Resume continues")
+            else:
+                self._set("stopped", f"paused at {s.step}/{s.total_steps} steps; Resume continues")
+        except KeyboardInterrupt:
+            self._set("stopped", f"interrupted at {s.step}/{s.total_steps} steps (the step in flight may be "
+                                 f"partly applied); Resume continues")
+        except Exception as error:  # shown on the progress line; the run directory keeps its checkpoint
+            self.error = error
+            self._set("failed", f"failed at {s.step}/{s.total_steps} steps: {type(error).__name__}: {error}")
+            if self._thread is None or threading.current_thread() is not self._thread:
+                raise
+        return self.result
+
+    def start(self) -> None:
+        """Train in a background thread (the kernel stays free, so Stop can be pressed)."""
+        if self.running or self.result is not None or self.status == "failed":
+            return
+        self._thread = threading.Thread(target=self.run, name="molf-live", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End training after the current step."""
+        self._stop.set()
+
+    def resume(self) -> None:
+        """Continue the same in-memory run (in the background)."""
+        self.start()
+
+    def wait(self, timeout: float | None = None):
+        """Wait for the background training to end; returns the finished Run (or None)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.result
+
+    def close(self) -> None:
+        """Stop after the current step and release the run directory (a finished run releases it itself);
+        the run stays resumable from its last checkpoint (``train.run`` or a new ``LiveRun``)."""
+        self.stop()
+        self.wait()
+        if self.result is None and self.status != "failed" and self.session.step > 0:
+            self.session.save_checkpoint()
+        self.session.close()
+        if self.status in ("ready", "training", "stopped"):
+            self._set("stopped", f"closed at {self.session.step}/{self.session.total_steps} steps")
+
+    # ------------------------------------------------------------------ drawing
+    def redraw(self) -> None:
+        now = time.perf_counter()
+        self.figure.update()
+        if self._widgets is not None:
+            self._widgets["image"].value = self.figure.png()
+        self.frame_seconds.append(now - self._last_frame)
+        self._last_frame = now
+        if self.on_frame is not None:
+            self.on_frame(self.figure.fig, self)
+        s = self.session
+        loss = self.record.losses[-1] if self.record.losses else math.nan
+        self._set(self.status, f"training: {s.step}/{s.total_steps} steps, loss {loss:.4f}, "
+                               f"{self.frame_seconds[-1]:.2f} s/frame")
+
+    def _done_message(self) -> str:
+        metrics = self.result.metrics
+        primary = metrics.get("primary_metric")
+        value = metrics.get("metrics", {}).get(primary)
+        scored = f", {primary} {value:.3f}" if isinstance(value, (int, float)) else ""
+        return f"done: {metrics['steps']}/{metrics['steps']} steps, final loss {metrics['final_loss']:.4f}{scored}"
+
+    def _set(self, status: str, message: str) -> None:
+        self.status, self.message = status, message
+        if self._widgets is None:
+            return
+        color = {"done": "#2ca02c", "failed": "#d62728", "stopped": "#b35900"}.get(status, "black")
+        mark = {"done": "✓ ", "failed": "✗ ", "stopped": "■ "}.get(status, "")
+        self._widgets["line"].value = f"<span style='color:{color}'><b>{mark}</b>{html.escape(message)}</span>"
+        self._widgets["stop"].disabled = status != "training"
+        self._widgets["resume"].disabled = status not in ("ready", "stopped")
+        self._widgets["resume"].description = "Start" if status == "ready" else "Resume"
+
+    def widget(self):
+        """One progress line, Stop and Resume buttons, and the picture (updated in place)."""
+        import ipywidgets as w
+        if self._widgets is not None:
+            return self._widgets["box"]
+        line = w.HTML()
+        stop = w.Button(description="Stop", icon="stop", layout=w.Layout(width="100px"))
+        resume = w.Button(description="Resume", icon="play", layout=w.Layout(width="100px"))
+        image = w.Image(value=self.figure.png(), format="png")
+        stop.on_click(lambda _: self.stop())
+        resume.on_click(lambda _: self.resume())
+        box = w.VBox([w.HBox([stop, resume, line]), image])
+        self._widgets = {"box": box, "line": line, "stop": stop, "resume": resume, "image": image}
+        self._set(self.status, self.message)
+        return box
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget())
+
+
+def live(config, every: int = 1, display: bool = True, on_frame=None, chunk: int | None = None,
+         background: bool = False):
+    """Train ``config`` (a routed ``molf.lab.train.TrainConfig``) in this kernel and redraw its routing map
+    every ``every`` steps (``chunk`` is the old name of ``every``); see ``LiveRun``.
+
+    ``background=False`` (default) trains here and returns ``(run, figure)`` once the run is finished
+    (``run`` is None if it was interrupted); ``background=True`` returns the ``LiveRun`` at once, training
+    in a thread, so its Stop and Resume buttons work. ``display`` shows the app (under the headless suite,
+    ``$MOLF_HEADLESS=1``, the final picture instead). ``on_frame(figure, live_run)`` is called at every
+    frame (``on_frame`` of ``LiveRun``). A finished run of the same config is drawn from its directory, once.
     """
     from . import train
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
-    if config.method not in train.MOLF_METHODS:
-        raise ValueError(f"live routing needs a routed method {train.MOLF_METHODS}, got {config.method!r}")
-    handle = None
-    fig = None
-    while True:
-        result = train.run(config, stop_after=chunk)
-        data = runs.load(result.out_dir)
-        if fig is not None:
-            plt.close(fig)
-        fig = live_frame(data)
-        if on_frame is not None:
-            on_frame(fig, data)
+    every = chunk if chunk is not None else every
+    headless = os.environ.get("MOLF_HEADLESS") == "1"
+    finished = train.finished_run(config)
+    if finished is not None:
+        fig = live_frame(runs.load(finished.out_dir))
         if display:
-            from IPython.display import display as show
-            if handle is None:
-                handle = show(fig, display_id=True)
-            else:
-                handle.update(fig)
-        if "completed_steps" not in result.metrics:
-            if display:
-                plt.close(fig)
-            return result, fig
+            _show_figure(fig)
+        return finished, fig
+    app = LiveRun(config, every=every, on_frame=on_frame)
+    if display and not headless:
+        from IPython.display import display as show
+        show(app.widget())
+    if background:
+        app.start()
+        return app
+    result = app.run()
+    if display and headless:
+        _show_figure(app.figure.fig)
+    return result, app.figure.fig
+
+
+def _show_figure(fig):
+    from IPython.display import display
+    display(fig)

@@ -15,9 +15,9 @@ measures), and the winner each score would pick.
     teaching.explain(lesson, step=0, module=...)                        # bars per factor + routing maps
     teaching.Classroom().widget()                                       # sliders retrain and redraw
 
-``train`` mirrors the runner (``molf.lab.train.run``): the same data order, seed, schedule, clipping and
-optimizer, without files or evaluation; results are cached by their settings, so moving a slider back
-redraws at once.
+``train`` takes the runner's steps (``molf.lab.engine.fit``, with ``molf.lab.train.run``'s data order, seed,
+schedule, clipping and optimizer), without files or evaluation; results are cached by their settings, so
+moving a slider back redraws at once.
 """
 from __future__ import annotations
 
@@ -39,38 +39,22 @@ from matplotlib.ticker import MaxNLocator
 import molf
 
 from ..model import DEFAULT_ALPHA
+from ..optim import DEFAULT_BETAS, DEFAULT_EPS
+from ..router import top_k_flags
 from . import analysis, models, plots, runs, tasks
 from . import train as runner
+from .engine import Callback, fit
 
-BETAS = (0.9, 0.999)
-EPS = 1e-8
 LR_RATIOS = (0.1, 0.3, 1.0, 3.0, 10.0)
 RANKS = (4, 8, 16, 32, 64, 128)
 ALPHAS = (4.0, 8.0, 16.0, 32.0, 64.0)
 SCORE_NAMES = ("epd", "pfn")
-FFT_COLOR = "#d62728"
-LORA_COLORS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b")
-BOTH_COLOR = "#7f3f98"
 # Labels of the factor bars, per score: (column of the factor table, label).
 EPD_FACTORS = (("lr", "lr_e (scheduled)"), ("inv_n", "1 / N_e (N_e: parameters)"), ("sum_mu", "Σ m²/(√v+ε)"), ("epd", "S_e (EPD)"))
 PFN_FACTORS = (("root_sum_uu", "√(Σ u²)"), ("inv_root_n", "1 / √N_e"), ("pfn", "S_e (PFN)"))
 
 
-def expert_color(expert: str) -> str:
-    if expert == "fft":
-        return FFT_COLOR
-    index = int(expert[4:]) if expert.startswith("lora") and expert[4:].isdigit() else 0
-    return LORA_COLORS[index % len(LORA_COLORS)]
-
-
 # ---------------------------------------------------------------------------- factors from optimizer state
-def _top(values: list[float], k: int) -> list[bool]:
-    """Top-``k`` flags with the router's tie rule: among equal scores the lower index wins."""
-    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
-    chosen = set(order[:k])
-    return [i in chosen for i in range(len(values))]
-
-
 def score_factors(optimizer, module: str | None = None, topk: int | None = None) -> pd.DataFrame:
     """Every expert's score factors, from ``optimizer``'s state, one row per (module, expert).
 
@@ -117,7 +101,7 @@ def score_factors(optimizer, module: str | None = None, topk: int | None = None)
                 "won": expert in decisions.get(name, ()),
             })
         for score in SCORE_NAMES:
-            for row, flag in zip(block, _top([r[score] for r in block], k)):
+            for row, flag in zip(block, top_k_flags([r[score] for r in block], k)):
                 row[f"{score}_winner"] = flag
         rows.extend(block)
     if module is not None and not rows:
@@ -292,13 +276,35 @@ def clear_cache() -> None:
     _FEATURES.clear()
 
 
+class FactorRecorder(Callback):
+    """Keeps, after every optimizer step (before the scheduler moves the learning rates): the loss, the FFT
+    expert's lr, every module's scores and decisions, and the full factor table at the ``steps`` asked for."""
+
+    def __init__(self, steps, topk: int):
+        self.steps, self.topk = set(steps), topk
+        self.losses, self.lrs, self.routing, self.tables = [], [], [], []
+
+    def on_optimizer_step(self, loop):
+        optimizer = loop.optimizer
+        self.losses.append(loop.loss)
+        self.lrs.append(loop.lr)
+        decisions, scores = optimizer.last_decisions, optimizer.last_scores
+        for name, experts in scores.items():
+            for expert, value in experts.items():
+                self.routing.append({"step": loop.step, "module": name, "expert": expert, "score": value,
+                                     "won": expert in decisions.get(name, ())})
+        if loop.step in self.steps:
+            self.tables.append(score_factors(optimizer, topk=self.topk).assign(step=loop.step))
+
+
 def train(settings: Settings | None = None, factor_steps=None, **changes) -> Lesson:
     """Train ``settings`` (``Settings()`` with ``changes`` applied) in-process; return a ``Lesson``.
 
-    The loop is the runner's: examples in ``molf.lab.train.example_order``, ``torch.manual_seed(seed)``
-    before wrapping (so the LoRA A init is the runner's), gradient clipping, the runner's scheduler and
-    MoLFAdamW with betas (0.9, 0.999), eps 1e-8. ``factor_steps``: the steps whose full factor table is
-    kept (default: every step; the routing log always covers every step). Cached by its arguments.
+    The runner's steps (``molf.lab.engine.fit``, as ``molf.lab.train.run`` takes them): its data order
+    (``train.example_order``, ``train.micro_batches``), ``torch.manual_seed(seed)`` before wrapping (so the
+    LoRA A init is the runner's), its clipping (none for a non-finite norm), its scheduler and MoLFAdamW
+    with Adam's default betas and eps. ``factor_steps``: the steps whose full factor table is kept
+    (default: every step; the routing log always covers every step). Cached by its arguments.
     """
     settings = dataclasses.replace(settings or Settings(), **changes)
     steps = tuple(range(settings.steps)) if factor_steps is None else tuple(sorted({int(s) for s in factor_steps}))
@@ -308,6 +314,7 @@ def train(settings: Settings | None = None, factor_steps=None, **changes) -> Les
     base, tokenizer = _base(settings.model, settings.device)
     features = _features(settings, tokenizer)
     order = runner.example_order(len(features), settings.steps * settings.batch_size, settings.seed)
+    batches = runner.micro_batches(features, order, settings.batch_size, 1, tokenizer.pad_token_id)
 
     began = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -316,39 +323,19 @@ def train(settings: Settings | None = None, factor_steps=None, **changes) -> Les
     molf.wrap(model, ranks=(settings.rank,), alphas=(float(settings.alpha),), rslora=True, dropout=0.0)
     groups = molf.param_groups(model, lr_fft=settings.lr_fft, lr_lora=settings.lr_lora,
                                wd_fft=settings.wd_fft, wd_lora=settings.wd_lora)
-    optimizer = molf.MoLFAdamW(groups, score=settings.score, topk=settings.topk, betas=BETAS, eps=EPS)
+    optimizer = molf.MoLFAdamW(groups, score=settings.score, topk=settings.topk, betas=DEFAULT_BETAS,
+                               eps=DEFAULT_EPS)
     scheduler = runner.make_scheduler(optimizer, settings.schedule, settings.steps, settings.warmup_ratio)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    clip = settings.max_grad_norm if settings.max_grad_norm is not None else float("inf")
-    device = torch.device(settings.device)
-    model.train()
-    tables, routing, losses, lrs = [], [], [], []
-    for step in range(settings.steps):
-        optimizer.zero_grad(set_to_none=True)
-        first = step * settings.batch_size
-        batch = tasks.collate([features[i] for i in order[first:first + settings.batch_size]],
-                              tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, clip)
-        lrs.append(float(optimizer.param_groups[0]["lr"]))
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        decisions, scores = optimizer.last_decisions, optimizer.last_scores
-        for name, experts in scores.items():
-            for expert, value in experts.items():
-                routing.append({"step": step, "module": name, "expert": expert, "score": value,
-                                "won": expert in decisions.get(name, ())})
-        if step in steps:
-            tables.append(score_factors(optimizer, topk=settings.topk).assign(step=step))
-        scheduler.step()
+    recorder = FactorRecorder(steps, settings.topk)
+    fit(model, optimizer, batches, steps=settings.steps, scheduler=scheduler, max_grad_norm=settings.max_grad_norm,
+        callbacks=[recorder], device=settings.device)
     seconds = time.perf_counter() - began
-    routing = pd.DataFrame(routing)
+    routing = pd.DataFrame(recorder.routing)
     routing.insert(2, "layer", routing["module"].map(runs.module_layer))
     routing.insert(3, "module_type", routing["module"].map(runs.module_type))
-    factors = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    lesson = Lesson(settings, factors, routing, losses, lrs, seconds, n_modules=routing["module"].nunique())
+    factors = pd.concat(recorder.tables, ignore_index=True) if recorder.tables else pd.DataFrame()
+    lesson = Lesson(settings, factors, routing, recorder.losses, recorder.lrs, seconds,
+                    n_modules=routing["module"].nunique())
     _LESSONS[key] = lesson
     return lesson
 
@@ -420,7 +407,7 @@ def _bars(ax, table: pd.DataFrame, factors, score: str, in_use: bool):
     for i, row in enumerate(table.itertuples()):
         values = [getattr(row, column) for column, _ in factors]
         won = bool(getattr(row, f"{score}_winner"))
-        color = expert_color(row.expert)
+        color = plots.expert_color(row.expert)
         bars = ax.bar(x + (i - (len(experts) - 1) / 2) * width, values, width * 0.95, color=color,
                       alpha=1.0 if won else 0.45, edgecolor="black" if won else color, lw=1.2,
                       label=f"{plots.expert_label(row.expert)}{' (wins)' if won else ''}")
@@ -491,7 +478,7 @@ def explain(lesson: Lesson, step: int | None = None, module: str | None = None):
     ax_loss.set_title("Loss (dotted: the step shown)", fontsize=10)
     ax_loss.grid(alpha=0.3)
 
-    colors = ["#dddddd", FFT_COLOR, LORA_COLORS[0], BOTH_COLOR]
+    colors = [plots.expert_color(e) for e in ("skipped", "fft", "lora0", "several")]
     ax_map.imshow(decision.to_numpy() + 1, cmap=ListedColormap(colors), vmin=-0.5, vmax=3.5, aspect="auto",
                   interpolation="nearest")
     _map_axes(ax_map, decision, layer, module_type)
@@ -515,9 +502,9 @@ def pfn_step_one_figure(table: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
     labels = [f"{int(r.layer)}.{plots.short_type(r.module_type)}" for r in table.itertuples()]
     x = np.arange(len(table))
-    ax.bar(x, table["measured"], 0.6, color=LORA_COLORS[0], alpha=0.7, label="measured PFN(LoRA) / PFN(FFT)")
+    ax.bar(x, table["measured"], 0.6, color=plots.expert_color("lora0"), alpha=0.7, label="measured PFN(LoRA) / PFN(FFT)")
     ax.scatter(x, table["predicted"], color="black", marker="_", s=400, lw=2, label="√(N_B / (N_A + N_B))", zorder=3)
-    ax.axhline(1.0, color=FFT_COLOR, ls="--", lw=1, label="1: above it LoRA would win")
+    ax.axhline(1.0, color=plots.expert_color("fft"), ls="--", lw=1, label="1: above it LoRA would win")
     ax.set_xticks(x, labels, rotation=60, fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_xlabel("module (layer.type)")
@@ -531,7 +518,7 @@ def pfn_step_one_figure(table: pd.DataFrame):
 def lr_tilt_figure(table: pd.DataFrame):
     """LoRA's win share (first step and whole run) against the lr ratio, log x."""
     fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
-    ax.plot(table["lr_ratio"], table["lora_share_step0"], marker="o", color=LORA_COLORS[0], label="first step")
+    ax.plot(table["lr_ratio"], table["lora_share_step0"], marker="o", color=plots.expert_color("lora0"), label="first step")
     ax.plot(table["lr_ratio"], table["lora_share_run"], marker="s", color="grey", ls="--", label="whole run")
     ax.set_xscale("log")
     ax.set_ylim(-0.03, 1.03)
@@ -549,9 +536,9 @@ def alpha_tilt_figure(table: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
     labels = [f"{int(r.layer)}.{plots.short_type(r.module_type)}" for r in table.itertuples()]
     x = np.arange(len(table))
-    ax.bar(x - 0.2, table["epd_change"], 0.4, color=LORA_COLORS[0], label="EPD")
+    ax.bar(x - 0.2, table["epd_change"], 0.4, color=plots.expert_color("lora0"), label="EPD")
     ax.bar(x + 0.2, table["pfn_change"], 0.4, color="grey", label="PFN")
-    ax.axhline(high / low, color=LORA_COLORS[0], ls="--", lw=1, label=f"alpha ratio {high / low:g}")
+    ax.axhline(high / low, color=plots.expert_color("lora0"), ls="--", lw=1, label=f"alpha ratio {high / low:g}")
     ax.axhline(1.0, color="black", ls=":", lw=1, label="1: unchanged")
     ax.set_xticks(x, labels, rotation=60, fontsize=8)
     ax.set_xlabel("module (layer.type)")

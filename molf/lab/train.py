@@ -19,6 +19,7 @@ A run directory holds
     checkpoint.pt      model, optimizer (with routing counters), scheduler, RNG and step: the resume
                        point while a run is unfinished (removed at the end unless keep_checkpoint)
     model/             the final merged model, a plain ``transformers`` checkpoint (+ tokenizer)
+    run.lock           held (``fcntl.flock``) by the runner writing the directory: a second one is refused
 ``molf.lab.runs.load(out_dir)`` reads it all back into pandas.
 
 Resuming: ``run(config)`` on a directory holding a checkpoint of the same config continues from it and
@@ -26,6 +27,8 @@ ends identical to an uninterrupted run (the data order is a pure function of the
 On a directory holding a *finished* run of the same config it returns that run without training
 (``Run.model`` is then None); a different config in the same directory is an error.
 ``stop_after=N`` ends a call after N optimizer steps (a resumable chunk, e.g. to fit a time budget).
+The steps are ``molf.lab.engine.fit``'s; logging, checkpoints and the progress bar are its callbacks, on a
+``Session`` (one run held in memory: built or resumed once, trained by ``fit`` calls, finished once).
 
 Training length: give ``steps`` (optimizer steps) or ``epochs`` (passes over the encoded training rows:
 ``ceil(epochs * rows / (batch_size * grad_accum))`` steps), never both: ``TrainConfig(steps=None,
@@ -42,16 +45,18 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
+import socket
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,10 +65,11 @@ from tqdm.auto import tqdm
 
 from .. import _validate as _check
 from ..model import DEFAULT_ALPHA, merge, no_weight_decay, param_groups, wrap, wrapped_modules
-from ..optim import IMPLS, MoLFAdamW
+from ..optim import DEFAULT_BETAS, DEFAULT_EPS, IMPLS, MoLFAdamW
 from ..router import SCORES
 from ..routing_log import RoutingRecord
 from . import models, runs, tasks
+from .engine import Callback, Loop, TrainingDiverged, fit
 
 METHODS = ("fft", "lora", "dora", "adalora", "molf", "molf_e")
 MOLF_METHODS = ("molf", "molf_e")
@@ -230,8 +236,18 @@ def _validate(c: TrainConfig) -> None:
     if c.train_limit is not None and (isinstance(c.train_limit, bool) or not isinstance(c.train_limit, int)
                                       or c.train_limit < 1):
         raise ValueError(f"train_limit must be an integer >= 1 or None (all rows), got {c.train_limit!r}")
-    if not isinstance(c.save_every, int) or c.save_every < 0:
-        raise ValueError(f"save_every must be an integer >= 0, got {c.save_every!r}")
+    if c.eval_split not in tasks.SPLITS:
+        raise ValueError(f"unknown eval_split {c.eval_split!r}; use one of {tasks.SPLITS}")
+    _check.integer("eval_batch_size", c.eval_batch_size)
+    _check.integer("save_every", c.save_every, minimum=0)
+    _check.integer("seed", c.seed, minimum=0)
+    for name in ("save_model", "keep_checkpoint", "log_grad_norms", "log_routing", "progress"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+    if not isinstance(c.model, str) or not c.model:
+        raise ValueError(f"model must be a model name or path (a non-empty string), got {c.model!r}")
+    if not isinstance(c.out_dir, (str, os.PathLike)) or not str(c.out_dir):
+        raise ValueError(f"out_dir must be a directory path, got {c.out_dir!r}")
     out = Path(c.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -257,10 +273,6 @@ class Run:
         return runs.load(self.out_dir)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
-
-
 # ---------------------------------------------------------------------------- building a method
 def build(config: TrainConfig, model: torch.nn.Module, total_steps: int):
     """Adapt ``model`` for ``config.method``; return ``(model, optimizer)``."""
@@ -270,7 +282,7 @@ def build(config: TrainConfig, model: torch.nn.Module, total_steps: int):
         for name, p in model.named_parameters():
             (no_decay if no_weight_decay(name, p) else decay).append(p)  # the rule MoLF's plain groups use
         groups = [{"params": decay, "weight_decay": c.wd}, {"params": no_decay, "weight_decay": 0.0}]
-        return model, torch.optim.AdamW(groups, lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
+        return model, torch.optim.AdamW(groups, lr=c.lr, betas=DEFAULT_BETAS, eps=DEFAULT_EPS)
     if c.method in PEFT_METHODS:
         from peft import AdaLoraConfig, LoraConfig, get_peft_model
         common = dict(lora_alpha=c.alphas[0], lora_dropout=c.dropout, target_modules="all-linear",
@@ -284,11 +296,11 @@ def build(config: TrainConfig, model: torch.nn.Module, total_steps: int):
             peft_config = LoraConfig(r=c.ranks[0], use_dora=c.method == "dora", **common)
         model = get_peft_model(model, peft_config)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(trainable, lr=c.lr, weight_decay=c.wd, betas=(0.9, 0.999), eps=1e-8)
+        return model, torch.optim.AdamW(trainable, lr=c.lr, weight_decay=c.wd, betas=DEFAULT_BETAS, eps=DEFAULT_EPS)
     wrap(model, ranks=c.ranks, alphas=c.alphas, rslora=True, dropout=c.dropout,
          train_base=c.method == "molf", freeze_non_linear=bool(c.freeze_non_linear))
     groups = param_groups(model, lr_fft=c.lr_fft, lr_lora=c.lr_lora, wd_fft=c.wd_fft, wd_lora=c.wd_lora)
-    return model, MoLFAdamW(groups, score=c.score, topk=c.topk, betas=(0.9, 0.999), eps=1e-8,
+    return model, MoLFAdamW(groups, score=c.score, topk=c.topk, betas=DEFAULT_BETAS, eps=DEFAULT_EPS,
                             impl=c.optimizer_impl)
 
 
@@ -368,228 +380,382 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _truncate_logs(out: Path, start_step: int) -> None:
-    """Drop log rows at or after ``start_step`` (written after the checkpoint we resume from)."""
-    for name in ("steps.csv", "grad_norms.csv"):
-        path = out / name
-        if path.exists():
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) < start_step] if rows else []
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerows(kept)
-    path = out / "routing.jsonl"
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
-        path.write_text("".join(line + "\n" for line in lines))
+def _load_checkpoint(path: Path, device) -> dict:
+    """A checkpoint's contents, unpickled as tensors and plain values only (``weights_only``): a file that
+    holds anything else could run code when loaded, and is refused."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} holds more than tensors and plain values; refusing to load it (unpickling "
+                         f"it could run code): {first}. Delete it to train the run from its start") from None
+
+
+# ---------------------------------------------------------------------------- the run directory lock
+LOCK_FILE = "run.lock"
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another runner holds the run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``fcntl.flock`` on ``out/run.lock``), held until ``release``
+    (or the end of a ``with`` block, or the process). A second holder, in this process or another, is
+    refused with ``RunDirectoryInUse``."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_FILE
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise RunDirectoryInUse(f"{out} is in use by another runner ({holder}, lock {self.path}); wait for "
+                                    f"it to finish or use another out_dir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()                            # closing the file releases the lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.release()
 
 
 # ---------------------------------------------------------------------------- the run
+def micro_batches(features: list[dict], order: list[int], batch_size: int, grad_accum: int, pad_token_id: int):
+    """``batches(step)`` for ``engine.fit``: the ``grad_accum`` micro-batches of ``step``, in the order
+    ``example_order`` gave (micro-batch ``m`` of step ``s`` holds examples ``(s*grad_accum + m)*batch_size``
+    onwards)."""
+    def batches(step: int) -> list[dict]:
+        out = []
+        for micro in range(grad_accum):
+            first = (step * grad_accum + micro) * batch_size
+            out.append(tasks.collate([features[i] for i in order[first:first + batch_size]], pad_token_id))
+        return out
+    return batches
+
+
+class RunLogs(Callback):
+    """steps.csv, grad_norms.csv and routing.jsonl, one row (or record) per step, appended as it trains."""
+
+    def __init__(self, out: Path, config: TrainConfig, experts: dict):
+        self.out, self.config = out, config
+        self.grad_index = [(m, e, ps) for m, es in experts.items() for e, ps in es.items()]
+        self.files = {}
+
+    def _open(self, name: str, header: list[str] | None):
+        new = not (self.out / name).exists() or (self.out / name).stat().st_size == 0
+        f = self.files[name] = open(self.out / name, "a", newline="")
+        if header and new:
+            csv.writer(f).writerow(header)
+        return f
+
+    def on_begin(self, loop):
+        c = self.config
+        self.steps = csv.writer(self._open("steps.csv", ["step", "loss", "lr", "grad_norm", "step_time_s"]))
+        self.grads = (csv.writer(self._open("grad_norms.csv", ["step", "module", "expert", "grad_norm"]))
+                      if c.log_grad_norms else None)
+        self.routing = self._open("routing.jsonl", None) if c.method in MOLF_METHODS and c.log_routing else None
+
+    def on_after_backward(self, loop):
+        if not (self.grads and self.grad_index):
+            return
+        norms = torch._foreach_norm([p.grad for _, _, ps in self.grad_index for p in ps if p.grad is not None])
+        norms = iter(torch.stack(norms).double().cpu().tolist() if norms else [])
+        for module, expert, ps in self.grad_index:
+            squares = sum(next(norms) ** 2 for p in ps if p.grad is not None)
+            self.grads.writerow([loop.step, module, expert, math.sqrt(squares)])
+
+    def on_step(self, loop):
+        if self.routing:
+            self.routing.write(RoutingRecord.from_optimizer(loop.optimizer, loop.step, lr=loop.lr).to_json())
+        self.steps.writerow([loop.step, loop.loss, loop.lr, loop.grad_norm, loop.seconds])
+
+    def flush(self):
+        for f in self.files.values():
+            f.flush()
+
+    def on_end(self, loop):
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
+
+class AdaLoraBudget(Callback):
+    """AdaLoRA's rank allocation after every optimizer step (peft's ``update_and_allocate``)."""
+
+    def on_step(self, loop):
+        loop.model.base_model.update_and_allocate(loop.step)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the run's steps: loss, lr, tokens per second, peak memory."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def on_begin(self, loop):
+        c = self.session.config
+        self.bar = tqdm(total=self.session.total_steps, initial=loop.start_step, desc=f"{c.method}/{c.task}",
+                        dynamic_ncols=True)
+
+    def on_step(self, loop):
+        s = self.session
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loop.loss:.4f}", lr=f"{loop.lr:.2e}",
+                             tok_s=f"{s.train_tokens / max(sum(s.step_times), 1e-9):.0f}",
+                             mem=f"{_peak_memory_bytes(s.device) / 2**30:.2f}GiB")
+
+    def on_end(self, loop):
+        self.bar.close()
+
+
+class PeriodicCheckpoint(Callback):
+    """A checkpoint every ``save_every`` steps (but not at the last step of a ``fit``: the caller saves that)."""
+
+    def __init__(self, session: Session, logs: RunLogs):
+        self.session, self.logs = session, logs
+
+    def on_step(self, loop):
+        every = self.session.config.save_every
+        if every and (loop.step + 1) % every == 0 and loop.step + 1 < loop.steps:
+            self.logs.flush()
+            self.session.save_checkpoint()
+
+
+class Session(Callback):
+    """One run held in memory: built (or resumed from ``out_dir/checkpoint.pt``) once, trained by one or
+    more ``fit`` calls, finished once. ``run`` is a session's ``fit`` and ``finish``; the live explorer
+    trains a session a few steps at a time and redraws in between, with nothing reloaded.
+
+        session = Session(config)           # locks out_dir, loads the model and data, resumes if it can
+        session.fit(10)                     # steps session.step .. session.step + 9
+        session.fit(callbacks=[redraw])     # the rest
+        result = session.finish()           # merge, save the model, evaluate, metrics.json
+        session.close()                     # release out_dir (also done by finish)
+
+    Every setting is validated and the evaluation rows are loaded before the first step, so a bad
+    setting fails at once, not after training.
+    """
+
+    def __init__(self, config: TrainConfig, model=None, tokenizer=None, lock: RunLock | None = None):
+        c = self.config = config.resolved()
+        self.out = Path(c.out_dir)
+        self._own_lock = lock is None
+        self.lock = lock or RunLock(self.out)
+        try:
+            self._prepare(model, tokenizer)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, model, tokenizer) -> None:
+        c, out = self.config, self.out
+        self.device = device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
+                                            ("cpu" if c.device == "auto" else c.device))
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # Data: the same rows, encoding and order for every method; evaluation rows up front (a bad split
+        # or data file fails now, not after training).
+        rows = tasks.load(c.task, "train", source=c.source, limit=c.train_limit, variant=c.metric_variant)
+        if not rows:
+            where = tasks.data_dir() if c.source == "local" else "the hub dataset"
+            raise ValueError(f"the {c.task!r} training split in {where} has no rows; nothing to train on")
+        self.eval_rows = (tasks.load(c.task, c.eval_split, source=c.source, limit=c.eval_limit,
+                                     variant=c.metric_variant) if c.eval_limit != 0 else [])
+        if model is None or tokenizer is None:
+            model, tokenizer = models.load(c.model, dtype=dtype, device=device)
+        features = tasks.encode(c.task, rows, tokenizer, max_len=c.seq_len)
+        if not features:
+            raise ValueError(f"none of the {len(rows)} {c.task!r} training rows could be encoded; nothing to train on")
+        per_step = c.batch_size * c.grad_accum
+        self.total_steps = c.steps if c.steps is not None else max(1, math.ceil(c.epochs * len(features) / per_step))
+        order = example_order(len(features), self.total_steps * per_step, c.seed)
+        self.batches = micro_batches(features, order, c.batch_size, c.grad_accum, tokenizer.pad_token_id)
+
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+        if c.gradient_checkpointing:
+            # transformers >= 5.x names it activation checkpointing; older releases only have the old name
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                raise ValueError("gradient_checkpointing needs a transformers model (activation_checkpointing_enable)")
+        model, self.optimizer = build(c, model, self.total_steps)
+        self.model, self.tokenizer = model.to(device), tokenizer
+        self.scheduler = make_scheduler(self.optimizer, c.schedule, self.total_steps, c.warmup_ratio)
+        self.experts = expert_parameters(model, c.method)
+
+        self.step = 0                  # the next step to train
+        self.nonfinite_grad_steps = 0  # steps whose gradient norm was inf/NaN (engine.fit)
+        self.step_times: list[float] = []
+        self.train_tokens = 0          # non-padding tokens trained on
+        self.checkpoint_path = out / "checkpoint.pt"
+        self._saved_step = None        # the step of the checkpoint on disk, when this session wrote or read it
+        if self.checkpoint_path.exists():
+            _check_same_run(c, out, "a checkpoint")
+            self._resume(_load_checkpoint(self.checkpoint_path, device))
+            runs.truncate_logs(out, self.step)  # logs written after the checkpoint, a torn last line
+        else:
+            (out / "config.json").write_text(_config_json(c))
+            (out / "data.json").write_text(json.dumps(data_fingerprint(c), indent=2, sort_keys=True))
+            for name in ("steps.csv", "grad_norms.csv", "routing.jsonl", runs.WINNERS_FILE, "metrics.json"):
+                (out / name).unlink(missing_ok=True)
+
+    def _resume(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.random.set_rng_state(checkpoint["rng"]["torch"])
+        if self.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.device)
+        random.setstate(checkpoint["rng"]["python"])
+        self.step = self._saved_step = checkpoint["step"]
+        self.nonfinite_grad_steps = checkpoint.get("nonfinite_grad_steps", 0)
+        self.step_times = list(checkpoint.get("step_times", []))
+        self.train_tokens = checkpoint.get("train_tokens", 0)
+
+    def save_checkpoint(self) -> None:
+        """Write the resume point (model, optimizer, scheduler, RNG, counters) at ``self.step``."""
+        _atomic_torch_save({
+            "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "nonfinite_grad_steps": self.nonfinite_grad_steps, "step_times": self.step_times,
+            "train_tokens": self.train_tokens,
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.random.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+        }, self.checkpoint_path)
+        self._saved_step = self.step
+
+    # the session's counters follow the loop (a callback, so checkpoints written mid-fit carry them)
+    def on_begin(self, loop):
+        self._counted = (self.nonfinite_grad_steps, self.train_tokens)
+
+    def on_step(self, loop):
+        self.step = loop.step + 1
+        self.step_times.append(loop.seconds)
+        self.nonfinite_grad_steps = self._counted[0] + loop.nonfinite_grad_steps
+        self.train_tokens = self._counted[1] + loop.tokens
+
+    def fit(self, steps: int | None = None, callbacks=()) -> Loop:
+        """Train the next ``steps`` steps (default: to the end), logging as it goes; ``callbacks`` run after
+        the run's own (logs, progress, checkpoints). Returns the engine's ``Loop``."""
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1 or None (to the end), got {steps!r}")
+        c = self.config
+        end = self.total_steps if steps is None else min(self.total_steps, self.step + steps)
+        logs = RunLogs(self.out, c, self.experts)
+        own = ([AdaLoraBudget()] if c.method == "adalora" else []) + [logs, self]
+        own += ([ProgressBar(self)] if c.progress else []) + [PeriodicCheckpoint(self, logs)]
+        try:
+            return fit(self.model, self.optimizer, self.batches, steps=end, start_step=self.step,
+                       scheduler=self.scheduler, max_grad_norm=c.max_grad_norm, callbacks=own + list(callbacks),
+                       autocast=c.autocast, device=self.device)
+        except TrainingDiverged as error:
+            raise TrainingDiverged(f"{error} in {c.method}/{c.task}; the last good checkpoint is kept in "
+                                   f"{self.checkpoint_path}") from None
+
+    @property
+    def finished_training(self) -> bool:
+        return self.step >= self.total_steps
+
+    def finish(self) -> Run:
+        """Merge the adapters away, save the model, evaluate it and write metrics.json; release out_dir.
+
+        The final checkpoint is written first and removed last (unless ``keep_checkpoint``): if saving
+        or evaluating fails, the trained state stays on disk and ``run(config)`` again only evaluates."""
+        if not self.finished_training:
+            raise RuntimeError(f"{self.total_steps - self.step} of {self.total_steps} steps are left; fit them first")
+        c, out, model, optimizer = self.config, self.out, self.model, self.optimizer
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        state_bytes = _optimizer_state_bytes(optimizer)
+        n_trainable = sum(p.numel() for p in trainable)
+        routing_summary = None
+        if c.method in MOLF_METHODS:
+            routing_summary = {"win_counts": optimizer.win_counts, "nonfinite_skips": optimizer.nonfinite_skips}
+            if c.log_routing:
+                runs.write_winners(out)
+            merge(model)
+        elif c.method in PEFT_METHODS:
+            model = self.model = model.merge_and_unload()
+        model.eval()
+        # Finished atomically: the model first (written aside, then renamed), then the evaluation, then
+        # metrics.json (the mark that the run is finished), the checkpoint last. A crash anywhere before the
+        # mark leaves a run that the next call resumes from its final checkpoint; never a finished run
+        # without its model.
+        if c.save_model:
+            _save_model_atomically(model, self.tokenizer, out / "model")
+        metrics = {}
+        if self.eval_rows:
+            metrics = tasks.evaluate(c.task, model, self.tokenizer, self.eval_rows, batch_size=c.eval_batch_size,
+                                     variant=c.metric_variant)
+        train_time = sum(self.step_times)
+        result = {
+            "method": c.method, "task": c.task, "model": c.model, "seed": c.seed, "steps": self.total_steps,
+            "source": c.source, "metric_variant": c.metric_variant,
+            "metrics": metrics, "primary_metric": tasks.primary_metric(c.task, c.metric_variant),
+            "final_loss": _final_loss(out),
+            "train_time_s": train_time,
+            "step_time_s": statistics.median(self.step_times) if self.step_times else None,
+            "train_tokens": self.train_tokens,
+            "tokens_per_s": self.train_tokens / train_time if train_time > 0 else None,
+            "device": str(self.device),
+            "peak_memory_bytes": _peak_memory_bytes(self.device),
+            "peak_memory_kind": _peak_memory_kind(self.device),
+            "trainable_params": n_trainable,
+            "optimizer_state_bytes": state_bytes,
+            "routing": routing_summary,
+            "nonfinite_grad_steps": self.nonfinite_grad_steps,
+        }
+        _atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+        if not c.keep_checkpoint:
+            self.checkpoint_path.unlink(missing_ok=True)
+        self.close()
+        return Run(c, out, result, model, self.tokenizer)
+
+    def close(self) -> None:
+        """Release the run directory (the session's lock)."""
+        if self._own_lock:
+            self.lock.release()
+
+
 def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenizer=None) -> Run:
-    """Train, evaluate, merge and save one run; resume from ``out_dir/checkpoint.pt`` if present.
+    """Train, merge, save and evaluate one run; resume from ``out_dir/checkpoint.pt`` if present.
 
     ``model``/``tokenizer`` may be passed in (e.g. already loaded) instead of ``config.model``.
+    ``stop_after=N`` trains N steps and leaves the run resumable. Another runner on the same ``out_dir``
+    is refused (``RunDirectoryInUse``).
     """
     c = config.resolved()
-    out = Path(c.out_dir)
-    finished = _finished_run(c, out)
-    if finished is not None:
-        return finished
-    device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if c.device == "auto" else c.device))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    # Data: the same rows, encoding and order for every method.
-    rows = tasks.load(c.task, "train", source=c.source, limit=c.train_limit, variant=c.metric_variant)
-    if not rows:
-        where = tasks.data_dir() if c.source == "local" else "the hub dataset"
-        raise ValueError(f"the {c.task!r} training split in {where} has no rows; nothing to train on")
-    if model is None or tokenizer is None:
-        model, tokenizer = models.load(c.model, dtype=dtype, device=device)
-    features = tasks.encode(c.task, rows, tokenizer, max_len=c.seq_len)
-    if not features:
-        raise ValueError(f"none of the {len(rows)} {c.task!r} training rows could be encoded; nothing to train on")
-    per_step = c.batch_size * c.grad_accum
-    total_steps = c.steps if c.steps is not None else max(1, math.ceil(c.epochs * len(features) / per_step))
-    order = example_order(len(features), total_steps * per_step, c.seed)
-
-    torch.manual_seed(c.seed)
-    random.seed(c.seed)
-    if c.gradient_checkpointing:
-        # transformers >= 5.x names it activation checkpointing; older releases only have the old name
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            raise ValueError("gradient_checkpointing needs a transformers model (activation_checkpointing_enable)")
-    model, optimizer = build(c, model, total_steps)
-    model.to(device)
-    scheduler = make_scheduler(optimizer, c.schedule, total_steps, c.warmup_ratio)
-    experts = expert_parameters(model, c.method)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    config_json = _config_json(c)
-    checkpoint_path = out / "checkpoint.pt"
-    start = 0
-    nonfinite_grad_steps = 0  # steps whose gradient norm was inf/NaN (see the training loop)
-    if checkpoint_path.exists():
-        _check_same_run(c, out, "a checkpoint")
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        torch.random.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        random.setstate(checkpoint["rng"]["python"])
-        start = checkpoint["step"]
-        nonfinite_grad_steps = checkpoint.get("nonfinite_grad_steps", 0)
-        _truncate_logs(out, start)
-    else:
-        (out / "config.json").write_text(config_json)
-        (out / "data.json").write_text(json.dumps(data_fingerprint(c), indent=2, sort_keys=True))
-        for name in ("steps.csv", "grad_norms.csv", "routing.jsonl", runs.WINNERS_FILE, "metrics.json"):
-            (out / name).unlink(missing_ok=True)
-
-    def save_checkpoint(step: int) -> None:
-        _atomic_torch_save({
-            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "nonfinite_grad_steps": nonfinite_grad_steps,
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.random.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        }, checkpoint_path)
-
-    steps_file = open(out / "steps.csv", "a", newline="")
-    steps_log = csv.writer(steps_file)
-    grads_file = open(out / "grad_norms.csv", "a", newline="") if c.log_grad_norms else None
-    grads_log = csv.writer(grads_file) if grads_file else None
-    routing_file = open(out / "routing.jsonl", "a") if c.method in MOLF_METHODS and c.log_routing else None
-    if start == 0:
-        steps_log.writerow(["step", "loss", "lr", "grad_norm", "step_time_s"])
-        if grads_log:
-            grads_log.writerow(["step", "module", "expert", "grad_norm"])
-
-    grad_index = [(m, e, ps) for m, es in experts.items() for e, ps in es.items()]
-    step_times = []
-    train_tokens = 0  # non-padding tokens trained on in this call (tokens per second: over this call)
-    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
-    model.train()
-    bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not c.progress,
-               desc=f"{c.method}/{c.task}", dynamic_ncols=True)
-    try:
-        for step in bar:
-            began = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for micro in range(c.grad_accum):
-                first = (step * c.grad_accum + micro) * c.batch_size
-                batch = tasks.collate([features[i] for i in order[first:first + c.batch_size]],
-                                      tokenizer.pad_token_id)
-                train_tokens += int(batch["attention_mask"].sum())
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=c.autocast):
-                    loss = model(**batch).loss / c.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            loss_value = float(loss_sum)
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at step {step} of {c.method}/{c.task} (lr too high?); "
-                    f"the last good checkpoint is kept in {checkpoint_path}")
-            if grads_log and grad_index:
-                norms = torch._foreach_norm([p.grad for _, _, ps in grad_index for p in ps if p.grad is not None])
-                norms = torch.stack(norms).double().cpu().tolist() if norms else []
-                it = iter(norms)
-                for module, expert, ps in grad_index:
-                    sq = sum(next(it) ** 2 for p in ps if p.grad is not None)
-                    grads_log.writerow([step, module, expert, math.sqrt(sq)])
-            grads = [p.grad for p in trainable if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            if not torch.isfinite(grad_norm):
-                # Clipping by an inf/NaN norm would zero (or NaN) every gradient; leave them as they are:
-                # MoLFAdamW skips the modules whose gradient is not finite, other optimizers fail loudly.
-                nonfinite_grad_steps += 1
-            elif c.max_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(trainable, c.max_grad_norm, grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            if c.method == "adalora":
-                model.base_model.update_and_allocate(step)
-            if routing_file:
-                routing_file.write(RoutingRecord.from_optimizer(optimizer, step, lr=lr).to_json())
-            elapsed = time.perf_counter() - began
-            step_times.append(elapsed)
-            steps_log.writerow([step, loss_value, lr, float(grad_norm), elapsed])
-            if c.progress:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{train_tokens / sum(step_times):.0f}",
-                                mem=f"{_peak_memory_bytes(device) / 2**30:.2f}GiB")
-            if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < end:
-                for f in (steps_file, grads_file, routing_file):
-                    f and f.flush()
-                save_checkpoint(step + 1)
-    finally:
-        bar.close()
-        for f in (steps_file, grads_file, routing_file):
-            if f:
-                f.close()
-
-    if end < total_steps:  # a resumable chunk: checkpoint and stop here
-        save_checkpoint(end)
-        return Run(c, out, {"completed_steps": end, "total_steps": total_steps}, model, tokenizer)
-    if c.keep_checkpoint:
-        save_checkpoint(end)
-
-    # Finish: merge the adapters away, evaluate the plain model, save it.
-    train_time = sum(step_times)
-    state_bytes = _optimizer_state_bytes(optimizer)
-    n_trainable = sum(p.numel() for p in trainable)
-    routing_summary = None
-    if c.method in MOLF_METHODS:
-        counts = optimizer.win_counts
-        routing_summary = {"win_counts": counts, "nonfinite_skips": optimizer.nonfinite_skips}
-        if routing_file:
-            runs.write_winners(out)
-        merge(model)
-    elif c.method in PEFT_METHODS:
-        model = model.merge_and_unload()
-    model.eval()
-    metrics = {}
-    if c.eval_limit != 0:
-        eval_rows = tasks.load(c.task, c.eval_split, source=c.source, limit=c.eval_limit, variant=c.metric_variant)
-        metrics = tasks.evaluate(c.task, model, tokenizer, eval_rows, batch_size=c.eval_batch_size,
-                                 variant=c.metric_variant)
-    result = {
-        "method": c.method, "task": c.task, "model": c.model, "seed": c.seed, "steps": total_steps,
-        "source": c.source, "metric_variant": c.metric_variant,
-        "metrics": metrics, "primary_metric": tasks.primary_metric(c.task, c.metric_variant),
-        "final_loss": _final_loss(out),
-        "train_time_s": train_time,
-        "step_time_s": statistics.median(step_times) if step_times else None,
-        "train_tokens": train_tokens,
-        "tokens_per_s": train_tokens / train_time if train_time > 0 else None,
-        "device": str(device),
-        "peak_memory_bytes": _peak_memory_bytes(device),
-        "peak_memory_kind": _peak_memory_kind(device),
-        "trainable_params": n_trainable,
-        "optimizer_state_bytes": state_bytes,
-        "routing": routing_summary,
-        "nonfinite_grad_steps": nonfinite_grad_steps,
-    }
-    # Finished atomically: the model first (written aside, then renamed), then metrics.json (the mark
-    # that the run is finished), the checkpoint last. A crash anywhere before the mark leaves a run
-    # that the next call resumes (from the checkpoint) or redoes; never a finished run without its model.
-    if c.save_model:
-        _save_model_atomically(model, tokenizer, out / "model")
-    _atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
-    if not c.keep_checkpoint:
-        checkpoint_path.unlink(missing_ok=True)
-    return Run(c, out, result, model, tokenizer)
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be an integer >= 1 (steps to train in this call) or None, got {stop_after!r}")
+    with RunLock(Path(c.out_dir)) as lock:
+        finished = _finished_run(c, Path(c.out_dir))
+        if finished is not None:
+            return finished
+        session = Session(c, model, tokenizer, lock=lock)
+        session.fit(stop_after)
+        if not session.finished_training:  # a resumable chunk: checkpoint and stop here
+            session.save_checkpoint()
+            return Run(c, session.out, {"completed_steps": session.step, "total_steps": session.total_steps},
+                       session.model, session.tokenizer)
+        return session.finish()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -685,6 +851,13 @@ def _finished_run(c: TrainConfig, out: Path) -> Run | None:
     return Run(c, out, json.loads((out / "metrics.json").read_text()))
 
 
+def finished_run(config: TrainConfig) -> Run | None:
+    """The finished run of ``config`` in its ``out_dir`` (without its model), or None: what ``run`` returns
+    without training."""
+    c = config.resolved()
+    return _finished_run(c, Path(c.out_dir))
+
+
 def _final_loss(out: Path) -> float | None:
     with open(out / "steps.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -735,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_after = args.pop("stop_after")
     try:
         result = run(TrainConfig(**args), stop_after=stop_after)
-    except ValueError as error:
+    except (ValueError, RunDirectoryInUse) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result.metrics, indent=2))
