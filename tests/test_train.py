@@ -173,7 +173,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(tmp_path, m
     config = cfg(tmp_path, method="molf", steps=5, save_every=2)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 2"):
         run(config, model=model, tokenizer=tokenizer)
-    checkpoint = torch.load(tmp_path / "molf" / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "molf" / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 2
     assert not (tmp_path / "molf" / "metrics.json").exists()
 

@@ -348,10 +348,12 @@ class LiveFigure:
     module type so far, and the loss so far. ``png()`` renders it (no pyplot: safe from a thread)."""
 
     def __init__(self, record: LiveRecord, total_steps: int, title: str, config: dict):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         self.record, self.total_steps, self.title = record, total_steps, title
         self.expert = "fft" if "fft" in record.experts else record.experts[-1]  # as analysis.default_expert
-        self.fig = Figure(figsize=(11, max(3.6, 1.2 + 0.22 * len(record.layers))), layout="constrained")
+        self.fig = Figure(figsize=(11, max(3.6, 1.2 + 0.22 * len(record.layers))), dpi=80, layout="constrained")
+        self.canvas = FigureCanvasAgg(self.fig)
         left, self.right = self.fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
         self.image = left.imshow(record.share(self.expert), cmap=plots.WIN_CMAP, vmin=0, vmax=1, aspect="auto",
                                  interpolation="nearest")
@@ -385,9 +387,11 @@ class LiveFigure:
         self.map_title.set_text(f"Win share so far ({steps})")
         self.suptitle.set_text(f"Live: {self.title}, {r.steps_done}/{self.total_steps} steps done")
 
-    def png(self, dpi: int = 80) -> bytes:
+    def png(self) -> bytes:
         buffer = io.BytesIO()
-        self.fig.savefig(buffer, format="png", dpi=dpi)
+        self.canvas.print_png(buffer)  # one draw (savefig draws twice under a layout engine)
+        # laid out once: later frames keep the axes where they are (a layout pass per frame doubled its cost)
+        self.fig.set_layout_engine("none")
         return buffer.getvalue()
 
 
@@ -541,8 +545,9 @@ class LiveRun:
             self.on_frame(self.figure.fig, self)
         s = self.session
         loss = self.record.losses[-1] if self.record.losses else math.nan
+        hint = "" if self.running else " (Kernel ▸ Interrupt stops it)"
         self._set(self.status, f"training: {s.step}/{s.total_steps} steps, loss {loss:.4f}, "
-                               f"{self.frame_seconds[-1]:.2f} s/frame")
+                               f"{self.frame_seconds[-1]:.2f} s/frame{hint}")
 
     def _done_message(self) -> str:
         metrics = self.result.metrics
@@ -558,7 +563,9 @@ class LiveRun:
         color = {"done": "#2ca02c", "failed": "#d62728", "stopped": "#b35900"}.get(status, "black")
         mark = {"done": "✓ ", "failed": "✗ ", "stopped": "■ "}.get(status, "")
         self._widgets["line"].value = f"<span style='color:{color}'><b>{mark}</b>{html.escape(message)}</span>"
-        self._widgets["stop"].disabled = status != "training"
+        # Stop works while training runs in the background; a cell training in the foreground keeps the kernel
+        # busy (the click would be handled after it ends): there, interrupting the kernel stops it
+        self._widgets["stop"].disabled = status != "training" or not self.running
         self._widgets["resume"].disabled = status not in ("ready", "stopped")
         self._widgets["resume"].description = "Start" if status == "ready" else "Resume"
 
