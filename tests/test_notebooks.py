@@ -37,6 +37,8 @@ FIGURES = {
     "05_ablations": ["score", "topk", "rank", "lr_ratio"],
     "06_why_an_expert_wins": ["factors", "factors_step0", "pfn_first_step", "lr_tilt", "alpha_tilt", "classroom"],
     "07_regime_map": ["winner", "gap", "fft_share", "routing", "classroom"],
+    "08_what_the_router_did": ["shadow_agreement", "shadow_over_time", "choice_cost", "update_audit", "spectra",
+                               "intruders_vs_retention"],
 }
 FRACTION_KEYS = ("win_fraction", "win_share", "fft_win_share", "switch_rate", "mean_switch_rate", "efficacy",
                  "paraphrase_efficacy", "neighborhood_specificity", "fft", "lora0", "lora1", "metric", "score")

@@ -40,7 +40,8 @@ from pathlib import Path
 from . import paths
 
 NOTEBOOKS = ("00_quickstart", "01_train", "02_routing_dynamics", "03_compare_methods", "04_router_explorer",
-             "05_ablations", "06_why_an_expert_wins", "07_regime_map")
+             "05_ablations", "06_why_an_expert_wins", "07_regime_map",
+             "08_what_the_router_did")
 KERNEL = "python3"
 # The regression mode: the 2-layer random Llama and a handful of steps (the whole suite in ~1-2 min).
 TINY = {"model": "tiny", "steps": 8, "batch_size": 2, "seq_len": 48, "eval_limit": 4, "live_steps": 4,
