@@ -1,9 +1,10 @@
 """Run one results table and write its CSVs.
 
-    python experiments/grid.py experiments/main.json            # train what is missing, then report
-    python experiments/grid.py experiments/main.json --tasks fact --budget-min 60
-    python experiments/grid.py experiments/main.json --report   # only aggregate what exists
-    python experiments/grid.py experiments/paper_table2.json --plan   # every cell and its estimated cost
+    python -m experiments.grid experiments/main.json            # train what is missing, then report
+    python -m experiments.grid experiments/main.json --tasks fact --budget-min 60
+    python -m experiments.grid experiments/main.json --report   # only aggregate what exists
+    python -m experiments.grid experiments/paper_table2.json --plan   # every cell and its estimated cost
+(from the repository root: ``-m`` imports this checkout's molf, whatever copy is installed.)
 
 Protocol (the paper's, scaled down): every (task, method, lr, seed) cell trains with the same data,
 schedule and batch and is evaluated on the task's *validation* split; per (task, method) the lr with
@@ -63,7 +64,6 @@ import json
 import math
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,11 +71,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from molf.lab import analysis, models, retention, runs, tasks
+from molf.lab.train import TrainConfig, build, check_reusable, run
 
-from molf.lab import analysis, models, retention, runs, tasks  # noqa: E402
-from molf.lab.train import TrainConfig, build, check_reusable, run  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LR_FIELD = {"fft": "lr", "lora": "lr", "dora": "lr", "adalora": "lr"}  # molf/molf_e sweep lr_fft & lr_lora
 # TrainConfig fields a spec may set for every cell (beside the required ones config_for reads).

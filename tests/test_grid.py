@@ -455,3 +455,15 @@ def test_a_sweep_of_several_lrs_is_tested_only_once_picked(tmp_path, monkeypatch
     assert grid.main([str(write_spec(tmp_path, spec)), "--results", str(results)]) == 0
     picked = pd.read_csv(results / "tbl.csv")["lr"].iloc[0]
     assert tested == [f"lr{picked:g}_s0"]
+
+
+def test_the_experiment_scripts_run_as_modules_without_editing_sys_path():
+    """Run from the repository root as ``python -m experiments.<name>``, a script imports this checkout's
+    molf (the root comes first on sys.path); none of them edits sys.path to find it."""
+    import subprocess
+    import sys
+    for name in ("grid", "report", "figures"):
+        assert "sys.path" not in (ROOT / "experiments" / f"{name}.py").read_text(), name
+    done = subprocess.run([sys.executable, "-m", "experiments.report", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and "--confirm" in done.stdout, done.stderr
