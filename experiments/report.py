@@ -356,6 +356,7 @@ def claims_section(results: Path, table: str, ablations: str | None = None) -> s
 # The pre-registered fact confirmation (docs/evidence.md, "v3: fact, confirmed on fresh seeds"): the
 # edit score, per comparison (name, claim, a, b, margin); b None: the better of FFT and LoRA there.
 CONFIRMATION_FIELD = "edit_score"
+CONFIRMATION_SEEDS = 5  # seeds 5-9; a table that records "seeds_planned" says so itself
 CONFIRMATIONS = [("C1", 1, "fft", "lora", None), ("C2", 2, "molf", None, CLAIM_MARGIN),
                  ("C3", 3, "molf_e", "adalora", None), ("C3", 3, "molf_e", "dora", None)]
 
@@ -375,8 +376,8 @@ def _confirmation_part(test: pd.DataFrame, results: Path, table: str, a: str, b:
             except (KeyError, NoPredictions):
                 pass
         if len(means) < 2:
-            return "absent", f"{a} vs the better of fft and lora: no test runs of " \
-                             f"{' and '.join(m for m in ('fft', 'lora') if m not in means)}", "fft or lora"
+            lacking = " and ".join(m for m in ("fft", "lora") if m not in means)
+            return f"incomplete (no test runs of {lacking})", f"fact: no test runs of {lacking}", "fft or lora"
         b = max(means, key=means.get)
     counts = {m: int(fact[fact.method == m].seed.nunique()) for m in (a, b)}
     verdict, text = _compare(fact, results, table, "fact", a, b, margin, field=CONFIRMATION_FIELD, provisional=False)
@@ -391,12 +392,12 @@ def _confirmation_part(test: pd.DataFrame, results: Path, table: str, a: str, b:
 
 def confirmation_lines(confirm: Path, explore_results: Path, explore_table: str) -> str:
     """The pre-registered fact confirmation: each comparison (CONFIRMATIONS) on the edit score, on the
-    confirmation table's seeds alone (``confirm``: its CSV, e.g. results/v3/confirm_v3.csv; a verdict
-    only once both methods have every planned seed), beside the same comparison on the exploratory
+    confirmation table's seeds alone (``confirm``: its CSV, e.g. results/v3/confirm_v3.csv, which the grid
+    writes once a cell is done; a verdict only once both methods have every planned seed), beside the same comparison on the exploratory
     table's seeds (``explore_table`` under ``explore_results``: main_v2's seeds 0-4). C3's two parts
     give one verdict: reproduced when both are, not reproduced when either is not."""
-    conf = pd.read_csv(confirm)
-    needed = int(conf["seeds_planned"].max()) if "seeds_planned" in conf else None
+    conf = pd.read_csv(confirm) if confirm.is_file() else pd.DataFrame(columns=["task", "method", "seed"])
+    needed = int(conf["seeds_planned"].max()) if "seeds_planned" in conf else CONFIRMATION_SEEDS
     explore = pd.read_csv(explore_results / f"{explore_table}.csv")
     seeds = lambda t: ", ".join(map(str, sorted(set(t[t.task == "fact"].seed))))  # noqa: E731
     lines = [f"Primary metric: fact's {CONFIRMATION_FIELD.replace('_', ' ')}; confirmation seeds "

@@ -203,8 +203,7 @@ def test_the_readmes_evidence_block_is_what_the_report_prints_from_the_committed
     from scripts import ROOT
     readme = (ROOT / "README.md").read_text()
     block = readme.split(report.README_BEGIN)[1].split(report.README_END)[0]
-    confirm = ROOT / "results" / "v3" / "confirm_v3.csv"
-    printed = report.brief(ROOT / "results" / "v2", "main_v2", "ablations_v2", confirm if confirm.is_file() else None)
+    printed = report.brief(ROOT / "results" / "v2", "main_v2", "ablations_v2", ROOT / "results" / "v3" / "confirm_v3.csv")
     assert block.strip() == printed.strip(), (
         "README.md's evidence block is stale: rerun experiments/report.py --results results/v2 --table main_v2 "
         "--ablations ablations_v2 --confirm results/v3/confirm_v3.csv --brief --readme README.md")
@@ -330,6 +329,13 @@ def test_the_fact_confirmation_needs_every_seed_and_shows_the_exploratory_seeds_
     c1 = report.confirmation_lines(confirm / "confirm.csv", explore, "main").splitlines()[1]
     assert c1.startswith("C1 (claim 1, fft vs lora, superiority): incomplete (fft 5 of 5 seeds, lora 2 of 5 seeds)")
     assert "2 seeds (so far)" in c1 and "→ reproduced; exploratory" not in c1
+    # before the confirmation's first run: every comparison incomplete, the exploratory seeds beside
+    lines = report.confirmation_lines(tmp_path / "none.csv", explore, "main").splitlines()
+    assert lines[0].startswith("Primary metric: fact's edit score; confirmation seeds none yet")
+    assert lines[1].startswith("C1 (claim 1, fft vs lora, superiority): incomplete (fft 0 of 5 seeds, lora 0 of 5")
+    assert "exploratory fact: fft 0.600 vs lora 0.300" in lines[1] and lines[-1].endswith(": incomplete")
+    assert lines[2].startswith("C2 (claim 2, molf vs fft or lora, non-inferiority, margin -1.5 points): "
+                               "incomplete (no test runs of fft and lora)")
 
 
 def test_a_prediction_file_with_a_repeated_item_is_refused_naming_file_and_item(tmp_path):
