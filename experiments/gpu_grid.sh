@@ -11,5 +11,5 @@ PY=${PY:-.venv/bin/python}
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this grid needs a GPU')"
 mkdir -p results/v2_gpu
 "$PY" -c "import torch; print(torch.cuda.get_device_name(0))" | tee results/v2_gpu/device.txt
-"$PY" experiments/grid.py experiments/main_v2_gpu.json --budget-min "${1:-8}"
-"$PY" experiments/report.py --results results/v2_gpu --table main_v2_gpu
+"$PY" -m experiments.grid experiments/main_v2_gpu.json --budget-min "${1:-8}"
+"$PY" -m experiments.report --results results/v2_gpu --table main_v2_gpu

@@ -1,9 +1,10 @@
 """Run one results table and write its CSVs.
 
-    python experiments/grid.py experiments/main.json            # train what is missing, then report
-    python experiments/grid.py experiments/main.json --tasks fact --budget-min 60
-    python experiments/grid.py experiments/main.json --report   # only aggregate what exists
-    python experiments/grid.py experiments/paper_table2.json --plan   # every cell and its estimated cost
+    python -m experiments.grid experiments/main.json            # train what is missing, then report
+    python -m experiments.grid experiments/main.json --tasks fact --budget-min 60
+    python -m experiments.grid experiments/main.json --report   # only aggregate what exists
+    python -m experiments.grid experiments/paper_table2.json --plan   # every cell and its estimated cost
+(from the repository root: ``-m`` imports this checkout's molf, whatever copy is installed.)
 
 Protocol (the paper's, scaled down): every (task, method, lr, seed) cell trains with the same data,
 schedule and batch and is evaluated on the task's *validation* split; per (task, method) the lr with
@@ -30,7 +31,7 @@ Spec keys: "model" (one) or "models" (a list: every model is its own set of cell
 or the reference implementation's, molf.lab.tasks) and names its primary metric.
 Further keys: "results" (the folder the CSVs and runs/ go to, relative to the repository; --results
 wins), "test_split" ({task: split}: the split a task's test evaluation reads, e.g. {"fact": "train"} to
-score every trained edit), "test_limit" (an int, or {task: int}), "extend_sweep" (the edge rule: a
+score every trained edit), "test_limit" (an int, or {task: int}), "cell_order" ("seed" or "method": cell_order()), "extend_sweep" (the edge rule: a
 complete sweep whose picked lr is its largest or smallest gets one more lr a step further, the step
 being the ratio of its two nearest lrs, at most this many times per (task, method); default 0), and per
 method "alpha_rule": "match_lora_scale" (adalora: the lora_alpha that gives peft's AdaLoRA, which scales
@@ -63,7 +64,6 @@ import json
 import math
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,11 +71,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from molf.lab import analysis, models, retention, runs, tasks
+from molf.lab.train import TrainConfig, build, check_reusable, run
 
-from molf.lab import analysis, models, retention, runs, tasks  # noqa: E402
-from molf.lab.train import TrainConfig, build, check_reusable, run  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LR_FIELD = {"fft": "lr", "lora": "lr", "dora": "lr", "adalora": "lr"}  # molf/molf_e sweep lr_fft & lr_lora
 # TrainConfig fields a spec may set for every cell (beside the required ones config_for reads).
@@ -90,6 +89,7 @@ HUB_TRAIN_ROWS = {"sql": 99_000, "mcq": 180_993, "fact": 21_919}
 # be loaded here. A spec's "params" ({model: count}) wins.
 KNOWN_PARAMS = {"google/gemma-3-1b-pt": 1.00e9, "Qwen/Qwen2.5-1.5B": 1.54e9, "Qwen/Qwen2.5-3B": 3.09e9,
                 "meta-llama/Llama-3.2-1B": 1.24e9, "Qwen/Qwen2.5-0.5B": 0.49e9}
+CELL_ORDERS = ("seed", "method")
 FROZEN_BASE = ("lora", "dora", "adalora", "molf_e")  # no weight gradients of the base: ~4 N FLOPs per token
 
 
@@ -163,16 +163,42 @@ def sweep_cells(spec: dict, extended: dict | None = None):
     """The lr-sweep cells: every (model, task, method label, method, lr, selection seed, TrainConfig kwargs);
     ``extended``: (model, task, label) -> lrs the edge rule added (``extend_sweeps``)."""
     # Order: every method's first lr, then every method's second lr, ..., so a partly filled table
-    # already compares all methods (each at its first-listed, paper-default lr).
+    # already compares all methods (each at its first-listed, paper-default lr); "cell_order": "method":
+    # every cell of a method (seed by seed, lr by lr) before the next method's.
+    by_method = cell_order(spec) == "method"
     for model in spec_models(spec):
         for task in spec["tasks"]:
             lrs = {label: sweep_lrs(spec, model, task, label, extended) for label in spec["methods"]}
+            if by_method:
+                for label, m in spec["methods"].items():
+                    for seed in select_seeds(spec):
+                        for lr in lrs[label]:
+                            yield _cell(model, task, label, m, lr, seed)
+                continue
             n_lrs = max(map(len, lrs.values()))
             for seed in select_seeds(spec):
                 for lr_index in range(n_lrs):
                     for label, m in spec["methods"].items():
                         if lr_index < len(lrs[label]):
                             yield _cell(model, task, label, m, lrs[label][lr_index], seed)
+
+
+def cell_order(spec: dict) -> str:
+    """The spec's "cell_order": "seed" (default: each seed's cells of every method, then the next seed's)
+    or "method" (every cell of one method before the next: a table whose comparisons should complete
+    one after another, e.g. a confirmation on fresh seeds stopped by its budget). The order holds within
+    the sweep (the selection seeds) and within the extra seeds, which follow the sweep: a table of one lr
+    per method that lists every seed as a selection seed runs method by method throughout."""
+    order = spec.get("cell_order", "seed")
+    if order not in CELL_ORDERS:
+        raise ValueError(f"cell_order {order!r} is not one of {CELL_ORDERS}")
+    return order
+
+
+def picked_for_sure(spec: dict, model: str, task: str, label: str, extended: dict | None = None) -> bool:
+    """Whether a sweep cell of (model, task, label) is its pick whatever the other cells score: the
+    sweep has one lr and the edge rule cannot add another. Such a cell is tested as soon as it trains."""
+    return len(sweep_lrs(spec, model, task, label, extended)) == 1 and int(spec.get("extend_sweep", 0)) == 0
 
 
 def extend_sweeps(spec: dict, picked: dict, complete: set, extended: dict) -> bool:
@@ -201,12 +227,14 @@ def seed_cells(spec: dict, picked: dict):
     """The extra-seed cells: each (model, task, method) at its picked lr (``picked``: (model, task, label)
     -> lr), for the seeds not used to pick it."""
     extra = [s for s in spec["seeds"] if s not in select_seeds(spec)]
+    labels = list(spec["methods"])
+    order = ([(label, seed) for label in labels for seed in extra] if cell_order(spec) == "method"
+             else [(label, seed) for seed in extra for label in labels])
     for model in spec_models(spec):
         for task in spec["tasks"]:
-            for seed in extra:
-                for label, m in spec["methods"].items():
-                    if (model, task, label) in picked:
-                        yield _cell(model, task, label, m, picked[model, task, label], seed)
+            for label, seed in order:
+                if (model, task, label) in picked:
+                    yield _cell(model, task, label, spec["methods"][label], picked[model, task, label], seed)
 
 
 def run_dir(spec, table, model, task, label, lr, seed, results: Path) -> Path:
@@ -702,7 +730,10 @@ def main(argv=None) -> int:
     stopped = False  # the budget ran out: start no more cells, still collect the finished ones
     multi = "models" in spec  # the CSVs get a model column
 
-    def visit(cell_list) -> list[dict]:
+    def visit(cell_list, picked_cells: bool = False) -> list[dict]:
+        """Train what is missing of ``cell_list`` (budget allowing) and return the finished rows. A cell
+        that is its (model, task, method)'s pick for sure (``picked_cells``: the extra seeds; or a sweep of
+        one lr without the edge rule) is tested as soon as it trains, so its records are complete at once."""
         nonlocal stopped
         rows = []
         for model, task, label, method, lr, seed, kw in cell_list:
@@ -716,6 +747,11 @@ def main(argv=None) -> int:
                     what = f"{model} {task}" if multi else task
                     print(f"[{table}] {what} {label} lr={lr:g} seed={seed}", flush=True)
                     run(config)
+                    if picked_cells or picked_for_sure(spec, model, task, label, extended):
+                        test_metrics(out, task, spec.get("test_limit"), spec)
+                        if not args.keep_models and (out / "model").is_dir():
+                            shutil.rmtree(out / "model")
+                        print(f"[{table}] tested {out.relative_to(results)}", flush=True)
             if (out / "metrics.json").is_file():
                 check_reusable(config, out)  # same config and data, else an error naming what differs
                 if (out / "routing.jsonl").is_file() and not (out / runs.WINNERS_FILE).is_file():
@@ -736,7 +772,7 @@ def main(argv=None) -> int:
             f"{'/'.join(map(str, k))} +{', '.join(f'{lr:g}' for lr in v)}" for k, v in sorted(extended.items())))
     # extra seeds only where the sweep is complete, so the picked lr can no longer change
     ready = {} if args.sweep_only else {k: v for k, v in picked.items() if k in complete}
-    extra = pd.DataFrame(visit(list(seed_cells(spec, ready))))
+    extra = pd.DataFrame(visit(list(seed_cells(spec, ready)), picked_cells=True))
     if sweep.empty:
         print("no finished cells yet")
         return 0

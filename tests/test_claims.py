@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from scripts import report
+from scripts import figures, report
 
 N = 100  # items per task
 
@@ -49,10 +49,14 @@ def test_claims_follow_the_paired_comparisons(tmp_path):
     }
     results = fake_results(tmp_path, outcomes)
     claims = lines_of(report.claims_section(results, "tbl"))
-    assert claims[1].startswith("claim 1: reproduced") and claims[1].count("→ reproduced") == 3
+    # mcq2 leaves the verdicts: claim 1 reads fact and sql only
+    assert claims[1].startswith("claim 1: reproduced") and claims[1].count("→ reproduced") == 2
+    assert "mcq2" not in claims[1] and "mcq2" not in claims[2]
     assert "fact: fft 0.900 vs lora 0.300: diff +0.600" in claims[1] and "n=300" in claims[1]
     assert claims[2].startswith("claim 2: reproduced")
-    assert claims[3].startswith("claim 3: not reproduced") and "molf_e 0.300 vs adalora 0.900" in claims[3]
+    # claim 3 fails on fact, but sql, a task of the table, has no MoLF-E runs: incomplete, saying what
+    assert claims[3].startswith("claim 3: incomplete (sql: no test runs of molf_e)")
+    assert "molf_e 0.300 vs adalora 0.900" in claims[3] and "→ not reproduced" in claims[3]
     assert claims[4].startswith("claim 4: inconclusive") and claims[5].startswith("claim 5: inconclusive")
 
 
@@ -75,6 +79,7 @@ def test_a_small_difference_is_inconclusive_and_a_clear_loss_within_margin_claim
     assert claims[1].startswith("claim 1: inconclusive") and "→ inconclusive" in claims[1]
     assert claims[2].startswith("claim 2: not reproduced")
     assert claims[3].count("no test runs of molf_e") == 1  # said once, not once per method compared
+    assert claims[3].startswith("claim 3: incomplete (fact: no test runs of molf_e)")
 
 
 def test_a_gap_that_flips_with_the_seed_gets_no_verdict(tmp_path):
@@ -198,13 +203,13 @@ def test_the_readmes_evidence_block_is_what_the_report_prints_from_the_committed
     from scripts import ROOT
     readme = (ROOT / "README.md").read_text()
     block = readme.split(report.README_BEGIN)[1].split(report.README_END)[0]
-    printed = report.brief(ROOT / "results" / "v2", "main_v2", "ablations_v2")
+    printed = report.brief(ROOT / "results" / "v2", "main_v2", "ablations_v2", ROOT / "results" / "v3" / "confirm_v3.csv")
     assert block.strip() == printed.strip(), (
         "README.md's evidence block is stale: rerun experiments/report.py --results results/v2 --table main_v2 "
-        "--ablations ablations_v2 --brief --readme README.md")
+        "--ablations ablations_v2 --confirm results/v3/confirm_v3.csv --brief --readme README.md")
 
 
-def test_a_claim_over_every_task_stays_inconclusive_while_a_planned_task_has_no_runs(tmp_path):
+def test_a_claim_over_every_task_stays_incomplete_while_a_planned_task_has_no_runs(tmp_path):
     seeds = 3
     outcomes = {("fact", "fft"): [correct_share(0.9)] * seeds, ("fact", "lora"): [correct_share(0.3)] * seeds,
                 ("fact", "molf"): [correct_share(0.9)] * seeds}
@@ -214,5 +219,130 @@ def test_a_claim_over_every_task_stays_inconclusive_while_a_planned_task_has_no_
     csv = pd.read_csv(results / "tbl.csv")
     csv.assign(tasks_planned="fact mcq2 sql").to_csv(results / "tbl.csv", index=False)
     claims = lines_of(report.claims_section(results, "tbl"))
-    for n in (1, 2, 3):
-        assert claims[n].startswith(f"claim {n}: inconclusive") and "mcq2: no test runs yet; sql: no test runs yet" in claims[n]
+    for n in (1, 2, 3):  # mcq2 is planned too, but reads no verdict
+        verdict = claims[n].split(" — ")[0]
+        assert verdict.startswith(f"claim {n}: incomplete (") and verdict.endswith("sql: no test runs yet)")
+        assert "mcq2" not in claims[n]
+
+
+def test_a_planned_part_without_runs_makes_a_claim_incomplete_never_reproduced():
+    passing = ("reproduced", "fact: fft beats lora → reproduced")
+    line = report._claim_line(1, [passing, ("reproduced", "sql2: lora beats fft → reproduced"),
+                                  ("absent", "sql2: no test runs of molf")])
+    assert line.startswith("claim 1: incomplete (sql2: no test runs of molf) — fact: fft beats lora")
+    assert report._claim_line(1, [passing, passing]).startswith("claim 1: reproduced")
+    failing = ("not reproduced", "fact: lora beats fft → not reproduced")
+    assert report._claim_line(1, [passing, failing]).startswith("claim 1: not reproduced")
+    assert report._claim_line(1, [failing, ("absent", "x: no test runs yet")]).startswith("claim 1: incomplete")
+
+
+def test_the_ceiling_guard_covers_non_inferiority(tmp_path):
+    # both learn every item: "MoLF no worse than FFT" would pass trivially; it gets no verdict
+    outcomes = {("fact", "fft"): [[1] * N] * 2, ("fact", "lora"): [correct_share(0.5)] * 2,
+                ("fact", "molf"): [[1] * (N - 1) + [0]] * 2}
+    claim = lines_of(report.claims_section(fake_results(tmp_path, outcomes), "tbl"))[2]
+    assert claim.startswith("claim 2: inconclusive") and "(both at the ceiling)" in claim
+    # below the ceiling the same test decides
+    outcomes[("fact", "fft")] = outcomes[("fact", "molf")] = [correct_share(0.8)] * 2
+    claim = lines_of(report.claims_section(fake_results(tmp_path / "b", outcomes), "tbl"))[2]
+    assert claim.startswith("claim 2: reproduced") and "ceiling" not in claim
+
+
+def dynamics(rows):
+    columns = ["task", "method", "expert", "win_share", "agreement_10pct", "null_time_10pct", "null_type_10pct"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def test_claim_4_is_judged_against_the_time_shuffled_and_module_type_nulls_with_molf_e_apart():
+    early = [("fact", "molf", "fft", 0.5, 0.95, 0.90, 0.85)] * 3
+    molf_e = [("fact", "molf_e", "lora1", 0.001, 1.0, 1.0, 1.0)] * 2
+    line = report.claim4_line(dynamics(early + molf_e))
+    assert line.startswith("claim 4: reproduced — MoLF (3 runs: fact)") and "above both in 3" in line
+    assert "MoLF-E apart, not judged: its lora1 expert wins 0.1–0.1%" in line
+    # routing that agrees less with the end than its own winners shuffled in time keeps moving
+    moving = [("fact", "molf", "fft", 0.5, 0.84, 0.92, 0.82)] * 3
+    line = report.claim4_line(dynamics(moving + molf_e))
+    assert line.startswith("claim 4: not reproduced") and "above the time-shuffled null in 0 of 3 runs" in line
+    # above the time null but not the module-type null in one run of three: not every run beats both
+    mixed = early[:2] + [("fact", "molf", "fft", 0.5, 0.95, 0.90, 0.97)]
+    assert report.claim4_line(dynamics(mixed)).startswith("claim 4: inconclusive")
+    # MoLF-E's degenerate routing never decides; mcq2 runs are left out
+    assert report.claim4_line(dynamics(early + [("fact", "molf_e", "lora1", 0.001, 0.1, 1.0, 1.0)])).startswith(
+        "claim 4: reproduced")
+    assert report.claim4_line(dynamics(early + [("mcq2", "molf", "fft", 0.5, 0.1, 0.9, 0.9)] * 5)).startswith(
+        "claim 4: reproduced")
+    old = dynamics(early).drop(columns=["null_time_10pct", "null_type_10pct"])
+    assert "no null columns" in report.claim4_line(old)
+
+
+def test_the_nulls_of_claim_4_on_hand_made_routing():
+    from molf.lab import runs
+
+    def routing(winner):  # winner(module, step) -> expert; two experts, one winner per (module, step)
+        modules = [f"model.layers.0.self_attn.{t}_proj" for t in ("q", "k")] + ["model.layers.1.self_attn.q_proj"]
+        rows = [{"module": m, "step": t, "expert": e, "won": winner(m, t) == e}
+                for m in modules for t in range(20) for e in ("fft", "lora0")]
+        frame = pd.DataFrame(rows)
+        frame["module_type"] = [runs.module_type(m) for m in frame["module"]]
+        return frame
+
+    # every module keeps one winner from the start: both nulls and the run agree fully
+    fixed = routing(lambda m, t: "fft" if "k_proj" in m else "lora0")
+    assert figures.null_agreements(fixed) == (1.0, 1.0)
+    # modules of one type (the two q) end on different winners: the type alone predicts half of them
+    split = routing(lambda m, t: "fft" if "layers.1" in m or "k_proj" in m else "lora0")
+    time_null, type_null = figures.null_agreements(split, shuffles=50)
+    assert time_null == 1.0 and abs(type_null - 2 / 3) < 0.12
+    # a module that alternates in the first half and settles on fft: the shuffle moves fft wins early
+    late = routing(lambda m, t: ("fft" if t >= 10 or t % 2 else "lora0") if "k_proj" in m else "lora0")
+    time_null, _ = figures.null_agreements(late, shuffles=200)
+    assert 2 / 3 < time_null < 1.0
+
+
+def test_the_fact_confirmation_needs_every_seed_and_shows_the_exploratory_seeds_beside(tmp_path):
+    def with_edit_scores(results, table, scores):
+        for (method, seed), share in scores.items():
+            path = results / "runs" / table / "fact" / method / f"lr0.001_s{seed}" / "test_predictions.jsonl"
+            path.write_text("".join(json.dumps({"id": f"fact-{i}", "correct": 1, "edit_score": int(i < share * N)})
+                                    + "\n" for i in range(N)))
+
+    methods = {"fft": 0.6, "lora": 0.3, "molf": 0.6, "molf_e": 0.4, "adalora": 0.2, "dora": 0.45}
+    explore = fake_results(tmp_path / "e", {("fact", m): [[1] * N] * 2 for m in methods}, table="main")
+    with_edit_scores(explore, "main", {(m, s): v for m, v in methods.items() for s in range(2)})
+    confirm = fake_results(tmp_path / "c", {("fact", m): [[1] * N] * 5 for m in methods}, table="confirm")
+    with_edit_scores(confirm, "confirm", {(m, s): v + 0.01 * (s % 2) for m, v in methods.items() for s in range(5)})
+    csv = pd.read_csv(confirm / "confirm.csv")
+    csv.assign(seeds_planned=5).to_csv(confirm / "confirm.csv", index=False)
+    lines = report.confirmation_lines(confirm / "confirm.csv", explore, "main").splitlines()
+    assert lines[0].startswith("Primary metric: fact's edit score; confirmation seeds 0, 1, 2, 3, 4")
+    c1, c2, c3a, c3b, c3 = lines[1:]
+    assert c1.startswith("C1 (claim 1, fft vs lora, superiority): reproduced — confirmation fact: fft ")
+    assert "5 seeds → reproduced" in c1 and "exploratory fact: fft 0.600 vs lora 0.300" in c1  # beside, apart
+    assert c2.startswith("C2 (claim 2, molf vs fft, non-inferiority, margin -1.5 points): reproduced")
+    assert c3a.startswith("C3 (claim 3, molf_e vs adalora, superiority): reproduced")
+    assert c3b.startswith("C3 (claim 3, molf_e vs dora, superiority): not reproduced")
+    assert c3 == "C3 (claim 3 on fact, both parts): not reproduced"
+    # efficacy is at the ceiling for all; the edit score is what decides
+    assert "ceiling" not in c1
+    # two of five seeds of lora: its comparisons are incomplete, numbers shown so far
+    csv.assign(seeds_planned=5)[~((csv.method == "lora") & (csv.seed > 1))].to_csv(confirm / "confirm.csv", index=False)
+    c1 = report.confirmation_lines(confirm / "confirm.csv", explore, "main").splitlines()[1]
+    assert c1.startswith("C1 (claim 1, fft vs lora, superiority): incomplete (fft 5 of 5 seeds, lora 2 of 5 seeds)")
+    assert "2 seeds (so far)" in c1 and "→ reproduced; exploratory" not in c1
+    # before the confirmation's first run: every comparison incomplete, the exploratory seeds beside
+    lines = report.confirmation_lines(tmp_path / "none.csv", explore, "main").splitlines()
+    assert lines[0].startswith("Primary metric: fact's edit score; confirmation seeds none yet")
+    assert lines[1].startswith("C1 (claim 1, fft vs lora, superiority): incomplete (fft 0 of 5 seeds, lora 0 of 5")
+    assert "exploratory fact: fft 0.600 vs lora 0.300" in lines[1] and lines[-1].endswith(": incomplete")
+    assert lines[2].startswith("C2 (claim 2, molf vs fft or lora, non-inferiority, margin -1.5 points): "
+                               "incomplete (no test runs of fft and lora)")
+
+
+def test_a_prediction_file_with_a_repeated_item_is_refused_naming_file_and_item(tmp_path):
+    import pytest
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "test_predictions.jsonl").write_text("".join(
+        json.dumps({"id": i, "correct": 1}) + "\n" for i in (0, 1, 2, 1)))
+    with pytest.raises(ValueError, match=r"run/test_predictions.jsonl: item 1 has a second record on line 4"):
+        report._predictions(folder)

@@ -414,3 +414,56 @@ def test_recorded_step_time_skips_a_run_that_has_not_logged_a_step(tmp_path):
     logged.mkdir()
     (logged / "steps.csv").write_text("step,loss,step_time_s\n0,2.0,9.0\n1,1.5,3.0\n2,1.0,5.0\n")
     assert grid._recorded_step_time(tmp_path) == 4.0  # the median after the warm-up step
+
+
+def test_method_order_tests_each_sure_pick_as_soon_as_it_trains(tmp_path, monkeypatch):
+    """"cell_order": "method" trains every selection seed of a method before the next method (then the
+    extra seeds, method by method); a cell that is its method's pick for sure (one lr, no edge rule; or
+    an extra seed) is tested right after it trains, before the next cell starts, and its model is then
+    deleted."""
+    spec = {**SPEC, "seeds": [5, 6, 7], "select_seeds": [5, 6], "cell_order": "method",
+            "methods": {"lora": {"lrs": [1e-3], "ranks": [4]}, "molf": {"lrs": [1e-4], "ranks": [4]}}}
+    events = []
+    real_run, real_test = grid.run, grid.test_metrics
+    monkeypatch.setattr(grid, "run", lambda config: (events.append(("train", config.out_dir)), real_run(config))[1])
+
+    def traced_test(run_dir, *args, **kwargs):
+        fresh = not (run_dir / "test_metrics.json").is_file()
+        if fresh:
+            events.append(("test", str(run_dir)))
+        return real_test(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(grid, "test_metrics", traced_test)
+    results = tmp_path / "results"
+    assert grid.main([str(write_spec(tmp_path, spec)), "--results", str(results)]) == 0
+    cells = [(kind, "/".join(path.split("/")[-2:])) for kind, path in events]
+    assert cells == [(kind, cell) for cell in ("lora/lr0.001_s5", "lora/lr0.001_s6", "molf/lr0.0001_s5",
+                                               "molf/lr0.0001_s6", "lora/lr0.001_s7", "molf/lr0.0001_s7")
+                     for kind in ("train", "test")]
+    assert not list(results.rglob("model"))
+    with pytest.raises(ValueError, match="cell_order 'task' is not one of"):
+        grid.main([str(write_spec(tmp_path, {**spec, "cell_order": "task"}, "bad")), "--results", str(results)])
+
+
+def test_a_sweep_of_several_lrs_is_tested_only_once_picked(tmp_path, monkeypatch):
+    """A cell whose lr may still lose is not tested when it trains: only the picked lr's runs are."""
+    tested = []
+    real_test = grid.test_metrics
+    monkeypatch.setattr(grid, "test_metrics", lambda d, *a, **k: (tested.append(d.name), real_test(d, *a, **k))[1])
+    spec = {**SPEC, "seeds": [0], "methods": {"lora": {"lrs": [1e-3, 1e-6], "ranks": [4]}}}
+    results = tmp_path / "results"
+    assert grid.main([str(write_spec(tmp_path, spec)), "--results", str(results)]) == 0
+    picked = pd.read_csv(results / "tbl.csv")["lr"].iloc[0]
+    assert tested == [f"lr{picked:g}_s0"]
+
+
+def test_the_experiment_scripts_run_as_modules_without_editing_sys_path():
+    """Run from the repository root as ``python -m experiments.<name>``, a script imports this checkout's
+    molf (the root comes first on sys.path); none of them edits sys.path to find it."""
+    import subprocess
+    import sys
+    for name in ("grid", "report", "figures"):
+        assert "sys.path" not in (ROOT / "experiments" / f"{name}.py").read_text(), name
+    done = subprocess.run([sys.executable, "-m", "experiments.report", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and "--confirm" in done.stdout, done.stderr
