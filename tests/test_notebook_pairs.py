@@ -16,6 +16,8 @@ from pathlib import Path
 import jupytext
 import pytest
 
+from molf.lab import suite
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 SCRIPTS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
@@ -30,7 +32,8 @@ def _git(*args, cwd=ROOT) -> str:
 def test_notebooks_are_committed_as_scripts_only():
     tracked = _git("ls-files", "notebooks").split()
     assert not [p for p in tracked if p.endswith(".ipynb")], "commit the .py of a notebook, not its .ipynb"
-    assert {Path(p).name for p in tracked if p.endswith(".py")} >= {p.name for p in SCRIPTS} and len(SCRIPTS) == 7
+    assert {Path(p).name for p in tracked if p.endswith(".py")} >= {p.name for p in SCRIPTS}
+    assert [p.stem for p in SCRIPTS] == list(suite.NOTEBOOKS), "every notebook script is in the suite, and only those"
     ignored = _git("check-ignore", "--no-index", *(f"notebooks/{p.stem}.ipynb" for p in SCRIPTS)).split()
     assert ignored == [f"notebooks/{p.stem}.ipynb" for p in SCRIPTS]
 
