@@ -36,7 +36,7 @@ cat > "$OUT/gpu_plan.json" <<'JSON'
  "methods": {"fft": {"lrs": [5e-5]}, "lora": {"lrs": [5e-4], "ranks": [32]},
              "molf": {"lrs": [5e-5], "ranks": [128], "alphas": [32]}}}
 JSON
-"$PY" experiments/grid.py "$OUT/gpu_plan.json" --plan --results "$OUT/plan_results"
+"$PY" -m experiments.grid "$OUT/gpu_plan.json" --plan --results "$OUT/plan_results"
 
 # =====================================================================================================
 # The optimizer on the device: the masked path against the reference optimizer, and step() under
