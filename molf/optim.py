@@ -219,11 +219,12 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._skips.settle()
         return {**super().__getstate__(), "_scores": self._scores, "_readback": self._readback}
 
-    def __setstate__(self, state: dict) -> None:
-        self._scores, self._readback = state.pop("_scores", groups.Scores()), state.pop("_readback", None)
-        self._router, self._skips, self._scratch = StepRouter(None), functional.DeferredSkips(), functional.Scratch()
-        self._readback = self._readback or RoutingReadback([])
+    def __setstate__(self, state: dict) -> None:  # torch's load_state_dict calls it too: keep what we have
+        scores, readback = state.pop("_scores", None), state.pop("_readback", None)
         super().__setstate__(state)
+        if scores is not None:  # a copy or an unpickled optimizer: rebuild what is not state
+            self._scores, self._readback, self._router = scores, readback, StepRouter(None)
+            self._skips, self._scratch = functional.DeferredSkips(), functional.Scratch()
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, after checking that the checkpoint fits: the same modules (by name), experts,
