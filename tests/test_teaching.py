@@ -167,7 +167,10 @@ def test_notebook_runs_under_papermill_with_its_asserts(tmp_path):
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     runs_dir, figures_dir = tmp_path / "runs", tmp_path / "figures"
     runs_dir.mkdir()
-    command = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / f"{NOTEBOOK}.ipynb"),
+    from molf.lab import suite
+
+    source = suite.notebook_file(NOTEBOOK, ROOT / "notebooks", tmp_path)  # the committed .py, converted
+    command = [sys.executable, "-m", "papermill", str(source),
                str(runs_dir / f"{NOTEBOOK}.ipynb"), "-k", "python3", "--cwd", str(ROOT / "notebooks"),
                "--log-level", "ERROR"]
     for key, value in (("model", "tiny"), ("steps", 6), ("batch_size", 2), ("seq_len", 48), ("eval_limit", 4),
