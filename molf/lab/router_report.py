@@ -142,9 +142,10 @@ def spectra_plot(table: pd.DataFrame, title: str | None = None):
         ax.set_title(label, fontsize=10)
         if column == "relative_delta":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title or "What each method's update did to the weights (mean over layers)")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(methods), fontsize=8)
+    fig.suptitle(title or "What each method's update did to the weights (mean over layers)", x=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig
 
 
