@@ -61,11 +61,13 @@ cycle_every = 5             # the "cycle" policy moves to the next expert every 
 probe_steps = 2             # steps at which the choice's cost is probed, spread over the run
 horizon = 3                 # steps each probe trains before its loss is read
 windows = 4                 # windows of steps for the agreement-over-time figure
+weight_layers = 3           # decoder layers the weight views cover: n spread evenly, a list, or None (all)
 
 # %%
+import time
 from pathlib import Path
 
-from molf.lab import models, notebook, retention, router_report, shadow
+from molf.lab import analysis, models, notebook, retention, router_report, shadow
 
 nb = notebook.setup("08_what_the_router_did", globals())
 own_runs = nb.train_dir / "08_what_the_router_did"   # this page's runs keep their merged models
@@ -74,18 +76,21 @@ own_runs = nb.train_dir / "08_what_the_router_did"   # this page's runs keep the
 # ## 1. Shadow routers on the MoLF run
 #
 # **Time.** On the tiny model this section takes seconds. On SmolLM2-135M with the defaults (20 steps,
-# batch 4, 64 tokens) on two CPU cores, expect about a minute for the run plus, for each of the
-# `probe_steps` probes, `(1 + number of probed rules) x horizon` extra training steps (2 x 5 x 3 = 30 steps,
-# about as long again as the run). A finished run in `own_runs` with its shadow tables is read back, not
-# retrained.
+# batch 4, 64 tokens) it trains the 20 steps plus, at each of the `probe_steps` probes, one copy of the
+# model per branch for `horizon` steps: the real rule and each of the 4 other rules, 2 x 5 x 3 = 30 steps
+# more. At the 1.2-1.4 s per SmolLM2 step that `00_quickstart` shows on two idle CPU cores, that is one to
+# two minutes; a busy machine is several times slower. The cell prints the time it took. A finished run
+# in `own_runs` with its shadow tables is read back, not retrained.
 
 # %%
+began = time.perf_counter()
 config = router_report.own_folder(nb.run_config(method="molf", **nb.common), own_runs)
 result = shadow.train_with_shadows(config, rules=shadow_rules, n_probes=probe_steps, horizon=horizon,
                                    cycle_every=cycle_every)
 real_score = result.run.config.score
 print(f"MoLF run {Path(result.run.out_dir).name}: {result.run.metrics['steps']} steps, routed by {real_score}; "
-      f"{result.shadows['step'].nunique()} steps x {result.shadows['module'].nunique()} modules recorded")
+      f"{result.shadows['step'].nunique()} steps x {result.shadows['module'].nunique()} modules recorded, "
+      f"{len(result.costs)} probes; {time.perf_counter() - began:.0f} s")
 
 # %% [markdown]
 # ### Agreement per rule and module type
@@ -160,24 +165,29 @@ print(f"largest move of a losing expert: {audit['loser_max'].max():g} (steps whe
 # %% [markdown]
 # ## 2. What each update did to the weights
 #
-# **Time.** Each method other than MoLF trains its own run (same data, steps and seed), so this section
-# takes about three times the MoLF run, plus the singular value decompositions of every linear module of
-# every model (about a minute per method on SmolLM2, seconds on the tiny model). The runs live in
-# `own_runs` with their merged models, so a second run of the notebook only recomputes the tables.
+# **Time.** Each method other than MoLF trains its own run (same data, steps and seed): about three times
+# the MoLF run without its probes. Then each module's singular value decompositions (ΔW, the base and
+# the tuned weight, in float64): seconds on the tiny model, but on SmolLM2 tens of seconds per decoder
+# layer and method on two busy CPU cores, so `weight_layers = 3` covers three layers (first, middle,
+# last) by default; `None` covers all 30 (about ten times longer). The retention probe always runs on
+# the whole model. The runs live in `own_runs` with their merged models, so a second run of the notebook
+# only recomputes the tables.
 
 # %%
+began = time.perf_counter()
 base, tokenizer = models.load(nb.common["model"])
 probe_rows = retention.load()
 base_retention = retention.evaluate(base, tokenizer, probe_rows)["retention"]
-tuned = {}
+tuned, run_metrics = {}, {}
 for method in methods:
     if method == "molf":
-        tuned[method] = (result.model, result.tokenizer)
+        tuned[method], run_metrics[method] = (result.model, result.tokenizer), result.run.metrics
         continue
-    _, tuned_model, tuned_tokenizer = router_report.merged_model(
+    run, tuned_model, tuned_tokenizer = router_report.merged_model(
         router_report.own_folder(nb.run_config(method=method, **nb.common), own_runs))
-    tuned[method] = (tuned_model, tuned_tokenizer)
-table, summary = router_report.method_weights(base, tuned, probe_rows)
+    tuned[method], run_metrics[method] = (tuned_model, tuned_tokenizer), run.metrics
+table, summary = router_report.method_weights(base, tuned, probe_rows, layers=weight_layers)
+print(f"weight views over decoder layers {sorted(set(table['layer']))}; {time.perf_counter() - began:.0f} s")
 summary
 
 # %% [markdown]
@@ -235,6 +245,10 @@ for row in summary.itertuples():
 results["retention (base)"] = float(base_retention)
 results["details"] = {"probe_steps": sorted(int(s) for s in costs["step"].unique()),
                       "agreement_by_type": router_report.agreement_grid(result.shadows).round(4).to_dict(),
-                      "methods": summary.to_dict(orient="records")}
+                      "methods": [{**row, "final_loss": run_metrics[row["method"]]["final_loss"],
+                                   "train_time_s": run_metrics[row["method"]]["train_time_s"],
+                                   "trainable_params": run_metrics[row["method"]]["trainable_params"],
+                                   "metric": analysis.primary_score(run_metrics[row["method"]])}
+                                  for row in summary.to_dict(orient="records")]}
 nb.write_results(results)
 print({k: v for k, v in results.items() if k != "details"})

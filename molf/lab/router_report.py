@@ -13,8 +13,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from torch import nn
 
-from . import plots, retention, shadow, weights
+from . import plots, retention, runs, shadow, weights
 
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -108,14 +109,58 @@ def update_audit_plot(audit: pd.DataFrame, title: str | None = None):
 
 
 # ---------------------------------------------------------------------------- weights per method
-def method_weights(base, tuned: dict, probe_rows=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def pick_layers(n_layers: int, layers) -> list[int]:
+    """The decoder layers the weight views cover: ``None`` every one, an int ``n`` that many spread evenly
+    (first and last included), a list those layers."""
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, bool):
+        raise ValueError(f"layers must be None, an integer >= 1 or a list of layer indices, got {layers!r}")
+    if isinstance(layers, int):
+        if layers < 1:
+            raise ValueError(f"layers must be None, an integer >= 1 or a list of layer indices, got {layers!r}")
+        if layers >= n_layers:
+            return list(range(n_layers))
+        if layers == 1:
+            return [n_layers // 2]
+        return sorted({round(i * (n_layers - 1) / (layers - 1)) for i in range(layers)})
+    chosen = sorted({int(i) for i in layers})
+    bad = [i for i in chosen if not 0 <= i < n_layers]
+    if bad or not chosen:
+        raise ValueError(f"layers {list(layers)!r}: the model has layers 0..{n_layers - 1}")
+    return chosen
+
+
+def linear_subset(model: nn.Module, layers) -> nn.Module:
+    """A module tree holding only ``model``'s linear modules of the given decoder ``layers`` (shared, not
+    copied), under their own names: ``weights.weight_table`` on two of them compares just those."""
+    keep = set(layers)
+    root = nn.Module()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or runs.module_layer(name) not in keep:
+            continue
+        parent, parts = root, name.split(".")
+        for part in parts[:-1]:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        parent.add_module(parts[-1], module)
+    return root
+
+
+def method_weights(base, tuned: dict, probe_rows=None, layers=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``tuned``: method -> (merged model, tokenizer). Returns the per-module ``weights.weight_table`` of
-    every method (a ``method`` column added) and one row per method: mean effective rank, mean rank_99,
-    mean relative delta, intruder count (all modules) and retention (``molf.lab.retention``)."""
+    every method (a ``method`` column added) over the decoder ``layers`` (``pick_layers``: each module's
+    singular value decompositions are the cost) and one row per method: mean effective rank, mean
+    rank_99, mean relative delta, intruder count (those modules) and retention (``molf.lab.retention``,
+    the whole model)."""
     probe_rows = retention.load() if probe_rows is None else probe_rows
+    n_layers = 1 + max(runs.module_layer(name) for name, m in base.named_modules() if isinstance(m, nn.Linear))
+    chosen = pick_layers(n_layers, layers)
+    base_part = linear_subset(base, chosen)
     tables, rows = [], []
     for method, (model, tokenizer) in tuned.items():
-        table = weights.weight_table(base, model).assign(method=method)
+        table = weights.weight_table(base_part, linear_subset(model, chosen)).assign(method=method)
         tables.append(table)
         rows.append({"method": method, "effective_rank": float(table["effective_rank"].mean()),
                      "rank_99": float(table["rank_99"].mean()), "relative_delta": float(table["relative_delta"].mean()),
