@@ -119,4 +119,80 @@ def test_choice_cost_is_zero_for_the_same_rule_and_leaves_the_run_alone(rule):
     else:
         # cycle picks the FFT expert at step 2 (every 10 steps: block 0) where EPD picked LoRA somewhere
         assert result["modules_differing"] > 0 and result["cost"] != 0.0
-    assert "_shadow_" + rule not in router.SCORES
+    assert "_shadow_probe" not in router.SCORES
+
+
+def test_through_the_engine_the_router_is_read_before_the_scheduler_moves_the_lr():
+    """At the last step of a cosine schedule the next lr is 0 (every EPD score 0, a tie): a shadow read
+    after the scheduler would disagree there. Read on the optimizer step, EPD agrees with itself always."""
+    from molf.lab import engine, train
+    model, opt = _setup(score="epd")
+    scheduler = train.make_scheduler(opt, "cosine", 6, 0.0)
+    shadows = shadow.ShadowRouters(rules=("epd",))
+    engine.fit(model, opt, lambda t: [batch(t)], steps=6, scheduler=scheduler, loss_fn=loss_fn, callbacks=[shadows])
+    table = shadows.table()
+    assert sorted(set(table["step"])) == list(range(6))
+    assert shadow.agreement(table, by=("rule",))["agreement"].tolist() == [1.0]
+    assert (table.query("rule == 'real' and won")["expert"] != "fft").any()  # LoRA won somewhere: not a trivial tie
+
+
+def test_probe_steps_leave_room_for_the_horizon():
+    assert shadow.probe_steps(8, 2, 3) == [1, 4]
+    assert shadow.probe_steps(20, 3, 3) == [1, 8, 16]
+    assert shadow.probe_steps(20, 1, 3) == [8]
+    assert all(s + 3 < 20 for s in shadow.probe_steps(20, 5, 3))
+    with pytest.raises(ValueError, match="no room for a probe of horizon 3"):
+        shadow.probe_steps(4, 1, 3)
+    with pytest.raises(ValueError, match="probe steps must be an integer"):
+        shadow.probe_steps(8, 0, 3)
+
+
+def test_choice_costs_train_the_real_branch_once_and_leave_the_random_state_alone():
+    model, opt = _setup()
+    _train(model, opt, 2, shadow.ShadowRouters(rules=("epd",)))
+    batches = lambda t: [batch(t)]
+    state = torch.random.get_rng_state()
+    rows = shadow.choice_costs(model, opt, batches, loss_fn, step=2, rules=("epd", "cycle", "pfn"), horizon=2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert [r["rule"] for r in rows] == ["epd", "cycle", "pfn"]
+    assert len({r["loss_real"] for r in rows}) == 1 and rows[0]["cost"] == 0.0
+    single = shadow.choice_cost(model, opt, batches, loss_fn, step=2, rule="cycle", horizon=2)
+    assert single["cost"] == rows[1]["cost"]
+    with pytest.raises(ValueError, match="unknown shadow rule 'nope'"):
+        shadow.choice_costs(model, opt, batches, loss_fn, step=2, rules=("nope",))
+
+
+def test_the_choice_costs_callback_probes_at_its_steps_from_the_state_before_them():
+    from molf.lab import engine
+    model, opt = _setup()
+    batches = lambda t: [batch(t)]
+    costs = shadow.ChoiceCosts(batches, ("cycle",), steps=[0, 3, 5], horizon=2, loss_fn=loss_fn)
+    engine.fit(model, opt, batches, steps=6, loss_fn=loss_fn, callbacks=[costs])
+    table = costs.table()
+    assert table["step"].tolist() == [0, 3]          # step 5 + horizon 2 runs past the 6 steps: not probed
+    # the probe at 3 started from the state after step 2: the same as probing a run stopped there
+    again, opt2 = _setup()
+    engine.fit(again, opt2, batches, steps=3, loss_fn=loss_fn)
+    direct = shadow.choice_cost(again, opt2, batches, loss_fn, step=3, rule="cycle", horizon=2)
+    assert table.iloc[1]["cost"] == pytest.approx(direct["cost"], abs=1e-7)
+    with pytest.raises(ValueError, match="unknown shadow rule"):
+        shadow.ChoiceCosts(batches, ("nope",), steps=[1])
+
+
+def test_train_with_shadows_on_the_tiny_model_and_reads_a_finished_run_back(tmp_path):
+    from molf.lab import notebook, weights
+    config = notebook.run_config(tmp_path, model="tiny", method="molf", steps=6, batch_size=2, seq_len=32,
+                                 eval_limit=0)
+    first = shadow.train_with_shadows(config, rules=("epd", "cycle"), n_probes=1, horizon=2)
+    assert shadow.agreement(first.shadows, by=("rule",)).set_index("rule")["agreement"]["epd"] == 1.0
+    assert first.costs["rule"].tolist() == ["cycle"] and first.costs["step"].tolist() == shadow.probe_steps(6, 1, 2) == [1]
+    assert first.audit.query("not won")["moved"].max() == 0.0 and first.audit.query("won")["moved"].min() > 0
+    assert not weights.wrapped_modules(first.model)   # merged into a plain model
+    again = shadow.train_with_shadows(config, rules=("epd", "cycle"), n_probes=1, horizon=2)
+    assert again.run.model is None                     # read back, not retrained
+    assert again.costs["cost"].tolist() == pytest.approx(first.costs["cost"].tolist())
+    assert shadow.agreement(again.shadows).equals(shadow.agreement(first.shadows))
+    tuned = dict(first.model.named_parameters())
+    assert all(torch.equal(p, tuned[n]) for n, p in again.model.named_parameters())
+    with pytest.raises(ValueError, match="routed method"):
+        shadow.train_with_shadows(notebook.run_config(tmp_path, model="tiny", method="fft", steps=6))

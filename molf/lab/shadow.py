@@ -21,6 +21,7 @@ optimizer's state (benchmarks/bench_shadow.py measures it against the step); it 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,7 +136,9 @@ class ShadowRouters:
         self.seed, self.cycle_every = int(seed), cycle_every
         self.rows: list[tuple] = []
 
-    def on_step(self, loop) -> None:
+    def on_optimizer_step(self, loop) -> None:
+        # before the scheduler moves the learning rates on: the rules see the lr the router used (at the
+        # last step of a cosine schedule the next lr is 0, and every EPD score with it)
         self.record(loop.step, loop.optimizer)
 
     @torch.no_grad()
@@ -219,44 +222,204 @@ def choice_cost(model, optimizer, batches, loss_fn, step: int, rule: str, horizo
     whose first step is routed by ``rule``. Returns both copies' loss on ``batches(step + horizon)`` and
     ``cost`` = shadow - real (positive: the real rule's choice was the better one by that much), with
     the share of modules whose first decision differed. Leaves ``model`` and ``optimizer`` untouched."""
+    return choice_costs(model, optimizer, batches, loss_fn, step, (rule,), horizon, max_grad_norm, seed,
+                        cycle_every)[0]
+
+
+def choice_costs(model, optimizer, batches, loss_fn, step: int, rules, horizon: int = 5,
+                 max_grad_norm: float | None = None, seed: int = 0, cycle_every: int = 10) -> list[dict]:
+    """:func:`choice_cost` for several rules at one step, the real branch trained once for all of them
+    (``1 + len(rules)`` copies of ``horizon`` steps each). One dict per rule, in the order given. Every
+    branch starts from the same random state (dropout draws the same masks) and the caller's random
+    state is restored afterwards, so probing does not change the run being probed."""
     if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
         raise ValueError(f"horizon must be an integer >= 1, got {horizon!r}")
-    fn = _rule(rule)
-    name = f"_shadow_{rule}"
-    losses, first = {}, {}
-    for branch in ("real", "shadow"):
-        m, opt = _fork(model, optimizer)
-        real_score = {id(g): g["score"] for g in opt.param_groups}
-        for t in range(step, step + horizon):
-            opt.zero_grad(set_to_none=True)
-            for micro in batches(t):
-                (loss_fn(m, micro) / len(batches(t))).backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], max_grad_norm)
-            if t == step:  # both branches route this step through a plain callable: the same arithmetic
-                rule_fn = fn if branch == "shadow" else _rule(opt.param_groups[0]["score"])
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    rules = [str(r) for r in rules]
+    if not rules:
+        raise ValueError("give at least one rule to probe")
+    fns = {rule: _rule(rule) for rule in rules}                       # unknown rules fail before any work
+    real_rule = optimizer.param_groups[0]["score"]
+    rng = torch.random.get_rng_state()
+    try:
+        real_loss, real_first = _branch(model, optimizer, batches, loss_fn, step, _rule(real_rule), horizon,
+                                        max_grad_norm, seed, cycle_every, rng)
+        out = []
+        for rule in rules:
+            loss, first = _branch(model, optimizer, batches, loss_fn, step, fns[rule], horizon, max_grad_norm,
+                                  seed, cycle_every, rng)
+            differed = [m for m in real_first if set(real_first[m]) != set(first.get(m, ()))]
+            out.append({"step": step, "rule": rule, "horizon": horizon, "loss_real": real_loss,
+                        "loss_shadow": loss, "cost": loss - real_loss,
+                        "modules_differing": len(differed) / max(1, len(real_first))})
+    finally:
+        torch.random.set_rng_state(rng)
+    return out
 
-                def score(stats, _t=t, _opt=opt, _fn=rule_fn):  # the rule on our own view of the moments
-                    mine, _, module_of, expert_index, grads = _stats(_opt)
-                    ctx = StepContext(_t, module_of, expert_index, grads, seed, cycle_every)
-                    return _fn(mine, ctx).to(stats.lr.device, stats.lr.dtype)
-                router.register_score(name, score)
-                try:
-                    for g in opt.param_groups:
-                        g["score"] = name
-                    opt.step()
-                finally:
-                    router.SCORES.pop(name, None)
-                    for g in opt.param_groups:
-                        g["score"] = real_score[id(g)]
-            else:
+
+def _branch(model, optimizer, batches, loss_fn, step, rule_fn, horizon, max_grad_norm, seed, cycle_every, rng):
+    """Train a fork of (model, optimizer) for ``horizon`` steps from ``step``, its first step routed by
+    ``rule_fn``; return its loss on ``batches(step + horizon)`` and its first step's decisions."""
+    torch.random.set_rng_state(rng)
+    name = "_shadow_probe"
+    m, opt = _fork(model, optimizer)
+    real_score = {id(g): g["score"] for g in opt.param_groups}
+    first = {}
+    for t in range(step, step + horizon):
+        opt.zero_grad(set_to_none=True)
+        micro_batches = batches(t)
+        for micro in micro_batches:
+            (loss_fn(m, micro) / len(micro_batches)).backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], max_grad_norm)
+        if t == step:  # every branch routes this step through a plain callable: the same arithmetic
+
+            def score(stats, _t=t, _opt=opt):  # the rule on our own view of the moments
+                mine, _, module_of, expert_index, grads = _stats(_opt)
+                ctx = StepContext(_t, module_of, expert_index, grads, seed, cycle_every)
+                return rule_fn(mine, ctx).to(stats.lr.device, stats.lr.dtype)
+            router.register_score(name, score)
+            try:
+                for g in opt.param_groups:
+                    g["score"] = name
                 opt.step()
-            if t == step:
-                first[branch] = dict(opt.last_decisions)
-        with torch.no_grad():
-            micro = batches(step + horizon)
-            losses[branch] = float(sum(loss_fn(m, b) for b in micro) / len(micro))
-    differed = [name for name in first["real"] if set(first["real"][name]) != set(first["shadow"].get(name, ()))]
-    return {"step": step, "rule": rule, "horizon": horizon, "loss_real": losses["real"],
-            "loss_shadow": losses["shadow"], "cost": losses["shadow"] - losses["real"],
-            "modules_differing": len(differed) / max(1, len(first["real"]))}
+            finally:
+                router.SCORES.pop(name, None)
+                for g in opt.param_groups:
+                    g["score"] = real_score[id(g)]
+            first = dict(opt.last_decisions)
+        else:
+            opt.step()
+    with torch.no_grad():
+        micro_batches = batches(step + horizon)
+        loss = float(sum(loss_fn(m, b) for b in micro_batches) / len(micro_batches))
+    return loss, first
+
+
+def probe_steps(total_steps: int, n: int, horizon: int) -> list[int]:
+    """``n`` steps spread evenly over a run of ``total_steps`` at which a probe of ``horizon`` steps still
+    has its batches (``1 <= step <= total_steps - horizon - 1``: the step after the horizon is the loss)."""
+    last = total_steps - horizon - 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of probe steps must be an integer >= 1, got {n!r}")
+    if last < 1:
+        raise ValueError(f"a run of {total_steps} steps has no room for a probe of horizon {horizon} "
+                         f"(it needs at least {horizon + 2} steps)")
+    if n == 1:
+        return [max(1, last // 2)]
+    return sorted({round(1 + i * (last - 1) / (n - 1)) for i in range(n)})
+
+
+class ChoiceCosts:
+    """A training callback: at each of ``steps``, from the state just before that step, what the real
+    rule's choice gained over each of ``rules`` (:func:`choice_costs`). ``batches`` and ``loss_fn`` are the
+    run's own (a probe trains forks on the same data the run sees)."""
+
+    def __init__(self, batches, rules, steps, horizon: int = 3, loss_fn=None, max_grad_norm: float | None = None,
+                 seed: int = 0, cycle_every: int = 10):
+        self.steps = sorted({int(s) for s in steps})
+        if any(s < 0 for s in self.steps):
+            raise ValueError(f"probe steps must be >= 0, got {self.steps}")
+        self.rules = [str(r) for r in rules]
+        for rule in self.rules:
+            _rule(rule)                                   # an unknown rule is named now, not mid-run
+        self.batches, self.horizon, self.max_grad_norm = batches, horizon, max_grad_norm
+        self.loss_fn = loss_fn or (lambda model, batch: model(**batch).loss)
+        self.seed, self.cycle_every = seed, cycle_every
+        self.rows: list[dict] = []
+
+    def _probe(self, loop, step: int) -> None:
+        if step in self.steps and step + self.horizon < loop.steps:
+            self.rows += choice_costs(loop.model, loop.optimizer, self.batches, self.loss_fn, step, self.rules,
+                                      self.horizon, self.max_grad_norm, self.seed, self.cycle_every)
+
+    def on_begin(self, loop) -> None:
+        self._probe(loop, loop.start_step)
+
+    def on_step(self, loop) -> None:
+        self._probe(loop, loop.step + 1)
+
+    def table(self) -> pd.DataFrame:
+        """step, rule, horizon, loss_real, loss_shadow, cost, modules_differing."""
+        return pd.DataFrame(self.rows, columns=["step", "rule", "horizon", "loss_real", "loss_shadow", "cost",
+                                                "modules_differing"])
+
+
+@dataclass
+class ShadowRun:
+    """A routed run trained with shadow routers, the update audit and choice-cost probes."""
+
+    run: object                    # molf.lab.train.Run (its model: the merged model)
+    shadows: pd.DataFrame          # ShadowRouters.table()
+    audit: pd.DataFrame            # molf.lab.weights.UpdateAudit.table()
+    costs: pd.DataFrame            # ChoiceCosts.table()
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+
+
+@contextlib.contextmanager
+def quiet_transformers(quiet: bool = True):
+    """transformers' own progress bars (saving and loading a model) off inside the block when ``quiet``."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was:
+            hf_logging.enable_progress_bar()
+
+
+SHADOW_FILES = {"shadows": "shadows.csv.gz", "audit": "update_audit.csv.gz", "costs": "choice_costs.csv"}
+
+
+def train_with_shadows(config, rules=("epd", "pfn") + POLICIES, n_probes: int = 2, horizon: int = 3,
+                       probe_rules=None, cycle_every: int = 10) -> ShadowRun:
+    """Train ``config`` (a ``molf.lab.train.TrainConfig`` of a routed method) through ``train.Session``
+    with ``ShadowRouters``, ``weights.UpdateAudit`` and ``ChoiceCosts`` as callbacks, and write their
+    tables beside the run's own logs (``SHADOW_FILES``). If ``config.out_dir`` already holds this run,
+    finished, with those tables, nothing trains: the tables and the saved model are read back. A partial
+    run there (a checkpoint) starts over: the shadow tables live in memory while training, so a resumed
+    run would lack the steps before the checkpoint. ``probe_rules``: the rules whose choice cost is
+    probed (default: ``rules`` but the routing score itself, whose cost is 0 by construction)."""
+    import dataclasses
+    from pathlib import Path
+
+    from . import models, train, weights
+    config = dataclasses.replace(config.resolved(), save_model=True)
+    if config.method not in ("molf", "molf_e"):
+        raise ValueError(f"shadow routers need a routed method ('molf' or 'molf_e'), got {config.method!r}")
+    rules = tuple(str(r) for r in rules)
+    probe_rules = [r for r in rules if r != config.score] if probe_rules is None else list(probe_rules)
+    out = Path(config.out_dir)
+    files = {key: out / name for key, name in SHADOW_FILES.items()}
+    if (out / "metrics.json").is_file() and (out / "model").is_dir() and all(f.is_file() for f in files.values()):
+        run = train.run(config)                            # the finished run (its config checked), not retrained
+        with quiet_transformers(not config.progress):
+            model, tokenizer = models.load(str(out / "model"))
+        tables = {key: pd.read_csv(f) for key, f in files.items()}
+        return ShadowRun(run, tables["shadows"], tables["audit"], tables["costs"], model, tokenizer)
+    (out / "checkpoint.pt").unlink(missing_ok=True)        # start over (see above); Session clears the logs
+    out.mkdir(parents=True, exist_ok=True)
+    session = train.Session(config)
+    try:
+        shadows = ShadowRouters(rules=rules, seed=config.seed, cycle_every=cycle_every)
+        audit = weights.UpdateAudit(session.model)
+        steps = probe_steps(session.total_steps, n_probes, horizon) if probe_rules else []
+        device = session.device
+
+        def loss_fn(model, batch):
+            return model(**{k: v.to(device) for k, v in batch.items()}).loss
+        costs = ChoiceCosts(session.batches, probe_rules, steps, horizon, loss_fn, config.max_grad_norm,
+                            config.seed, cycle_every)
+        session.fit(callbacks=[shadows, audit, costs])
+        with quiet_transformers(not config.progress):
+            run = session.finish()
+    finally:
+        session.close()
+    tables = {"shadows": shadows.table(), "audit": audit.table(), "costs": costs.table()}
+    for key, frame in tables.items():
+        frame.to_csv(files[key], index=False)
+    return ShadowRun(run, tables["shadows"], tables["audit"], tables["costs"], run.model, run.tokenizer)
