@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from .. import router
-from . import runs
+from . import engine, runs
 
 POLICIES = ("grad_rms", "random", "cycle")
 
@@ -258,43 +258,60 @@ def choice_costs(model, optimizer, batches, loss_fn, step: int, rules, horizon: 
     return out
 
 
-def _branch(model, optimizer, batches, loss_fn, step, rule_fn, horizon, max_grad_norm, seed, cycle_every, rng):
-    """Train a fork of (model, optimizer) for ``horizon`` steps from ``step``, its first step routed by
-    ``rule_fn``; return its loss on ``batches(step + horizon)`` and its first step's decisions."""
-    torch.random.set_rng_state(rng)
-    name = "_shadow_probe"
-    m, opt = _fork(model, optimizer)
-    real_score = {id(g): g["score"] for g in opt.param_groups}
-    first = {}
-    for t in range(step, step + horizon):
-        opt.zero_grad(set_to_none=True)
-        micro_batches = batches(t)
-        for micro in micro_batches:
-            (loss_fn(m, micro) / len(micro_batches)).backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], max_grad_norm)
-        if t == step:  # every branch routes this step through a plain callable: the same arithmetic
+class _RouteFirstStep:
+    """An engine callback routing the step ``step`` by ``rule_fn`` (through a plain callable registered
+    for that one step), the others by the optimizer's own score; it keeps that step's decisions."""
 
-            def score(stats, _t=t, _opt=opt):  # the rule on our own view of the moments
-                mine, _, module_of, expert_index, grads = _stats(_opt)
-                ctx = StepContext(_t, module_of, expert_index, grads, seed, cycle_every)
-                return rule_fn(mine, ctx).to(stats.lr.device, stats.lr.dtype)
-            router.register_score(name, score)
-            try:
-                for g in opt.param_groups:
-                    g["score"] = name
-                opt.step()
-            finally:
-                router.SCORES.pop(name, None)
-                for g in opt.param_groups:
-                    g["score"] = real_score[id(g)]
-            first = dict(opt.last_decisions)
-        else:
-            opt.step()
+    name = "_shadow_probe"
+
+    def __init__(self, step, rule_fn, seed, cycle_every):
+        self.step, self.rule_fn, self.seed, self.cycle_every = step, rule_fn, seed, cycle_every
+        self.first, self.real_score = {}, None
+
+    def on_after_backward(self, loop) -> None:
+        if loop.step != self.step:
+            return
+        opt = loop.optimizer
+
+        def score(stats):  # the rule on our own view of the moments the router sees
+            mine, _, module_of, expert_index, grads = _stats(opt)
+            ctx = StepContext(self.step, module_of, expert_index, grads, self.seed, self.cycle_every)
+            return self.rule_fn(mine, ctx).to(stats.lr.device, stats.lr.dtype)
+        router.register_score(self.name, score)
+        self.real_score = [g["score"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["score"] = self.name
+
+    def on_optimizer_step(self, loop) -> None:
+        if loop.step == self.step:
+            self.first = dict(loop.optimizer.last_decisions)
+            self.restore(loop)
+
+    def on_end(self, loop) -> None:  # also after an error in the step
+        self.restore(loop)
+
+    def restore(self, loop) -> None:
+        router.SCORES.pop(self.name, None)
+        if self.real_score is not None:
+            for g, name in zip(loop.optimizer.param_groups, self.real_score):
+                g["score"] = name
+            self.real_score = None
+
+
+def _branch(model, optimizer, batches, loss_fn, step, rule_fn, horizon, max_grad_norm, seed, cycle_every, rng):
+    """Train a fork of (model, optimizer) for ``horizon`` steps from ``step`` with the lab's one loop
+    (``engine.fit``), its first step routed by ``rule_fn`` (every branch takes that step through a plain
+    callable: the same arithmetic); return its loss on ``batches(step + horizon)`` and the first step's
+    decisions."""
+    torch.random.set_rng_state(rng)
+    m, opt = _fork(model, optimizer)
+    route = _RouteFirstStep(step, rule_fn, seed, cycle_every)
+    engine.fit(m, opt, batches, steps=step + horizon, start_step=step, max_grad_norm=max_grad_norm,
+               loss_fn=loss_fn, callbacks=[route])
     with torch.no_grad():
         micro_batches = batches(step + horizon)
         loss = float(sum(loss_fn(m, b) for b in micro_batches) / len(micro_batches))
-    return loss, first
+    return loss, route.first
 
 
 def probe_steps(total_steps: int, n: int, horizon: int) -> list[int]:
