@@ -109,6 +109,17 @@ fig = app.render_final_frame()
 nb.save(fig, "final_frame")
 
 # %% [markdown]
+# ### Share it without a kernel
+#
+# The same explorer as one self-contained HTML file: every step, layer and module type precomputed into
+# the page, its slider, Play button and pickers run in the browser (no server, no kernel, no network).
+# Send it to students; they open it from disk. Its size grows with steps x modules; past 20 MB the export
+# keeps every N-th step (`every="auto"`, see docs/notebooks.md).
+
+# %%
+html_path = nb.export_html(str(app.run_dir), "explorer")
+
+# %% [markdown]
 # ### Any run
 #
 # Every routed run (MoLF or MoLF-E) under `runs_dir`, newest first. The picker names each run by method,
@@ -121,7 +132,7 @@ explorer.explore(runs_dir)
 data = app.data
 results = {
     "notebook": nb.name, "run_dir": str(app.run_dir), "steps_logged": len(app.steps),
-    "layers": app.layers, "module_types": app.types,
+    "layers": app.layers, "module_types": app.types, "html_mb": html_path.stat().st_size / 1e6,
     "win_share": analysis.overall_win_share(data),
     "routing_heatmap": analysis.heatmap_cells(data),
     "live": None if live_result is None else {

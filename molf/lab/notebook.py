@@ -157,6 +157,18 @@ class Notebook:
         """Save ``fig`` as ``<figures_dir>/<notebook>_<name>.png``; it is also shown below the cell."""
         plots.save(fig, figure_path(self.figures_dir, self.name, name))
 
+    def export_html(self, sources, name: str, every: int | str = "auto", max_mb: float | None = None) -> Path:
+        """Write ``sources`` (a run directory, a routing table or a dict of them by label) as one
+        self-contained HTML router explorer, ``<runs_dir>/<notebook>_<name>.html`` (``molf.lab.html_app``),
+        and print its path and size: a page to share with people who have no kernel. ``every="auto"``
+        keeps every step unless the page would pass ``max_mb`` (default ``html_app.MAX_MB``), then thins."""
+        from . import html_app
+
+        path = Path(self.runs_dir) / f"{self.name}_{name}.html"
+        html_app.export(sources, path, every=every, max_mb=html_app.MAX_MB if max_mb is None else max_mb)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): open it in any browser, no kernel needed")
+        return path
+
     def write_results(self, results: dict) -> None:
         """Write the notebook's key numbers to ``<runs_dir>/<notebook>.json`` (finite numbers only)."""
         write_results(self.runs_dir, self.name, results)

@@ -269,6 +269,11 @@ def _features(settings: Settings, tokenizer):
     return _FEATURES[key]
 
 
+def cached_lessons() -> list[Lesson]:
+    """Every run trained so far in this process (the classroom's cache), in training order."""
+    return list(_LESSONS.values())
+
+
 def clear_cache() -> None:
     """Forget cached runs, models and encoded data."""
     _LESSONS.clear()
