@@ -27,8 +27,10 @@
 #
 # An interactive app (JupyterLab + ipywidgets) over a MoLF run:
 #
-# - **step** slider (▶ plays through training), **layer** and **module** pickers, and a **mode** toggle:
-#   the experts chosen at that step, or each module's cumulative FFT win share up to it;
+# - **step** slider with **Play** (every step is drawn: the next one waits for the last picture), **layer** and
+#   **module** pickers, and a **mode** toggle: the experts chosen at that step, or each module's cumulative
+#   FFT win share up to it; **save this frame** writes the picture (PNG) and its numbers (CSV) into
+#   `explorer_frames/` beside the notebook (`app.widget(save_dir=...)` for another folder);
 # - left: the routing map with the selected module outlined; right: that module's scores over training and
 #   every module of the selected layer at the chosen step.
 #
@@ -96,6 +98,9 @@ if live:
 # %%
 if run_dir is None:
     run_dir = nb.train(method="molf", **nb.common, **nb.molf_hp).path
+# the same settings with the other score function, for the comparison below (02 trains it too: shared)
+other_score = "pfn" if (score or "epd") == "epd" else "epd"
+other_dir = nb.train(method="molf", **nb.common, **{**nb.molf_hp, "score": other_score}).path
 app = explorer.RouterExplorer(run_dir)
 nb.app(app.widget, app.render_final_frame)  # the app; run headless by the suite, a picture of it
 
@@ -118,6 +123,21 @@ nb.save(fig, "final_frame")
 
 # %%
 html_path = nb.export_html(str(app.run_dir), "explorer")
+
+# %% [markdown]
+# ### Two runs side by side: EPD against PFN
+#
+# The same controls drive both runs (same model, task and settings; only the score function differs): each
+# run's routing map at the step, and the difference of their cumulative FFT win shares (A minus B: purple
+# where A gave the module to FFT more often, orange where B did).
+
+# %%
+compare = explorer.CompareExplorer(run_dir, other_dir)
+nb.app(compare.widget, compare.frame)
+difference = compare.difference(int(compare.steps[-1]))
+print(f"{(score or 'epd').upper()} minus {other_score.upper()}: mean FFT win share "
+      f"{compare.a.cumulative[-1].mean():.0%} vs {compare.b.cumulative[-1].mean():.0%}; "
+      f"{(abs(difference) > 0.5).mean():.0%} of modules differ by more than half of their steps")
 
 # %% [markdown]
 # ### Any run

@@ -267,7 +267,8 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
     for bad in ("Box(children=", "Error displaying widget", "Traceback", "PosixPath("):
         assert bad not in text, f"the notebook shows {bad!r}"
     # real controls: slider with play button, two dropdowns, the two mode buttons
-    assert pg.locator(f"{APP} .widget-play button").count() >= 1
+    assert pg.locator(f"{APP} .widget-button", has_text="Play").count() == 1
+    assert pg.locator(f"{APP} .widget-button", has_text="save this frame").count() == 1
     selects = pg.locator(f"{APP} .widget-dropdown select")
     assert selects.count() == 2
     modes = pg.locator(f"{APP} .widget-toggle-button")

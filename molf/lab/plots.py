@@ -105,6 +105,19 @@ def expert_label(expert: str, config: dict | None = None) -> str:
 
 
 
+def layer_ticks(ax, layers, types=None, every: int | None = None) -> None:
+    """Readable ticks on a layer x module-type map: each type on x (short names), and on y every layer when
+    there are at most 12 rows, else every 5th (``every``) plus the last, so 30 rows stay legible."""
+    layers = list(layers)
+    if types is not None:
+        ax.set_xticks(range(len(types)), [short_type(t) for t in types])
+    every = every or (1 if len(layers) <= 12 else 5)
+    shown = sorted(set(range(0, len(layers), every)) | {len(layers) - 1})
+    ax.set_yticks(shown, [layers[i] for i in shown], fontsize=9)
+    ax.set_yticks(range(len(layers)), minor=True)
+    ax.tick_params(axis="y", which="minor", length=2)
+
+
 def short_type(t: str) -> str:
     return t.removesuffix("_proj")
 

@@ -449,7 +449,7 @@ def _routing_grids(lesson: Lesson, step: int):
 def _map_axes(ax, grid, layer, module_type):
     types, layers = list(grid.columns), list(grid.index)
     ax.set_xticks(range(len(types)), [plots.short_type(t) for t in types])
-    ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) > 12 else 9)
+    plots.layer_ticks(ax, layers)
     ax.set_xlabel("module type (projection)")
     ax.set_ylabel("decoder layer (index)")
     if layer in layers and module_type in types:
