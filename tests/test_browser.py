@@ -289,6 +289,26 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
     info = pg.locator(f"{APP} .widget-html").all_inner_texts()
     assert any("v_proj" in t for t in info), f"the info line does not name the selected module: {info}"
 
+    # Play shows every step, in order: record each value the slider's readout takes while it plays
+    steps = list(range(TINY["steps"]))
+    readout.evaluate("""el => { window.__seen = [el.textContent.trim()];
+        new MutationObserver(() => window.__seen.push(el.textContent.trim()))
+            .observe(el, {childList: true, characterData: true, subtree: true}); }""")
+    play = pg.locator(f"{APP} .widget-button", has_text="Play")
+    play.click()  # at the last step: it starts again from the first
+    pg.locator(f"{APP} .widget-button", has_text="Pause").wait_for(timeout=REDRAW_S * 1000)
+    pg.locator(f"{APP} .widget-button", has_text="Play").wait_for(timeout=len(steps) * REDRAW_S * 1000)
+    seen = [int(v) for v in pg.evaluate("window.__seen") if v.isdigit()]
+    shown = [v for i, v in enumerate(seen) if i == 0 or v != seen[i - 1]]
+    assert shown[-len(steps):] == steps, f"Play skipped or reordered steps: {shown}"
+
+    # save this frame: the PNG and the CSV are written and named under the controls
+    pg.locator(f"{APP} .widget-button", has_text="save this frame").click()
+    pg.locator(f"{APP} .widget-html", has_text=".csv").first.wait_for(timeout=REDRAW_S * 1000)
+    saved = pg.locator(f"{APP} .widget-html", has_text=".csv").first.inner_text()
+    png = Path(saved.split("saved ", 1)[1].split(" and ", 1)[0])
+    assert png.is_file() and png.with_suffix(".csv").is_file(), saved
+
     # the run picker: one distinct label per run
     picker = panel.locator(".widget-dropdown", has_text="run").locator("select").first
     labels = picker.locator("option").all_inner_texts()
