@@ -681,6 +681,7 @@ class LiveRun:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_frame = None
+        self._frame_times: list[tuple[float, int]] = []   # (time, steps done) at the start and each frame
         self._widgets = None
 
     def _read_back(self, out: Path, step: int) -> None:
@@ -704,6 +705,7 @@ class LiveRun:
         self._stop.clear()
         self._set("training", f"training: {s.step}/{s.total_steps} steps done")
         self._last_frame = time.perf_counter()
+        self._frame_times = [(self._last_frame, s.step)]
         try:
             loop = s.fit(steps, callbacks=[self.record, _Redraw(self), _StopButton(self._stop)])
             if s.finished_training:
@@ -770,7 +772,19 @@ class LiveRun:
         loss = self.record.losses[-1] if self.record.losses else math.nan
         hint = "" if self.running else " (Kernel ▸ Interrupt stops it)"
         self._set(self.status, f"training: {s.step}/{s.total_steps} steps, loss {loss:.4f}, "
-                               f"{self.frame_seconds[-1]:.2f} s/frame{hint}")
+                               f"{self.frame_seconds[-1]:.2f} s/frame{self._time_left(now)}{hint}")
+
+    def _time_left(self, now: float) -> str:
+        """", about N s left": the steps still to go times the time per step since the first frame (the first
+        steps, slower while everything warms up, are left out once there are later ones)."""
+        self._frame_times.append((now, self.session.step))
+        if len(self._frame_times) < 2:
+            return ""
+        (t0, s0), (t1, s1) = self._frame_times[1 if len(self._frame_times) > 2 else 0], self._frame_times[-1]
+        if s1 <= s0:
+            return ""
+        left = (self.session.total_steps - s1) * (t1 - t0) / (s1 - s0)
+        return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.1f} min left"
 
     def _done_message(self) -> str:
         metrics = self.result.metrics
