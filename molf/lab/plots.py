@@ -105,16 +105,17 @@ def expert_label(expert: str, config: dict | None = None) -> str:
 
 
 
-def layer_ticks(ax, layers, types=None, every: int | None = None) -> None:
+def layer_ticks(ax, layers, types=None, every: int | None = None, offset: float = 0.0) -> None:
     """Readable ticks on a layer x module-type map: each type on x (short names), and on y every layer when
-    there are at most 12 rows, else every 5th (``every``) plus the last, so 30 rows stay legible."""
+    there are at most 12 rows, else every 5th (``every``) plus the last, so 30 rows stay legible.
+    ``offset``: 0.5 for seaborn heatmaps (cell centres at i + 0.5), 0 for imshow."""
     layers = list(layers)
     if types is not None:
-        ax.set_xticks(range(len(types)), [short_type(t) for t in types])
+        ax.set_xticks([i + offset for i in range(len(types))], [short_type(t) for t in types])
     every = every or (1 if len(layers) <= 12 else 5)
     shown = sorted(set(range(0, len(layers), every)) | {len(layers) - 1})
-    ax.set_yticks(shown, [layers[i] for i in shown], fontsize=9)
-    ax.set_yticks(range(len(layers)), minor=True)
+    ax.set_yticks([i + offset for i in shown], [layers[i] for i in shown], fontsize=9, rotation=0)
+    ax.set_yticks([i + offset for i in range(len(layers))], minor=True)
     ax.tick_params(axis="y", which="minor", length=2)
 
 
@@ -180,7 +181,7 @@ def _draw_grid(ax, grid: pd.DataFrame, cmap, vmin, vmax, annotate: bool | None, 
                 xticklabels=[short_type(t) for t in grid.columns], yticklabels=list(grid.index))
     ax.set_xlabel("module type (projection)")
     ax.set_ylabel("decoder layer (index)")
-    ax.tick_params(axis="y", labelsize=7 if len(grid.index) > 12 else 9, rotation=0)
+    layer_ticks(ax, grid.index, offset=0.5)
     return ax
 
 
@@ -254,7 +255,7 @@ def win_fraction_over_time(data, expert: str | None = None, windows: int = 8):
                 yticklabels=list(grid.index))
     right.set_xlabel("training steps (window, inclusive)")
     right.set_ylabel("decoder layer (index)")
-    right.tick_params(axis="y", rotation=0, labelsize=7 if len(grid.index) > 12 else 9)
+    layer_ticks(right, grid.index, offset=0.5)
     right.tick_params(axis="x", rotation=45, labelsize=8)
     right.set_title("By layer (mean over module types)")
     fig.suptitle(f"Routing over training time: does each module specialise early?\n{run_title(data)}")
@@ -325,7 +326,7 @@ def routing_summary_bars(data, ax=None):
     routing = routing_of(data)
     config = getattr(data, "config", None)
     share = routing.groupby(["module_type", "expert"])["won"].mean().unstack().reindex(type_order(routing["module_type"]))
-    fig, ax = _fig_ax(ax, figsize=(6.5, 3.6))
+    fig, ax = _fig_ax(ax, figsize=(8, 3.6))
     bottom = np.zeros(len(share))
     for expert in experts_of(data):
         ax.bar([short_type(t) for t in share.index], share[expert], bottom=bottom, color=expert_color(expert),
@@ -334,7 +335,9 @@ def routing_summary_bars(data, ax=None):
     ax.set_xlabel("module type (projection)")
     ax.set_ylabel("share of (layer, step) decisions won (fraction)")
     ax.set_ylim(0, max(1.0, float(bottom.max())) * 1.02)
-    ax.legend(fontsize=8)
+    # beside the bars, not over them (the stacked bars fill the axes to 1)
+    ax.legend(fontsize=8, title="expert", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0)
     ax.set_title(f"Which expert won, by module type\n{run_title(data)}")
     return fig
 

@@ -504,7 +504,7 @@ def explain(lesson: Lesson, step: int | None = None, module: str | None = None):
 
 def pfn_step_one_figure(table: pd.DataFrame):
     """Measured PFN(LoRA)/PFN(FFT) at the first step per module against sqrt(N_B/(N_A+N_B))."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9.5, 4.4), layout="constrained")
     labels = [f"{int(r.layer)}.{plots.short_type(r.module_type)}" for r in table.itertuples()]
     x = np.arange(len(table))
     ax.bar(x, table["measured"], 0.6, color=plots.expert_color("lora0"), alpha=0.7, label="measured PFN(LoRA) / PFN(FFT)")
@@ -515,7 +515,7 @@ def pfn_step_one_figure(table: pd.DataFrame):
     ax.set_xlabel("module (layer.type)")
     ax.set_ylabel("PFN score ratio LoRA / FFT (unitless)")
     ax.set_title("First step under PFN: a fresh LoRA expert scores below the dense weight everywhere")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the bars, never over them
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -538,7 +538,7 @@ def lr_tilt_figure(table: pd.DataFrame):
 def alpha_tilt_figure(table: pd.DataFrame):
     """Per module: the factor by which doubling (say) alpha moved the first-step LoRA/FFT score ratio."""
     low, high = table.attrs.get("low", 32.0), table.attrs.get("high", 64.0)
-    fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9.5, 4.4), layout="constrained")
     labels = [f"{int(r.layer)}.{plots.short_type(r.module_type)}" for r in table.itertuples()]
     x = np.arange(len(table))
     ax.bar(x - 0.2, table["epd_change"], 0.4, color=plots.expert_color("lora0"), label="EPD")
@@ -549,7 +549,7 @@ def alpha_tilt_figure(table: pd.DataFrame):
     ax.set_xlabel("module (layer.type)")
     ax.set_ylabel("change of LoRA/FFT score ratio (factor)")
     ax.set_title(f"First step, alpha {low:g} → {high:g}: EPD follows LoRA's scale, PFN ignores it")
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the bars, never over them
     ax.grid(axis="y", alpha=0.3)
     return fig
 
