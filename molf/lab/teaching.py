@@ -475,12 +475,22 @@ def explain(lesson: Lesson, step: int | None = None, module: str | None = None):
     _bars(ax_epd, table, EPD_FACTORS, "epd", s.score == "epd")
     _bars(ax_pfn, table, PFN_FACTORS, "pfn", s.score == "pfn")
 
-    ax_loss.plot(range(len(lesson.losses)), lesson.losses, color="black", marker="o", ms=3)
+    # relative to step 0 with a 3-step mean: on a short run of a random model the raw loss is batch noise,
+    # and the title says how large the change is against that noise
+    change = np.asarray(lesson.losses, dtype=float) - lesson.losses[0]
+    smooth = pd.Series(change).rolling(3, min_periods=1).mean()
+    noise = float(np.std(np.diff(change))) if len(change) > 2 else 0.0
+    ax_loss.plot(range(len(change)), change, color="grey", marker="o", ms=3, lw=0.8, label="per step")
+    ax_loss.plot(range(len(change)), smooth, color="black", lw=2, label="3-step mean")
+    ax_loss.axhline(0, color="black", lw=0.6)
     ax_loss.axvline(step, color="grey", ls=":", lw=1)
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set_xlabel("training step")
-    ax_loss.set_ylabel("training loss (nats/token)")
-    ax_loss.set_title("Loss (dotted: the step shown)", fontsize=10)
+    ax_loss.set_ylabel("loss - loss at step 0 (nats/token)")
+    verdict = "a real drop" if smooth.iloc[-1] < -2 * noise else "within batch noise: routing is the lesson here"
+    ax_loss.set_title(f"Loss change {smooth.iloc[-1]:+.3f} (step-to-step noise ±{noise:.3f}):\n{verdict}",
+                      fontsize=9)
+    ax_loss.legend(fontsize=7, loc="lower left")
     ax_loss.grid(alpha=0.3)
 
     colors = [plots.expert_color(e) for e in ("skipped", "fft", "lora0", "several")]
