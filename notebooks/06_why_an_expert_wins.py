@@ -127,6 +127,7 @@ plt.show()
 first = lesson.at(0, module)
 for s in ("epd", "pfn"):
     print(teaching.why(first, s))
+teaching.free_models()  # from here on only the tiny model trains: let go of the loaded `model`
 
 # %% [markdown]
 # ## 2. Three things to notice

@@ -711,6 +711,7 @@ class LiveRun:
             if s.finished_training:
                 self._set("training", f"evaluating: {s.total_steps}/{s.total_steps} steps done")
                 self.result = s.finish()
+                self._release()
                 self._set("done", self._done_message())
             elif loop.stop_reason == "Stop pressed":
                 self._set("stopped", f"stopped at {s.step}/{s.total_steps} steps (Stop pressed); Resume continues")
@@ -725,6 +726,15 @@ class LiveRun:
             if self._thread is None or threading.current_thread() is not self._thread:
                 raise
         return self.result
+
+    def _release(self) -> None:
+        """Drop the finished run's model, optimizer and batches (the kernel keeps only the figure and the
+        numbers: a notebook must not hold a trained model it no longer needs)."""
+        self.result = dataclasses.replace(self.result, model=None)
+        for name in ("model", "optimizer", "scheduler", "batches"):
+            if hasattr(self.session, name):
+                setattr(self.session, name, None)
+        _LIVE_RUNS.pop(Path(self.session.config.out_dir).resolve(), None)
 
     def start(self) -> None:
         """Train in a background thread (the kernel stays free, so Stop can be pressed)."""
@@ -825,6 +835,17 @@ class LiveRun:
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget())
+
+
+def release_finished() -> int:
+    """Drop the model, optimizer and batches of every finished live run of this process (a stopped one
+    keeps them, so Resume still works). Returns how many were released."""
+    dropped = 0
+    for app in list(_LIVE_RUNS.values()):
+        if app.result is not None and not app.running:
+            app._release()
+            dropped += 1
+    return dropped
 
 
 def live(config, every: int = 1, display: bool = True, on_frame=None, chunk: int | None = None,

@@ -181,6 +181,18 @@ def write_results(runs_dir, notebook: str, results: dict) -> Path:
     return path
 
 
+def memory_mb() -> float:
+    """This process's resident memory (RSS) in MB (Linux: /proc/self/status; elsewhere the peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def figure_path(figures_dir, notebook: str, name: str) -> Path:
     return Path(figures_dir) / f"{notebook}_{name}.png"
 
@@ -239,9 +251,31 @@ class Notebook:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): open it in any browser, no kernel needed")
         return path
 
+    def free(self) -> float:
+        """Free what the notebook's runs no longer need (finished live runs' models and optimizers, loaded
+        models other than the classroom's tiny one), collect garbage, and return (and print) this kernel's
+        resident memory in MB."""
+        import gc
+        import sys
+        if "molf.lab.teaching" in sys.modules:
+            sys.modules["molf.lab.teaching"].free_models()
+        if "molf.lab.explorer" in sys.modules:
+            sys.modules["molf.lab.explorer"].release_finished()
+        gc.collect()
+        try:  # hand freed heap pages back to the system (glibc), so the resident size shows the freeing
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        rss = memory_mb()
+        print(f"kernel memory after freeing the runs: {rss:.0f} MB resident")
+        return rss
+
     def write_results(self, results: dict) -> None:
-        """Write the notebook's key numbers to ``<runs_dir>/<notebook>.json`` (finite numbers only)."""
-        write_results(self.runs_dir, self.name, results)
+        """Write the notebook's key numbers to ``<runs_dir>/<notebook>.json`` (finite numbers only). Its runs
+        are done by then: first ``free`` what they left in memory; the kernel's resident memory after that
+        is written too (``kernel_rss_mb``)."""
+        write_results(self.runs_dir, self.name, {**results, "kernel_rss_mb": self.free()})
 
 
 def setup(name: str, namespace: dict) -> Notebook:

@@ -274,6 +274,17 @@ def cached_lessons() -> list[Lesson]:
     return list(_LESSONS.values())
 
 
+def free_models(keep=("tiny",)) -> list:
+    """Forget the loaded base models except ``keep`` (the classroom's tiny one): the lessons (tables)
+    stay, a later ``train`` of a forgotten model loads it again. Returns the (model, device) keys dropped."""
+    dropped = [key for key in _BASES if key[0] not in keep]
+    for key in dropped:
+        del _BASES[key]
+    for key in [k for k in _FEATURES if k[0] not in keep]:
+        del _FEATURES[key]
+    return dropped
+
+
 def clear_cache() -> None:
     """Forget cached runs, models and encoded data."""
     _LESSONS.clear()
