@@ -135,6 +135,7 @@ fig = plots.routing_summary_bars(data)
 nb.save(fig, "routing_by_type")
 share = analysis.overall_win_share(data)
 print("share of all (module, step) decisions won:", {e: round(v, 3) for e, v in share.items()})
+nb.takeaway(analysis.takeaway(data))
 
 # %% [markdown]
 # ## 4. The numbers

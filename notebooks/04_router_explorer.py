@@ -113,6 +113,9 @@ nb.app(app.widget, app.render_final_frame)  # the app; run headless by the suite
 # %%
 fig = app.render_final_frame()
 nb.save(fig, "final_frame")
+busiest = analysis.busiest_module(app.data)
+nb.takeaway(analysis.takeaway(app.data) + f" The outlined module, `{busiest.removeprefix('model.')}`, switched "
+            f"{int(analysis.switch_table(app.data).set_index('module').loc[busiest, 'switches'])} times.")
 
 # %% [markdown]
 # ### Share it without a kernel

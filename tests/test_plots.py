@@ -128,3 +128,15 @@ def test_thirty_layer_maps_label_every_fifth_layer_and_legends_sit_beside_the_ba
     p._draw_grid(ax, pd.DataFrame(np.full((4, 7), 0.5), index=range(4), columns=types), p.WIN_CMAP, 0, 1, None)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2", "3"]
     plt.close(fig)
+
+
+def test_the_takeaway_states_this_runs_numbers(data):
+    from molf.lab import analysis
+    text = analysis.takeaway(data)
+    table = analysis.win_table(data, "fft")
+    by_type = table.groupby("module_type")["win_fraction"].mean()
+    share = analysis.overall_win_share(data)["fft"]
+    assert f"won **{share:.0%}** of all module decisions" in text
+    assert f"most in `{by_type.idxmax()}` (**{by_type.max():.0%}**" in text
+    assert f"least in `{by_type.idxmin()}` (**{by_type.min():.0%}**)" in text
+    assert f"({data.routing['step'].nunique()} steps)" in text

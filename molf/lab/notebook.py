@@ -235,6 +235,19 @@ class Notebook:
         display(fig)
         plt.close(fig)
 
+    def takeaway(self, text: str) -> None:
+        """Show ``text`` (Markdown whose numbers the notebook computed) as a paragraph below the cell."""
+        try:
+            from IPython import get_ipython
+            from IPython.display import Markdown, display
+        except ImportError:
+            print(text)
+            return
+        if get_ipython() is None:
+            print(text)
+        else:
+            display(Markdown(text))
+
     def save(self, fig, name: str) -> None:
         """Save ``fig`` as ``<figures_dir>/<notebook>_<name>.png``; it is also shown below the cell."""
         plots.save(fig, figure_path(self.figures_dir, self.name, name))
