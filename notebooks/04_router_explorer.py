@@ -146,11 +146,11 @@ print(f"{(score or 'epd').upper()} minus {other_score.upper()}: mean FFT win sha
 # %% [markdown]
 # ### Any run
 #
-# Every routed run (MoLF or MoLF-E) under `runs_dir`, newest first. The picker names each run by method,
+# Every routed run (MoLF or MoLF-E) under `train_dir` (the training runs), newest first. The picker names each run by method,
 # model, task and steps, and by every setting in which the listed runs differ (e.g. `lr_lora=0.0005`).
 
 # %%
-explorer.explore(runs_dir)
+explorer.explore(nb.train_dir)
 
 # %%
 data = app.data

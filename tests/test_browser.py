@@ -318,6 +318,25 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
     pg.locator(APP).scroll_into_view_if_needed()
     pg.screenshot(path=str(shots / "explorer.png"))
 
+    # the comparison: a second app with its own Play and its three maps (A, B, A - B)
+    compare = panel.locator(".jp-OutputArea-output", has=pg.locator(".widget-slider")).nth(1)
+    compare.locator(".widget-output img").first.wait_for(timeout=RUN_ALL_S * 1000)
+    assert compare.locator(".widget-button", has_text="Play").count() == 1
+    assert compare.locator(".widget-html").filter(has_text="at step").count() == 1
+    assert compare.locator(".widget-html", has_text="at step").first.inner_text().count("winner") == 2
+    compare.scroll_into_view_if_needed()
+    pg.wait_for_timeout(1000)
+    compare.screenshot(path=str(shots / "compare.png"))
+    copy_to = os.environ.get("MOLF_SCREENSHOTS")
+    if copy_to:  # docs/screenshots.py: the docs' pictures of the real app
+        sys.path.insert(0, str(ROOT / "docs"))
+        from screenshots import shrink
+        Path(copy_to).mkdir(parents=True, exist_ok=True)
+        for name in ("decision", "explorer", "compare"):
+            target = Path(copy_to) / f"lab_{name}.png"
+            target.write_bytes((shots / f"{name}.png").read_bytes())
+            shrink(target)
+
 
 def test_nothing_trains_below_the_explorer():
     """A kernel handles a widget event only after every queued cell: so that the app answers as soon as
