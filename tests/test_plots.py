@@ -137,6 +137,6 @@ def test_the_takeaway_states_this_runs_numbers(data):
     by_type = table.groupby("module_type")["win_fraction"].mean()
     share = analysis.overall_win_share(data)["fft"]
     assert f"won **{share:.0%}** of all module decisions" in text
-    assert f"most in `{by_type.idxmax()}` (**{by_type.max():.0%}**" in text
-    assert f"least in `{by_type.idxmin()}` (**{by_type.min():.0%}**)" in text
+    assert f"most in `{by_type.idxmax()}`" in text and f"(**{by_type.max():.0%}** of their steps" in text
+    assert f"least in `{by_type.idxmin()}`" in text and f"(**{by_type.min():.0%}**)" in text
     assert f"({data.routing['step'].nunique()} steps)" in text

@@ -287,7 +287,8 @@ def takeaway(data, expert: str | None = None) -> str:
     name = expert_label(expert, config)
     table = win_table(data, expert)
     by_type = table.groupby("module_type")["win_fraction"].mean().reindex(type_order(table["module_type"]))
-    top, low = by_type.idxmax(), by_type.idxmin()
+    top = ", ".join(f"`{t}`" for t in by_type.index if by_type[t] == by_type.max())   # ties named together
+    low = ", ".join(f"`{t}`" for t in by_type.index if by_type[t] == by_type.min())
     share = overall_win_share(data)[expert]
     switches = switch_table(data)["switch_rate"].mean()
     routing = routing_of(data)
@@ -295,5 +296,5 @@ def takeaway(data, expert: str | None = None) -> str:
     settled = "the winners barely move after the first steps" if switches < 0.1 else \
         "the winners still change often, so read the map as a running average"
     return (f"**In this run** ({steps} steps): the {name} won **{share:.0%}** of all module decisions; "
-            f"most in `{top}` (**{by_type[top]:.0%}** of its steps, mean over layers) and least in `{low}` "
-            f"(**{by_type[low]:.0%}**). The mean switch rate is {switches:.3f} per step: {settled}.")
+            f"most in {top} (**{by_type.max():.0%}** of their steps, mean over layers) and least in {low} "
+            f"(**{by_type.min():.0%}**). The mean switch rate is {switches:.3f} per step: {settled}.")
