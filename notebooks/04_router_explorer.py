@@ -132,8 +132,8 @@ html_path = nb.export_html(str(app.run_dir), "explorer")
 # ### Two runs side by side: EPD against PFN
 #
 # The same controls drive both runs (same model, task and settings; only the score function differs): each
-# run's routing map at the step, and the difference of their cumulative FFT win shares (A minus B: purple
-# where A gave the module to FFT more often, orange where B did).
+# run's routing map at the step, and the difference of their cumulative FFT win shares (A minus B: orange
+# where A gave the module to FFT more often, purple where B did).
 
 # %%
 compare = explorer.CompareExplorer(run_dir, other_dir)
@@ -157,6 +157,8 @@ data = app.data
 results = {
     "notebook": nb.name, "run_dir": str(app.run_dir), "steps_logged": len(app.steps),
     "layers": app.layers, "module_types": app.types, "html_mb": html_path.stat().st_size / 1e6,
+    "compare": {"other_score": other_score, "other_run_dir": str(other_dir),
+                "mean_abs_difference": float(abs(difference).mean())},
     "win_share": analysis.overall_win_share(data),
     "routing_heatmap": analysis.heatmap_cells(data),
     "live": None if live_result is None else {
