@@ -236,15 +236,20 @@ def win_fraction_over_time(data, expert: str | None = None, windows: int = 8):
     mid = table.groupby("window")[["step_start", "step_end"]].first()
     centers = (mid["step_start"] + mid["step_end"]) / 2
     per_type = table.groupby(["window", "module_type"])["win_fraction"].mean().unstack()
-    for i, t in enumerate(type_order(per_type.columns)):
-        left.plot(centers.loc[per_type.index], per_type[t], marker="o", ms=3, label=short_type(t),
+    ordered = type_order(per_type.columns)
+    # equal shares (often all 0 or all 1) would hide each other: each type's line is drawn a little apart
+    spread = 0.012
+    for i, t in enumerate(ordered):
+        offset = (i - (len(ordered) - 1) / 2) * spread
+        left.plot(centers.loc[per_type.index], per_type[t] + offset, marker="o", ms=3, label=short_type(t),
                   color=module_type_color(t, i))
     overall = table.groupby("window")["win_fraction"].mean()
     left.plot(centers.loc[overall.index], overall, color="black", lw=2.5, ls="--", label="all modules")
-    left.set_ylim(-0.03, 1.03)
+    left.set_ylim(-0.06, 1.06)
     left.set_xlabel("training step (window centre)")
     left.set_ylabel(f"{label} (fraction)")
-    left.set_title("By module type (mean over layers)")
+    left.set_title(f"By module type (mean over layers; lines {spread:g} apart so that equal ones show)",
+                   fontsize=9)
     left.legend(fontsize=8, title="module type", title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     left.grid(alpha=0.3)
 
