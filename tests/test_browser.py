@@ -332,7 +332,7 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
         sys.path.insert(0, str(ROOT / "docs"))
         from screenshots import shrink
         Path(copy_to).mkdir(parents=True, exist_ok=True)
-        for name in ("decision", "explorer", "compare"):
+        for name in ("explorer", "compare"):
             target = Path(copy_to) / f"lab_{name}.png"
             target.write_bytes((shots / f"{name}.png").read_bytes())
             shrink(target)
