@@ -106,9 +106,13 @@ del base, wrapped, before, after
 # loss, every module's gradient norms and every routing decision (with full-precision scores), evaluation
 # and a merge of the adapters back into plain weights. `nb.train` gives the run a directory named after
 # its config, so the other notebooks reuse this exact run instead of training it again.
+#
+# The cell first says how long it expects to train (from the step times of a recorded run of the same
+# shape, when there is one). Run by hand, the routing map appears after the first steps and redraws as
+# training goes, under one progress line with the time left; the run is the same as the runner's.
 
 # %%
-data = nb.train(method="molf", **nb.common, **nb.molf_hp)
+data = nb.train(method="molf", live_every=max(1, steps // 10), **nb.common, **nb.molf_hp)
 stability = analysis.stability_summary(data.steps)
 fig = plots.loss_curves({"molf": data}, title=f"MoLF training loss ({plots.run_title(data)})")
 nb.save(fig, "loss")
@@ -131,6 +135,7 @@ fig = plots.routing_summary_bars(data)
 nb.save(fig, "routing_by_type")
 share = analysis.overall_win_share(data)
 print("share of all (module, step) decisions won:", {e: round(v, 3) for e, v in share.items()})
+nb.takeaway(analysis.takeaway(data))
 
 # %% [markdown]
 # ## 4. The numbers

@@ -78,6 +78,7 @@ fig = plots.routing_heatmap(data)
 nb.save(fig, "routing_heatmap")
 heatmap = analysis.heatmap_cells(data)
 print(f"{len(heatmap)} modules; FFT won {analysis.overall_win_share(data)['fft']:.1%} of all decisions")
+nb.takeaway(analysis.takeaway(data))
 
 # %% [markdown]
 # ## 2. When: routing over training time
@@ -131,6 +132,11 @@ contrast = nb.train(method="molf", **nb.common, **{**nb.molf_hp, "score": other}
 labels = {(score or "epd").upper(): data, other.upper(): contrast}
 fig = plots.compare_heatmaps(labels, title="EPD vs PFN: share of steps won by the FFT expert")
 nb.save(fig, "epd_vs_pfn")
+shares = {name: analysis.overall_win_share(run)["fft"] for name, run in labels.items()}
+nb.takeaway("**EPD vs PFN in this run:** the FFT expert won " + " and ".join(
+    f"**{share:.0%}** of decisions under {name}" for name, share in shares.items())
+    + ". PFN compares the Adam direction's norm alone, so the dense weight's many parameters weigh in; "
+      "EPD also weighs each expert's learning rate and gradient signal.")
 
 # %%
 results = {

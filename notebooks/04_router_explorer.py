@@ -27,8 +27,10 @@
 #
 # An interactive app (JupyterLab + ipywidgets) over a MoLF run:
 #
-# - **step** slider (▶ plays through training), **layer** and **module** pickers, and a **mode** toggle:
-#   the experts chosen at that step, or each module's cumulative FFT win share up to it;
+# - **step** slider with **Play** (every step is drawn: the next one waits for the last picture), **layer** and
+#   **module** pickers, and a **mode** toggle: the experts chosen at that step, or each module's cumulative
+#   FFT win share up to it; **save this frame** writes the picture (PNG) and its numbers (CSV) into
+#   `explorer_frames/` beside the notebook (`app.widget(save_dir=...)` for another folder);
 # - left: the routing map with the selected module outlined; right: that module's scores over training and
 #   every module of the selected layer at the chosen step.
 #
@@ -84,6 +86,7 @@ live_result = None
 if live:
     live_config = nb.run_config(method="molf", **{**nb.common, "steps": live_steps}, **nb.molf_hp,
                                    save_every=0)
+    notebook.say_expected_time(live_config)
     live_result, fig = explorer.live(live_config, chunk=live_chunk)
     nb.save(fig, "live_final")
 
@@ -96,6 +99,9 @@ if live:
 # %%
 if run_dir is None:
     run_dir = nb.train(method="molf", **nb.common, **nb.molf_hp).path
+# the same settings with the other score function, for the comparison below (02 trains it too: shared)
+other_score = "pfn" if (score or "epd") == "epd" else "epd"
+other_dir = nb.train(method="molf", **nb.common, **{**nb.molf_hp, "score": other_score}).path
 app = explorer.RouterExplorer(run_dir)
 nb.app(app.widget, app.render_final_frame)  # the app; run headless by the suite, a picture of it
 
@@ -107,21 +113,52 @@ nb.app(app.widget, app.render_final_frame)  # the app; run headless by the suite
 # %%
 fig = app.render_final_frame()
 nb.save(fig, "final_frame")
+busiest = analysis.busiest_module(app.data)
+nb.takeaway(analysis.takeaway(app.data) + f" The outlined module, `{busiest.removeprefix('model.')}`, switched "
+            f"{int(analysis.switch_table(app.data).set_index('module').loc[busiest, 'switches'])} times.")
+
+# %% [markdown]
+# ### Share it without a kernel
+#
+# The same explorer as one self-contained HTML file: every step, layer and module type precomputed into
+# the page, its slider, Play button and pickers run in the browser (no server, no kernel, no network).
+# Send it to students; they open it from disk. Its size grows with steps x modules; past 20 MB the export
+# keeps every N-th step (`every="auto"`, see docs/notebooks.md).
+
+# %%
+html_path = nb.export_html(str(app.run_dir), "explorer")
+
+# %% [markdown]
+# ### Two runs side by side: EPD against PFN
+#
+# The same controls drive both runs (same model, task and settings; only the score function differs): each
+# run's routing map at the step, and the difference of their cumulative FFT win shares (A minus B: orange
+# where A gave the module to FFT more often, purple where B did).
+
+# %%
+compare = explorer.CompareExplorer(run_dir, other_dir)
+nb.app(compare.widget, compare.frame)
+difference = compare.difference(int(compare.steps[-1]))
+print(f"{(score or 'epd').upper()} minus {other_score.upper()}: mean FFT win share "
+      f"{compare.a.cumulative[-1].mean():.0%} vs {compare.b.cumulative[-1].mean():.0%}; "
+      f"{(abs(difference) > 0.5).mean():.0%} of modules differ by more than half of their steps")
 
 # %% [markdown]
 # ### Any run
 #
-# Every routed run (MoLF or MoLF-E) under `runs_dir`, newest first. The picker names each run by method,
+# Every routed run (MoLF or MoLF-E) under `train_dir` (the training runs), newest first. The picker names each run by method,
 # model, task and steps, and by every setting in which the listed runs differ (e.g. `lr_lora=0.0005`).
 
 # %%
-explorer.explore(runs_dir)
+explorer.explore(nb.train_dir)
 
 # %%
 data = app.data
 results = {
     "notebook": nb.name, "run_dir": str(app.run_dir), "steps_logged": len(app.steps),
-    "layers": app.layers, "module_types": app.types,
+    "layers": app.layers, "module_types": app.types, "html_mb": html_path.stat().st_size / 1e6,
+    "compare": {"other_score": other_score, "other_run_dir": str(other_dir),
+                "mean_abs_difference": float(abs(difference).mean())},
     "win_share": analysis.overall_win_share(data),
     "routing_heatmap": analysis.heatmap_cells(data),
     "live": None if live_result is None else {

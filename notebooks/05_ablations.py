@@ -96,6 +96,12 @@ for axis, runs_of_axis in ablations.items():
                         "final_loss": m["final_loss"], "primary_metric": m["primary_metric"],
                         "metric": (m["metrics"] or {}).get(m["primary_metric"]), "run_dir": str(d.path)})
 summary = pd.DataFrame(summary)
+lr_rows = summary[summary["axis"] == "lr_lora / lr_fft"]
+nb.takeaway("**In these runs:** the FFT expert's share of decisions moved with the lr ratio from "
+            + ", ".join(f"**{r.fft_win_share:.0%}** at {r.setting}" for r in lr_rows.itertuples())
+            + "; by score function it was " + ", ".join(
+                f"**{r.fft_win_share:.0%}** ({r.setting})" for r in summary[summary["axis"] == "score function"].itertuples())
+            + f". Final losses spread over {summary['final_loss'].min():.3f}..{summary['final_loss'].max():.3f}.")
 summary.drop(columns="run_dir")
 
 # %% [markdown]

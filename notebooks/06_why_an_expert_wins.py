@@ -127,6 +127,7 @@ plt.show()
 first = lesson.at(0, module)
 for s in ("epd", "pfn"):
     print(teaching.why(first, s))
+teaching.free_models()  # from here on only the tiny model trains: let go of the loaded `model`
 
 # %% [markdown]
 # ## 2. Three things to notice
@@ -226,6 +227,18 @@ nb.save(fig, "classroom")
 plt.close(fig)
 
 # %% [markdown]
+# ### Every setting tried so far, as one page without a kernel
+#
+# Each setting trained in this kernel (the cells above and every slider position of the classroom) is
+# cached; this writes them all into one self-contained HTML router explorer, a run picker naming each
+# setting. Run it again after playing with the sliders to include the new ones.
+
+# %%
+lessons = {lesson.settings.label(): lesson.routing for lesson in teaching.cached_lessons()}
+html_path = nb.export_html(lessons, "classroom")
+print(f"{len(lessons)} settings in the page")
+
+# %% [markdown]
 # ## Numbers
 
 # %%
@@ -248,7 +261,8 @@ results = {
     "alpha_tilt": {"alpha_low": alpha, "alpha_high": 2 * alpha, "epd_change_min": epd_change[0],
                    "epd_change_max": epd_change[1], "pfn_change_max": pfn_change},
     "classroom": {"settings": classroom.settings.label(), "steps": classroom_steps,
-                  "lora_win_share": classroom.lesson.win_share("lora0")},
+                  "lora_win_share": classroom.lesson.win_share("lora0"),
+                  "html_settings": len(lessons), "html_mb": html_path.stat().st_size / 1e6},
 }
 nb.write_results(results)
 print(f"key numbers written to {nb.name}.json in runs_dir")

@@ -267,7 +267,8 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
     for bad in ("Box(children=", "Error displaying widget", "Traceback", "PosixPath("):
         assert bad not in text, f"the notebook shows {bad!r}"
     # real controls: slider with play button, two dropdowns, the two mode buttons
-    assert pg.locator(f"{APP} .widget-play button").count() >= 1
+    assert pg.locator(f"{APP} .widget-button", has_text="Play").count() == 1
+    assert pg.locator(f"{APP} .widget-button", has_text="save this frame").count() == 1
     selects = pg.locator(f"{APP} .widget-dropdown select")
     assert selects.count() == 2
     modes = pg.locator(f"{APP} .widget-toggle-button")
@@ -288,6 +289,26 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
     info = pg.locator(f"{APP} .widget-html").all_inner_texts()
     assert any("v_proj" in t for t in info), f"the info line does not name the selected module: {info}"
 
+    # Play shows every step, in order: record each value the slider's readout takes while it plays
+    steps = list(range(TINY["steps"]))
+    readout.evaluate("""el => { window.__seen = [el.textContent.trim()];
+        new MutationObserver(() => window.__seen.push(el.textContent.trim()))
+            .observe(el, {childList: true, characterData: true, subtree: true}); }""")
+    play = pg.locator(f"{APP} .widget-button", has_text="Play")
+    play.click()  # at the last step: it starts again from the first
+    pg.locator(f"{APP} .widget-button", has_text="Pause").wait_for(timeout=REDRAW_S * 1000)
+    pg.locator(f"{APP} .widget-button", has_text="Play").wait_for(timeout=len(steps) * REDRAW_S * 1000)
+    seen = [int(v) for v in pg.evaluate("window.__seen") if v.isdigit()]
+    shown = [v for i, v in enumerate(seen) if i == 0 or v != seen[i - 1]]
+    assert shown[-len(steps):] == steps, f"Play skipped or reordered steps: {shown}"
+
+    # save this frame: the PNG and the CSV are written and named under the controls
+    pg.locator(f"{APP} .widget-button", has_text="save this frame").click()
+    pg.locator(f"{APP} .widget-html", has_text=".csv").first.wait_for(timeout=REDRAW_S * 1000)
+    saved = pg.locator(f"{APP} .widget-html", has_text=".csv").first.inner_text()
+    png = Path(saved.split("saved ", 1)[1].split(" and ", 1)[0])
+    assert png.is_file() and png.with_suffix(".csv").is_file(), saved
+
     # the run picker: one distinct label per run
     picker = panel.locator(".widget-dropdown", has_text="run").locator("select").first
     labels = picker.locator("option").all_inner_texts()
@@ -296,6 +317,25 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
     pg.wait_for_timeout(1000)  # a redrawn figure is decoded, not half drawn
     pg.locator(APP).scroll_into_view_if_needed()
     pg.screenshot(path=str(shots / "explorer.png"))
+
+    # the comparison: a second app with its own Play and its three maps (A, B, A - B)
+    compare = panel.locator(".jp-OutputArea-output", has=pg.locator(".widget-slider")).nth(1)
+    compare.locator(".widget-output img").first.wait_for(timeout=RUN_ALL_S * 1000)
+    assert compare.locator(".widget-button", has_text="Play").count() == 1
+    assert compare.locator(".widget-html").filter(has_text="at step").count() == 1
+    assert compare.locator(".widget-html", has_text="at step").first.inner_text().count("winner") == 2
+    compare.scroll_into_view_if_needed()
+    pg.wait_for_timeout(1000)
+    compare.screenshot(path=str(shots / "compare.png"))
+    copy_to = os.environ.get("MOLF_SCREENSHOTS")
+    if copy_to:  # docs/screenshots.py: the docs' pictures of the real app
+        sys.path.insert(0, str(ROOT / "docs"))
+        from screenshots import shrink
+        Path(copy_to).mkdir(parents=True, exist_ok=True)
+        for name in ("explorer", "compare"):
+            target = Path(copy_to) / f"lab_{name}.png"
+            target.write_bytes((shots / f"{name}.png").read_bytes())
+            shrink(target)
 
 
 def test_nothing_trains_below_the_explorer():

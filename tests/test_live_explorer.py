@@ -128,3 +128,26 @@ def test_a_new_live_run_of_the_same_directory_replaces_the_old_one_and_resumes_i
     uninterrupted = runs.load(run(cfg(tmp_path, "runner")).out_dir)
     assert new.record.losses == list(uninterrupted.steps["loss"])
     pd.testing.assert_frame_equal(runs.load(tmp_path / "live").routing, uninterrupted.routing)
+
+
+def test_a_finished_live_run_lets_go_of_its_model_and_optimizer(tmp_path):
+    import gc
+    import weakref
+    from pathlib import Path
+
+    app = explorer.LiveRun(cfg(tmp_path))
+    model, optimizer = weakref.ref(app.session.model), weakref.ref(app.session.optimizer)
+    result = app.run()
+    gc.collect()
+    assert model() is None and optimizer() is None, "the notebook's kernel still holds the trained model"
+    assert result.model is None and result.metrics["steps"] == TINY["steps"]
+    assert Path(app.session.config.out_dir).resolve() not in explorer._LIVE_RUNS
+    assert app.figure.fig.axes  # the picture and the numbers stay
+
+
+def test_a_stopped_live_run_keeps_its_model_for_resume(tmp_path):
+    app = explorer.LiveRun(cfg(tmp_path))
+    app.run(steps=2)
+    assert explorer.release_finished() == 0 and app.session.model is not None
+    app.run()
+    assert app.session.model is None

@@ -79,6 +79,9 @@ def test_expert_figures_use_the_palette(data):
     fig = plots.routing_summary_bars(data)
     bars = {c.get_label(): to_hex(c.patches[0].get_facecolor()) for c in fig.axes[0].containers}
     assert bars == want
+    fig.canvas.draw()   # the legend sits right of the bars, outside the axes: it cannot hide a bar
+    legend = fig.axes[0].get_legend().get_window_extent()
+    assert legend.x0 >= fig.axes[0].get_window_extent().x1
     plt.close(fig)
 
     fig = plots.grad_norm_plot(data)
@@ -107,3 +110,33 @@ def test_run_lines_avoid_the_expert_colours(data):
     fig = plots.agreement_plot(curves)
     assert list(_lines_by_label(fig.axes[0]).values()) == list(plots.LINE_COLORS[:4])
     plt.close(fig)
+
+
+def test_thirty_layer_maps_label_every_fifth_layer_and_legends_sit_beside_the_bars():
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    from molf.lab import plots as p
+    types = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    fig, ax = plt.subplots()
+    p._draw_grid(ax, pd.DataFrame(np.full((30, 7), 0.5), index=range(30), columns=types), p.WIN_CMAP, 0, 1, None)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "5", "10", "15", "20", "25", "29"]
+    assert list(ax.get_yticks()[:2]) == [0.5, 5.5]
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    p._draw_grid(ax, pd.DataFrame(np.full((4, 7), 0.5), index=range(4), columns=types), p.WIN_CMAP, 0, 1, None)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2", "3"]
+    plt.close(fig)
+
+
+def test_the_takeaway_states_this_runs_numbers(data):
+    from molf.lab import analysis
+    text = analysis.takeaway(data)
+    table = analysis.win_table(data, "fft")
+    by_type = table.groupby("module_type")["win_fraction"].mean()
+    share = analysis.overall_win_share(data)["fft"]
+    assert f"won **{share:.0%}** of all module decisions" in text
+    assert f"most in `{by_type.idxmax()}`" in text and f"(**{by_type.max():.0%}** of their steps" in text
+    assert f"least in `{by_type.idxmin()}`" in text and f"(**{by_type.min():.0%}**)" in text
+    assert f"({data.routing['step'].nunique()} steps)" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,19 @@ def test_notebook_runs_under_papermill_with_its_asserts(tmp_path):
     made = sorted(p.name for p in figures_dir.glob("*.png"))
     assert made == sorted(f"{NOTEBOOK}_{n}.png" for n in ("factors", "factors_step0", "pfn_first_step", "lr_tilt",
                                                            "alpha_tilt", "classroom"))
+
+
+def test_the_classroom_cache_exports_as_one_page_per_setting(tmp_path):
+    from molf.lab import html_app, notebook
+    teaching.clear_cache()
+    epd = teaching.train(TINY)
+    pfn = teaching.train(TINY, score="pfn")
+    assert [l.settings for l in teaching.cached_lessons()] == [epd.settings, pfn.settings]
+    nb = notebook.setup("06_x", {"runs_dir": str(tmp_path), "figures_dir": str(tmp_path)})
+    path = nb.export_html({l.settings.label(): l.routing for l in teaching.cached_lessons()}, "classroom")
+    assert path == tmp_path / "06_x_classroom.html"
+    data = json.loads(re.search(r"const RUNS = (.*);\n", path.read_text()).group(1).replace("<\\/", "</"))
+    assert list(data) == [epd.settings.label(), pfn.settings.label()]
+    last = data[pfn.settings.label()]
+    assert last["steps"] == pfn.steps and len(last["winner"]) == len(pfn.steps)
+    assert html_app.frames(pfn.routing)["winner"] == last["winner"]

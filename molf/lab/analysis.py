@@ -274,3 +274,27 @@ def primary_score(metrics: dict | None) -> float | None:
     """The value of a run's primary metric from its ``metrics.json`` (None when it has none)."""
     metrics = metrics or {}
     return (metrics.get("metrics") or {}).get(metrics.get("primary_metric"))
+
+
+def takeaway(data, expert: str | None = None) -> str:
+    """The run's routing in one Markdown paragraph, every number computed from ``data``: the tracked
+    expert's share of all decisions, the module types it won most and least, and how often modules switched.
+    A notebook shows it below its figures (``notebook.Notebook.takeaway``), so its text states what this
+    run did, not what some earlier run did."""
+    from .plots import expert_label  # the figures' names for the experts
+    expert = expert or default_expert(data)
+    config = getattr(data, "config", None)
+    name = expert_label(expert, config)
+    table = win_table(data, expert)
+    by_type = table.groupby("module_type")["win_fraction"].mean().reindex(type_order(table["module_type"]))
+    top = ", ".join(f"`{t}`" for t in by_type.index if by_type[t] == by_type.max())   # ties named together
+    low = ", ".join(f"`{t}`" for t in by_type.index if by_type[t] == by_type.min())
+    share = overall_win_share(data)[expert]
+    switches = switch_table(data)["switch_rate"].mean()
+    routing = routing_of(data)
+    steps = routing["step"].nunique()
+    settled = "the winners barely move after the first steps" if switches < 0.1 else \
+        "the winners still change often, so read the map as a running average"
+    return (f"**In this run** ({steps} steps): the {name} won **{share:.0%}** of all module decisions; "
+            f"most in {top} (**{by_type.max():.0%}** of their steps, mean over layers) and least in {low} "
+            f"(**{by_type.min():.0%}**). The mean switch rate is {switches:.3f} per step: {settled}.")

@@ -90,9 +90,7 @@ class RouterExplorer:
               mode: str = MODES[0]):
         """The three-panel picture at ``step`` (default: the last) for the selected module."""
         step = int(self.steps[-1] if step is None else step)
-        si = int(np.searchsorted(self.steps, step))
-        if si >= len(self.steps) or self.steps[si] != step:
-            raise ValueError(f"step {step} is not in this run's routing log (steps {self.steps[0]}..{self.steps[-1]})")
+        si = self._step_index(step)
         layer = self.layers[0] if layer is None else int(layer)
         module_type = module_type or self.types[0]
         if layer not in self.layers or module_type not in self.types:
@@ -129,8 +127,7 @@ class RouterExplorer:
             ax_map.set_title(f"Cumulative win share up to step {step}")
         # the bar's label on the map's side, so it is not read as the y label of the panels to its right
         bar.ax.yaxis.set_label_position("left")
-        ax_map.set_xticks(range(len(self.types)), [plots.short_type(t) for t in self.types])
-        ax_map.set_yticks(range(len(self.layers)), self.layers, fontsize=7 if len(self.layers) > 12 else 9)
+        plots.layer_ticks(ax_map, self.layers, self.types)
         ax_map.set_xlabel("module type (projection)")
         ax_map.set_ylabel("decoder layer (index)")
         ax_map.add_patch(Rectangle((ti - 0.5, li - 0.5), 1, 1, fill=False, edgecolor="black", lw=2.5))
@@ -180,53 +177,279 @@ class RouterExplorer:
             layer, module_type = self.render_defaults()
         return self.frame(int(self.steps[-1]), layer, module_type, mode)
 
+    # ------------------------------------------------------------------ numbers of one frame
+    def frame_table(self, step: int, layer: int | None = None, module_type: str | None = None):
+        """The numbers behind the frame at ``step``: one row per (module, expert) with its score, whether it
+        won at that step and the tracked expert's cumulative win share up to it (a pandas DataFrame)."""
+        import pandas as pd
+        si = self._step_index(step)
+        rows = []
+        for li, layer_ in enumerate(self.layers):
+            for ti, kind in enumerate(self.types):
+                for ei, expert in enumerate(self.experts):
+                    score = self.score[si, li, ti, ei]
+                    rows.append({"step": int(step), "module": self.modules.get((layer_, kind), ""), "layer": layer_,
+                                 "module_type": kind, "expert": expert,
+                                 "score": None if math.isnan(score) else float(score),
+                                 "won": bool(self.winner[si, li, ti] == ei),
+                                 f"{self.expert}_cumulative_win_share": float(self.cumulative[si, li, ti])})
+        return pd.DataFrame(rows)
+
+    def save_frame(self, folder, step: int | None = None, layer: int | None = None,
+                   module_type: str | None = None, mode: str = MODES[0]) -> tuple[Path, Path]:
+        """Write the frame as ``<folder>/<run>_step<step>_<module>.png`` and its numbers (``frame_table``)
+        beside it as ``.csv``; returns both paths."""
+        step = int(self.steps[-1] if step is None else step)
+        layer = self.layers[0] if layer is None else int(layer)
+        module_type = module_type or self.types[0]
+        fig = self.frame(step, layer, module_type, mode)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / f"{self.run_dir.name}_step{step}_layer{layer}_{module_type}"
+        png, table = stem.with_suffix(".png"), stem.with_suffix(".csv")
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        self.frame_table(step).to_csv(table, index=False)
+        return png, table
+
+    def _step_index(self, step: int) -> int:
+        si = int(np.searchsorted(self.steps, step))
+        if si >= len(self.steps) or self.steps[si] != step:
+            raise ValueError(f"step {step} is not in this run's routing log (steps {self.steps[0]}..{self.steps[-1]})")
+        return si
+
     # ------------------------------------------------------------------ widgets
-    def widget(self):
-        """The interactive app: step slider (with play button), layer and module-type pickers, mode."""
-        import ipywidgets as w
+    def widget(self, save_dir="explorer_frames", interval: float = 0.3):
+        """The interactive app: step slider with Play, layer and module-type pickers, mode, and "save this
+        frame" (PNG and CSV into ``save_dir``). Play draws every logged step: the next step is set only
+        ``interval`` seconds after the last frame has been drawn, so a slow redraw slows Play down instead of
+        skipping frames."""
         if self._widgets is not None:
             return self._widgets["box"]
-        step = w.IntSlider(value=int(self.steps[-1]), min=int(self.steps[0]), max=int(self.steps[-1]), step=1,
-                           description="step", continuous_update=False, layout=w.Layout(width="420px"))
-        play = w.Play(value=int(self.steps[-1]), min=int(self.steps[0]), max=int(self.steps[-1]), step=1,
-                      interval=400)
-        w.jslink((play, "value"), (step, "value"))
-        default = self.render_defaults()
-        layer = w.Dropdown(options=self.layers, value=default[0], description="layer",
-                           layout=w.Layout(width="160px"))
-        module_type = w.Dropdown(options=self.types, value=default[1], description="module",
-                                 layout=w.Layout(width="200px"))
-        # wide enough for the longer label ("cumulative win share"), which the default width cuts off
-        mode = w.ToggleButtons(options=MODES, value=MODES[0], style={"button_width": "190px"})
-        out = w.Output()
-        info = w.HTML()
+        self._widgets = _StepControls(self, [self], save_dir, interval).widgets
+        return self._widgets["box"]
 
-        def redraw(*_):
-            fig = self.frame(step.value, layer.value, module_type.value, mode.value)
-            si = int(np.searchsorted(self.steps, step.value))
-            li, ti = self.layers.index(layer.value), self.types.index(module_type.value)
-            scores = ", ".join(f"{e}: {self.score[si, li, ti, k]:.3e}" for k, e in enumerate(self.experts))
-            winner = self.winner[si, li, ti]
-            info.value = (f"<b>{self.modules.get((layer.value, module_type.value), '')}</b> at step {step.value}: "
-                          f"winner <b>{self.experts[winner] if winner >= 0 else 'none (skipped)'}</b>; "
-                          f"scores {scores}; {self.expert} won {self.cumulative[si, li, ti]:.0%} of steps so far")
-            with out:
-                out.clear_output(wait=True)
-                _show(fig)
-
-        for control in (step, layer, module_type, mode):
-            control.observe(redraw, names="value")
-        redraw()
-        box = w.VBox([w.HTML(f"<b>{plots.run_title(self.data)}</b> &mdash; {self.run_dir}"),
-                      w.HBox([play, step, layer, module_type]), mode, info, out])
-        self._widgets = {"box": box, "step": step, "layer": layer, "module_type": module_type, "mode": mode,
-                         "out": out, "info": info}
-        return box
+    def _info(self, step: int, layer: int, module_type: str) -> str:
+        si = self._step_index(step)
+        li, ti = self.layers.index(layer), self.types.index(module_type)
+        scores = ", ".join(f"{e}: {self.score[si, li, ti, k]:.3e}" for k, e in enumerate(self.experts))
+        winner = self.winner[si, li, ti]
+        return (f"<b>{self.modules.get((layer, module_type), '')}</b> at step {step}: "
+                f"winner <b>{self.experts[winner] if winner >= 0 else 'none (skipped)'}</b>; "
+                f"scores {scores}; {self.expert} won {self.cumulative[si, li, ti]:.0%} of steps so far")
 
     def render_defaults(self) -> tuple[int, str]:
         """(layer, module type) of the module whose winner changed most often (``analysis.busiest_module``)."""
         busiest = analysis.busiest_module(self.data)
         return runs.module_layer(busiest), runs.module_type(busiest)
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget())
+
+
+def _png(fig) -> bytes:
+    """A figure as PNG bytes (as the inline backend shows it), closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class _StepControls:
+    """The controls shared by ``RouterExplorer.widget`` and ``CompareExplorer.widget``: one step slider over
+    the steps every app has, Play (each frame drawn before the next is asked for), layer, module type, mode
+    and "save this frame". ``apps``: the RouterExplorers whose ``_info`` lines are shown; ``owner``: what
+    draws (``frame(step, layer, module_type, mode)``) and saves (``save_frame(folder, ...)``)."""
+
+    def __init__(self, owner, apps, save_dir, interval: float):
+        import ipywidgets as w
+        if not (isinstance(interval, (int, float)) and interval >= 0):
+            raise ValueError(f"interval must be a number of seconds >= 0, got {interval!r}")
+        self.owner, self.apps, self.save_dir, self.interval = owner, apps, Path(save_dir), float(interval)
+        self.steps = [int(x) for x in owner.steps]
+        self.drawn: list[int] = []    # the steps drawn, in order (Play's record: none skipped)
+        self._lock = threading.RLock()
+        self._playing = False
+        default = apps[0].render_defaults()
+        self.step = w.SelectionSlider(options=self.steps, value=self.steps[-1], description="step",
+                                      continuous_update=False, layout=w.Layout(width="420px"))
+        self.play = w.Button(description="Play", icon="play", layout=w.Layout(width="90px"))
+        self.layer = w.Dropdown(options=apps[0].layers, value=default[0], description="layer",
+                                layout=w.Layout(width="160px"))
+        self.module_type = w.Dropdown(options=apps[0].types, value=default[1], description="module",
+                                      layout=w.Layout(width="200px"))
+        # wide enough for the longer label ("cumulative win share"), which the default width cuts off
+        self.mode = w.ToggleButtons(options=MODES, value=MODES[0], style={"button_width": "190px"})
+        self.save = w.Button(description="save this frame", icon="download", layout=w.Layout(width="150px"))
+        self.saved = w.HTML()
+        self.info = w.HTML()
+        self.image = w.Image(format="png")
+        self.out = w.Output()
+        with self.out:
+            from IPython.display import display
+            display(self.image)
+        for control in (self.step, self.layer, self.module_type, self.mode):
+            control.observe(self.redraw, names="value")
+        self.play.on_click(self.toggle_play)
+        self.save.on_click(self.save_frame)
+        self.redraw()
+        title = " | ".join(f"<b>{plots.run_title(a.data)}</b> ({str(a.data.config.get('score', '')).upper()})"
+                           for a in apps)
+        box = w.VBox([w.HTML(title), w.HBox([self.play, self.step, self.layer, self.module_type]),
+                      w.HBox([self.mode, self.save]), self.saved, self.info, self.out])
+        self.widgets = {"box": box, "step": self.step, "play": self.play, "layer": self.layer,
+                        "module_type": self.module_type, "mode": self.mode, "save": self.save, "saved": self.saved,
+                        "info": self.info, "out": self.out, "image": self.image, "controls": self}
+
+    def redraw(self, *_):
+        with self._lock:
+            step, layer, kind = self.step.value, self.layer.value, self.module_type.value
+            self.image.value = _png(self.owner.frame(step, layer, kind, self.mode.value))
+            self.info.value = "<br>".join(a._info(step, layer, kind) for a in self.apps)
+            self.drawn.append(step)
+
+    # Play: a timer sets the next step only after the frame of this one has been drawn
+    def toggle_play(self, *_):
+        if self._playing:
+            self.pause()
+            return
+        self._playing = True
+        self.play.description, self.play.icon = "Pause", "pause"
+        if self.step.value == self.steps[-1]:
+            self.step.value = self.steps[0]   # drawn here, before the timer asks for the next
+        self._schedule()
+
+    def pause(self):
+        self._playing = False
+        self.play.description, self.play.icon = "Play", "play"
+
+    @property
+    def playing(self) -> bool:
+        return self._playing
+
+    def _schedule(self):
+        timer = threading.Timer(self.interval, self._advance)
+        timer.daemon = True
+        timer.start()
+
+    def _advance(self):
+        with self._lock:
+            if not self._playing:
+                return
+            i = self.steps.index(self.step.value)
+            if i + 1 >= len(self.steps):
+                self.pause()
+                return
+            self.step.value = self.steps[i + 1]   # redraws (in this thread) before returning
+            if i + 2 >= len(self.steps):
+                self.pause()
+                return
+        self._schedule()
+
+    def save_frame(self, *_) -> tuple[Path, Path]:
+        png, table = self.owner.save_frame(self.save_dir, self.step.value, self.layer.value,
+                                           self.module_type.value, self.mode.value)
+        self.saved.value = f"saved {html.escape(str(png.resolve()))} and {html.escape(table.name)}"
+        print(f"saved {png} and {table}")
+        return png, table
+
+
+class CompareExplorer:
+    """Two routed runs side by side under one set of controls (step, Play, layer, module type, mode, save):
+    each run's routing map at the step, and their difference (run A minus run B) of the tracked expert's
+    cumulative win share up to that step. The runs must route the same modules (same model); the steps
+    are those both logged.
+
+        CompareExplorer("runs/train/<epd run>", "runs/train/<pfn run>").widget()
+    """
+
+    def __init__(self, run_a, run_b, expert: str | None = None):
+        self.a = run_a if isinstance(run_a, RouterExplorer) else RouterExplorer(run_a, expert)
+        self.b = run_b if isinstance(run_b, RouterExplorer) else RouterExplorer(run_b, expert or self.a.expert)
+        if (self.a.layers, self.a.types) != (self.b.layers, self.b.types):
+            raise ValueError(f"the runs route different modules: {self.a.run_dir} has layers {self.a.layers} "
+                             f"x {self.a.types}, {self.b.run_dir} has {self.b.layers} x {self.b.types}")
+        if self.a.expert != self.b.expert:
+            raise ValueError(f"the runs track different experts ({self.a.expert!r}, {self.b.expert!r}); "
+                             "pass expert=")
+        self.expert = self.a.expert
+        self.steps = np.array(sorted(set(self.a.steps.tolist()) & set(self.b.steps.tolist())))
+        if not len(self.steps):
+            raise ValueError("the two runs have no logged step in common")
+        self.run_dir = Path(f"{self.a.run_dir.name}_vs_{self.b.run_dir.name}")
+        self._widgets = None
+
+    def difference(self, step: int) -> np.ndarray:
+        """[layer, module type] array: run A's cumulative win share of the tracked expert up to ``step``
+        minus run B's."""
+        return self.a.cumulative[self.a._step_index(step)] - self.b.cumulative[self.b._step_index(step)]
+
+    def frame(self, step: int | None = None, layer: int | None = None, module_type: str | None = None,
+              mode: str = MODES[0]):
+        """Three maps at ``step``: run A, run B (decisions or cumulative share, as ``mode``) and A - B."""
+        step = int(self.steps[-1] if step is None else step)
+        layer = self.a.layers[0] if layer is None else int(layer)
+        module_type = module_type or self.a.types[0]
+        li, ti = self.a.layers.index(layer), self.a.types.index(module_type)
+        height = max(4.0, 1.6 + 0.2 * len(self.a.layers))
+        fig, axes = plt.subplots(1, 3, figsize=(15, height), layout="constrained")
+        for ax, app, name in ((axes[0], self.a, "A"), (axes[1], self.b, "B")):
+            si = app._step_index(step)
+            config = app.data.config
+            label = f"{name}: {plots.run_title(app.data)} ({str(config.get('score', '')).upper()})"
+            if mode == MODES[0]:
+                cmap = ListedColormap([plots.expert_color("skipped")] + [plots.expert_color(e) for e in app.experts])
+                image = ax.imshow(app.winner[si] + 1, cmap=cmap, vmin=-0.5, vmax=len(app.experts) + 0.5,
+                                  aspect="auto", interpolation="nearest")
+                bar = fig.colorbar(image, ax=ax, ticks=range(len(app.experts) + 1), shrink=0.8)
+                bar.ax.set_yticklabels(["none"] + [plots.expert_label(e, config) for e in app.experts], fontsize=8)
+            else:
+                image = ax.imshow(app.cumulative[si], cmap=plots.WIN_CMAP, vmin=0, vmax=1, aspect="auto",
+                                  interpolation="nearest")
+                fig.colorbar(image, ax=ax, shrink=0.8, label=f"{self.expert} win share so far (fraction)")
+            ax.set_title(label, fontsize=9)
+        diff = self.difference(step)
+        image = axes[2].imshow(diff, cmap="PuOr_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+        fig.colorbar(image, ax=axes[2], shrink=0.8, label=f"A - B: {self.expert} win share so far (fraction)")
+        axes[2].set_title(f"difference A - B up to step {step} (mean |A-B| {np.abs(diff).mean():.2f})", fontsize=9)
+        for ax in axes:
+            plots.layer_ticks(ax, self.a.layers, list(self.a.types))
+            ax.set_xlabel("module type (projection)")
+            ax.add_patch(Rectangle((ti - 0.5, li - 0.5), 1, 1, fill=False, edgecolor="black", lw=2.5))
+        axes[0].set_ylabel("decoder layer (index)")
+        fig.suptitle(f"Two runs at step {step}" + (" (decisions)" if mode == MODES[0] else " (cumulative)"))
+        return fig
+
+    def frame_table(self, step: int, *_):
+        """Both runs' numbers at ``step`` (``RouterExplorer.frame_table``), a ``run`` column naming A and B."""
+        import pandas as pd
+        return pd.concat([self.a.frame_table(step).assign(run="A: " + self.a.run_dir.name),
+                          self.b.frame_table(step).assign(run="B: " + self.b.run_dir.name)], ignore_index=True)
+
+    def save_frame(self, folder, step: int | None = None, layer: int | None = None,
+                   module_type: str | None = None, mode: str = MODES[0]) -> tuple[Path, Path]:
+        """Write the three maps as a PNG and both runs' numbers as a CSV into ``folder``."""
+        step = int(self.steps[-1] if step is None else step)
+        fig = self.frame(step, layer, module_type, mode)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / f"compare_{self.run_dir.name}_step{step}"
+        png, table = stem.with_suffix(".png"), stem.with_suffix(".csv")
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        self.frame_table(step).to_csv(table, index=False)
+        return png, table
+
+    def render_defaults(self) -> tuple[int, str]:
+        return self.a.render_defaults()
+
+    def widget(self, save_dir="explorer_frames", interval: float = 0.3):
+        """The app: the step slider with Play, pickers, mode and "save this frame", driving both runs."""
+        if self._widgets is not None:
+            return self._widgets["box"]
+        self._widgets = _StepControls(self, [self.a, self.b], save_dir, interval).widgets
+        return self._widgets["box"]
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -360,7 +583,7 @@ class LiveFigure:
         self.fig.colorbar(self.image, ax=left, label=f"share of steps won by "
                                                      f"{plots.expert_label(self.expert, config)} (fraction)")
         left.set_xticks(range(len(record.types)), [plots.short_type(t) for t in record.types])
-        left.set_yticks(range(len(record.layers)), record.layers, fontsize=7 if len(record.layers) > 12 else 9)
+        plots.layer_ticks(left, record.layers)
         left.set_xlabel("module type (projection)")
         left.set_ylabel("decoder layer (index)")
         self.map_title = left.set_title("Win share so far")
@@ -458,6 +681,7 @@ class LiveRun:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_frame = None
+        self._frame_times: list[tuple[float, int]] = []   # (time, steps done) at the start and each frame
         self._widgets = None
 
     def _read_back(self, out: Path, step: int) -> None:
@@ -481,11 +705,13 @@ class LiveRun:
         self._stop.clear()
         self._set("training", f"training: {s.step}/{s.total_steps} steps done")
         self._last_frame = time.perf_counter()
+        self._frame_times = [(self._last_frame, s.step)]
         try:
             loop = s.fit(steps, callbacks=[self.record, _Redraw(self), _StopButton(self._stop)])
             if s.finished_training:
                 self._set("training", f"evaluating: {s.total_steps}/{s.total_steps} steps done")
                 self.result = s.finish()
+                self._release()
                 self._set("done", self._done_message())
             elif loop.stop_reason == "Stop pressed":
                 self._set("stopped", f"stopped at {s.step}/{s.total_steps} steps (Stop pressed); Resume continues")
@@ -500,6 +726,15 @@ class LiveRun:
             if self._thread is None or threading.current_thread() is not self._thread:
                 raise
         return self.result
+
+    def _release(self) -> None:
+        """Drop the finished run's model, optimizer and batches (the kernel keeps only the figure and the
+        numbers: a notebook must not hold a trained model it no longer needs)."""
+        self.result = dataclasses.replace(self.result, model=None)
+        for name in ("model", "optimizer", "scheduler", "batches"):
+            if hasattr(self.session, name):
+                setattr(self.session, name, None)
+        _LIVE_RUNS.pop(Path(self.session.config.out_dir).resolve(), None)
 
     def start(self) -> None:
         """Train in a background thread (the kernel stays free, so Stop can be pressed)."""
@@ -547,7 +782,19 @@ class LiveRun:
         loss = self.record.losses[-1] if self.record.losses else math.nan
         hint = "" if self.running else " (Kernel ▸ Interrupt stops it)"
         self._set(self.status, f"training: {s.step}/{s.total_steps} steps, loss {loss:.4f}, "
-                               f"{self.frame_seconds[-1]:.2f} s/frame{hint}")
+                               f"{self.frame_seconds[-1]:.2f} s/frame{self._time_left(now)}{hint}")
+
+    def _time_left(self, now: float) -> str:
+        """", about N s left": the steps still to go times the time per step since the first frame (the first
+        steps, slower while everything warms up, are left out once there are later ones)."""
+        self._frame_times.append((now, self.session.step))
+        if len(self._frame_times) < 2:
+            return ""
+        (t0, s0), (t1, s1) = self._frame_times[1 if len(self._frame_times) > 2 else 0], self._frame_times[-1]
+        if s1 <= s0:
+            return ""
+        left = (self.session.total_steps - s1) * (t1 - t0) / (s1 - s0)
+        return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.1f} min left"
 
     def _done_message(self) -> str:
         metrics = self.result.metrics
@@ -588,6 +835,17 @@ class LiveRun:
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget())
+
+
+def release_finished() -> int:
+    """Drop the model, optimizer and batches of every finished live run of this process (a stopped one
+    keeps them, so Resume still works). Returns how many were released."""
+    dropped = 0
+    for app in list(_LIVE_RUNS.values()):
+        if app.result is not None and not app.running:
+            app._release()
+            dropped += 1
+    return dropped
 
 
 def live(config, every: int = 1, display: bool = True, on_frame=None, chunk: int | None = None,

@@ -121,7 +121,8 @@ def export(sources, path, every: int | str = 1, max_mb: float = MAX_MB) -> Path:
         hint = f"every={fits} (or every='auto') would fit" if fits else "export fewer runs"
         raise ValueError(f"the page would be about {total(every):.3g} MB, over max_mb={max_mb:g}: {hint}")
     data = {label: frames(table, every) for label, table in tables.items()}
-    page = _PAGE.replace("__TITLE__", html.escape(" | ".join(data)))
+    title = " | ".join(data) if len(data) <= 2 else f"{len(data)} runs (pick one in the run menu)"
+    page = _PAGE.replace("__TITLE__", html.escape(title))
     page = page.replace("__DATA__", json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
     page = page.replace("__MODES__", json.dumps(MODES))
     path = Path(path)

@@ -68,14 +68,83 @@ def run_config(train_dir, **kwargs):
     return dataclasses.replace(probe, out_dir=str(train_dir / f"{slug}-{digest}"))
 
 
-def train(train_dir, **kwargs):
-    """``train.run(run_config(train_dir, **kwargs))`` with one printed line; returns ``molf.lab.runs.RunData``."""
+# what makes one run's step time a fair guess for another's
+_SAME_SHAPE = ("model", "method", "batch_size", "seq_len", "grad_accum", "device", "dtype", "ranks", "topk")
+
+
+def expected_time(config, train_dir=None) -> tuple[float | None, str]:
+    """How long training ``config`` will take, said before it starts: ``(seconds, how it was estimated)``.
+
+    0 when its finished run exists (reused); else the median warm step time (steps after the first two)
+    of the recorded runs under ``train_dir`` (default: the run's folder) with the same model, method, batch,
+    sequence length, device, dtype, ranks and top-k, times ``steps``; else ``None`` (no recorded run of that
+    shape: the progress line measures it after the first steps)."""
+    import csv
+    import statistics
+    out = Path(config.out_dir)
+    if (out / "metrics.json").is_file():
+        return 0.0, f"its finished run {out.name} is reused"
+    want = dataclasses.asdict(config)
+    times, used = [], []
+    folder = Path(train_dir) if train_dir is not None else out.parent
+    for cfg_path in sorted(folder.glob("*/config.json")) if folder.is_dir() else []:
+        try:
+            other = json.loads(cfg_path.read_text())
+            with open(cfg_path.parent / "steps.csv", newline="") as f:
+                rows = [float(r["step_time_s"]) for r in csv.DictReader(f) if r.get("step_time_s")]
+        except (OSError, ValueError, KeyError):
+            continue
+        if any(_shape(other.get(k)) != _shape(want.get(k)) for k in _SAME_SHAPE) or not rows:
+            continue
+        times.extend(rows[2:] if len(rows) > 2 else rows)
+        used.append(cfg_path.parent.name)
+    if not times:
+        return None, "no recorded run of this shape yet: the progress line measures the step time as it goes"
+    per_step = statistics.median(times)
+    return per_step * config.steps, (f"{config.steps} steps x {per_step:.2f} s, the median warm step of "
+                                     f"{len(used)} recorded run(s) of this shape, plus loading and evaluation")
+
+
+def _shape(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def say_expected_time(config, train_dir=None) -> None:
+    """Print ``expected_time`` as one line, before a cell trains."""
+    seconds, how = expected_time(config, train_dir)
+    if seconds == 0:
+        print(f"expected: a few seconds ({how})", flush=True)
+    elif seconds is None:
+        print(f"expected: unknown ({how})", flush=True)
+    else:
+        print(f"expected: about {_duration(seconds)} of training ({how})", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def train(train_dir, live_every: int | None = None, **kwargs):
+    """``train.run(run_config(train_dir, **kwargs))`` with its expected time said first and one printed line
+    at the end; returns ``molf.lab.runs.RunData``. ``live_every``: a routed run is trained by the live
+    explorer (``explorer.live``: its routing map drawn every ``live_every`` steps as it trains, one progress
+    line with the time left); the run is the same."""
     from . import analysis, runs
-    from .train import run
+    from .train import MOLF_METHODS, run
     config = run_config(train_dir, **kwargs)
     finished = (Path(config.out_dir) / "metrics.json").is_file()
+    say_expected_time(config, train_dir)
     began = time.perf_counter()
-    result = run(config)
+    if live_every and not finished and config.method in MOLF_METHODS:
+        from . import explorer
+        result, fig = explorer.live(config, every=live_every)
+        plt.close(fig)
+        if result is None:
+            raise KeyboardInterrupt(f"training of {config.out_dir} was interrupted; run the cell again to resume")
+    else:
+        result = run(config)
     data = runs.load(result.out_dir)
     m = data.metrics
     score = analysis.primary_score(m)
@@ -114,6 +183,18 @@ def write_results(runs_dir, notebook: str, results: dict) -> Path:
     return path
 
 
+def memory_mb() -> float:
+    """This process's resident memory (RSS) in MB (Linux: /proc/self/status; elsewhere the peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def figure_path(figures_dir, notebook: str, name: str) -> Path:
     return Path(figures_dir) / f"{notebook}_{name}.png"
 
@@ -136,9 +217,12 @@ class Notebook:
         """The validated ``TrainConfig`` of one run (see :func:`run_config`); a bad value raises here."""
         return run_config(self.train_dir, **{"progress": self.progress, **settings})
 
-    def train(self, **settings):
-        """Train (or reuse) one run and return its ``molf.lab.runs.RunData`` (see :func:`train`)."""
-        return train(self.train_dir, **{"progress": self.progress, **settings})
+    def train(self, live_every: int | None = None, **settings):
+        """Train (or reuse) one run and return its ``molf.lab.runs.RunData`` (see :func:`train`): its
+        expected time is printed first; ``live_every`` (ignored when ``headless``) draws a routed run's
+        routing map every that many steps while it trains."""
+        return train(self.train_dir, live_every=None if self.headless else live_every,
+                     **{"progress": self.progress, **settings})
 
     def app(self, widget, picture):
         """Show an ipywidgets app: ``widget()`` when a person runs the notebook; when ``headless`` (the
@@ -153,12 +237,60 @@ class Notebook:
         display(fig)
         plt.close(fig)
 
+    def takeaway(self, text: str) -> None:
+        """Show ``text`` (Markdown whose numbers the notebook computed) as a paragraph below the cell."""
+        try:
+            from IPython import get_ipython
+            from IPython.display import Markdown, display
+        except ImportError:
+            print(text)
+            return
+        if get_ipython() is None:
+            print(text)
+        else:
+            display(Markdown(text))
+
     def save(self, fig, name: str) -> None:
         """Save ``fig`` as ``<figures_dir>/<notebook>_<name>.png``; it is also shown below the cell."""
         plots.save(fig, figure_path(self.figures_dir, self.name, name))
 
+    def export_html(self, sources, name: str, every: int | str = "auto", max_mb: float | None = None) -> Path:
+        """Write ``sources`` (a run directory, a routing table or a dict of them by label) as one
+        self-contained HTML router explorer, ``<runs_dir>/<notebook>_<name>.html`` (``molf.lab.html_app``),
+        and print its path and size: a page to share with people who have no kernel. ``every="auto"``
+        keeps every step unless the page would pass ``max_mb`` (default ``html_app.MAX_MB``), then thins."""
+        from . import html_app
+
+        path = Path(self.runs_dir) / f"{self.name}_{name}.html"
+        html_app.export(sources, path, every=every, max_mb=html_app.MAX_MB if max_mb is None else max_mb)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): open it in any browser, no kernel needed")
+        return path
+
+    def free(self) -> float:
+        """Free what the notebook's runs no longer need (finished live runs' models and optimizers, loaded
+        models other than the classroom's tiny one), collect garbage, and return (and print) this kernel's
+        resident memory in MB."""
+        import gc
+        import sys
+        if "molf.lab.teaching" in sys.modules:
+            sys.modules["molf.lab.teaching"].free_models()
+        if "molf.lab.explorer" in sys.modules:
+            sys.modules["molf.lab.explorer"].release_finished()
+        gc.collect()
+        try:  # hand freed heap pages back to the system (glibc), so the resident size shows the freeing
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        rss = memory_mb()
+        print(f"kernel memory after freeing the runs: {rss:.0f} MB resident")
+        return rss
+
     def write_results(self, results: dict) -> None:
-        """Write the notebook's key numbers to ``<runs_dir>/<notebook>.json`` (finite numbers only)."""
+        """Write the notebook's key numbers to ``<runs_dir>/<notebook>.json`` (finite numbers only). Its runs
+        are done by then: first ``free`` what they left in memory (it prints the kernel's resident memory
+        after that; not written to the JSON, whose numbers are compared with the golden ones)."""
+        self.free()
         write_results(self.runs_dir, self.name, results)
 
 

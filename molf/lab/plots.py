@@ -105,6 +105,20 @@ def expert_label(expert: str, config: dict | None = None) -> str:
 
 
 
+def layer_ticks(ax, layers, types=None, every: int | None = None, offset: float = 0.0) -> None:
+    """Readable ticks on a layer x module-type map: each type on x (short names), and on y every layer when
+    there are at most 12 rows, else every 5th (``every``) plus the last, so 30 rows stay legible.
+    ``offset``: 0.5 for seaborn heatmaps (cell centres at i + 0.5), 0 for imshow."""
+    layers = list(layers)
+    if types is not None:
+        ax.set_xticks([i + offset for i in range(len(types))], [short_type(t) for t in types])
+    every = every or (1 if len(layers) <= 12 else 5)
+    shown = sorted(set(range(0, len(layers), every)) | {len(layers) - 1})
+    ax.set_yticks([i + offset for i in shown], [layers[i] for i in shown], fontsize=9, rotation=0)
+    ax.set_yticks([i + offset for i in range(len(layers))], minor=True)
+    ax.tick_params(axis="y", which="minor", length=2)
+
+
 def short_type(t: str) -> str:
     return t.removesuffix("_proj")
 
@@ -167,7 +181,7 @@ def _draw_grid(ax, grid: pd.DataFrame, cmap, vmin, vmax, annotate: bool | None, 
                 xticklabels=[short_type(t) for t in grid.columns], yticklabels=list(grid.index))
     ax.set_xlabel("module type (projection)")
     ax.set_ylabel("decoder layer (index)")
-    ax.tick_params(axis="y", labelsize=7 if len(grid.index) > 12 else 9, rotation=0)
+    layer_ticks(ax, grid.index, offset=0.5)
     return ax
 
 
@@ -222,15 +236,20 @@ def win_fraction_over_time(data, expert: str | None = None, windows: int = 8):
     mid = table.groupby("window")[["step_start", "step_end"]].first()
     centers = (mid["step_start"] + mid["step_end"]) / 2
     per_type = table.groupby(["window", "module_type"])["win_fraction"].mean().unstack()
-    for i, t in enumerate(type_order(per_type.columns)):
-        left.plot(centers.loc[per_type.index], per_type[t], marker="o", ms=3, label=short_type(t),
+    ordered = type_order(per_type.columns)
+    # equal shares (often all 0 or all 1) would hide each other: each type's line is drawn a little apart
+    spread = 0.012
+    for i, t in enumerate(ordered):
+        offset = (i - (len(ordered) - 1) / 2) * spread
+        left.plot(centers.loc[per_type.index], per_type[t] + offset, marker="o", ms=3, label=short_type(t),
                   color=module_type_color(t, i))
     overall = table.groupby("window")["win_fraction"].mean()
     left.plot(centers.loc[overall.index], overall, color="black", lw=2.5, ls="--", label="all modules")
-    left.set_ylim(-0.03, 1.03)
+    left.set_ylim(-0.06, 1.06)
     left.set_xlabel("training step (window centre)")
     left.set_ylabel(f"{label} (fraction)")
-    left.set_title("By module type (mean over layers)")
+    left.set_title(f"By module type (mean over layers; lines {spread:g} apart so that equal ones show)",
+                   fontsize=9)
     left.legend(fontsize=8, title="module type", title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     left.grid(alpha=0.3)
 
@@ -241,7 +260,7 @@ def win_fraction_over_time(data, expert: str | None = None, windows: int = 8):
                 yticklabels=list(grid.index))
     right.set_xlabel("training steps (window, inclusive)")
     right.set_ylabel("decoder layer (index)")
-    right.tick_params(axis="y", rotation=0, labelsize=7 if len(grid.index) > 12 else 9)
+    layer_ticks(right, grid.index, offset=0.5)
     right.tick_params(axis="x", rotation=45, labelsize=8)
     right.set_title("By layer (mean over module types)")
     fig.suptitle(f"Routing over training time: does each module specialise early?\n{run_title(data)}")
@@ -312,7 +331,7 @@ def routing_summary_bars(data, ax=None):
     routing = routing_of(data)
     config = getattr(data, "config", None)
     share = routing.groupby(["module_type", "expert"])["won"].mean().unstack().reindex(type_order(routing["module_type"]))
-    fig, ax = _fig_ax(ax, figsize=(6.5, 3.6))
+    fig, ax = _fig_ax(ax, figsize=(8, 3.6))
     bottom = np.zeros(len(share))
     for expert in experts_of(data):
         ax.bar([short_type(t) for t in share.index], share[expert], bottom=bottom, color=expert_color(expert),
@@ -321,7 +340,9 @@ def routing_summary_bars(data, ax=None):
     ax.set_xlabel("module type (projection)")
     ax.set_ylabel("share of (layer, step) decisions won (fraction)")
     ax.set_ylim(0, max(1.0, float(bottom.max())) * 1.02)
-    ax.legend(fontsize=8)
+    # beside the bars, not over them (the stacked bars fill the axes to 1)
+    ax.legend(fontsize=8, title="expert", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0)
     ax.set_title(f"Which expert won, by module type\n{run_title(data)}")
     return fig
 

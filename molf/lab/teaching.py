@@ -269,6 +269,22 @@ def _features(settings: Settings, tokenizer):
     return _FEATURES[key]
 
 
+def cached_lessons() -> list[Lesson]:
+    """Every run trained so far in this process (the classroom's cache), in training order."""
+    return list(_LESSONS.values())
+
+
+def free_models(keep=("tiny",)) -> list:
+    """Forget the loaded base models except ``keep`` (the classroom's tiny one): the lessons (tables)
+    stay, a later ``train`` of a forgotten model loads it again. Returns the (model, device) keys dropped."""
+    dropped = [key for key in _BASES if key[0] not in keep]
+    for key in dropped:
+        del _BASES[key]
+    for key in [k for k in _FEATURES if k[0] not in keep]:
+        del _FEATURES[key]
+    return dropped
+
+
 def clear_cache() -> None:
     """Forget cached runs, models and encoded data."""
     _LESSONS.clear()
@@ -444,7 +460,7 @@ def _routing_grids(lesson: Lesson, step: int):
 def _map_axes(ax, grid, layer, module_type):
     types, layers = list(grid.columns), list(grid.index)
     ax.set_xticks(range(len(types)), [plots.short_type(t) for t in types])
-    ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) > 12 else 9)
+    plots.layer_ticks(ax, layers)
     ax.set_xlabel("module type (projection)")
     ax.set_ylabel("decoder layer (index)")
     if layer in layers and module_type in types:
@@ -470,12 +486,22 @@ def explain(lesson: Lesson, step: int | None = None, module: str | None = None):
     _bars(ax_epd, table, EPD_FACTORS, "epd", s.score == "epd")
     _bars(ax_pfn, table, PFN_FACTORS, "pfn", s.score == "pfn")
 
-    ax_loss.plot(range(len(lesson.losses)), lesson.losses, color="black", marker="o", ms=3)
+    # relative to step 0 with a 3-step mean: on a short run of a random model the raw loss is batch noise,
+    # and the title says how large the change is against that noise
+    change = np.asarray(lesson.losses, dtype=float) - lesson.losses[0]
+    smooth = pd.Series(change).rolling(3, min_periods=1).mean()
+    noise = float(np.std(np.diff(change))) if len(change) > 2 else 0.0
+    ax_loss.plot(range(len(change)), change, color="grey", marker="o", ms=3, lw=0.8, label="per step")
+    ax_loss.plot(range(len(change)), smooth, color="black", lw=2, label="3-step mean")
+    ax_loss.axhline(0, color="black", lw=0.6)
     ax_loss.axvline(step, color="grey", ls=":", lw=1)
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set_xlabel("training step")
-    ax_loss.set_ylabel("training loss (nats/token)")
-    ax_loss.set_title("Loss (dotted: the step shown)", fontsize=10)
+    ax_loss.set_ylabel("loss - loss at step 0 (nats/token)")
+    verdict = "a real drop" if smooth.iloc[-1] < -2 * noise else "within batch noise: routing is the lesson here"
+    ax_loss.set_title(f"Loss change {smooth.iloc[-1]:+.3f} (step-to-step noise ±{noise:.3f}):\n{verdict}",
+                      fontsize=9)
+    ax_loss.legend(fontsize=7, loc="lower left")
     ax_loss.grid(alpha=0.3)
 
     colors = [plots.expert_color(e) for e in ("skipped", "fft", "lora0", "several")]
@@ -499,7 +525,7 @@ def explain(lesson: Lesson, step: int | None = None, module: str | None = None):
 
 def pfn_step_one_figure(table: pd.DataFrame):
     """Measured PFN(LoRA)/PFN(FFT) at the first step per module against sqrt(N_B/(N_A+N_B))."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9.5, 4.4), layout="constrained")
     labels = [f"{int(r.layer)}.{plots.short_type(r.module_type)}" for r in table.itertuples()]
     x = np.arange(len(table))
     ax.bar(x, table["measured"], 0.6, color=plots.expert_color("lora0"), alpha=0.7, label="measured PFN(LoRA) / PFN(FFT)")
@@ -510,7 +536,7 @@ def pfn_step_one_figure(table: pd.DataFrame):
     ax.set_xlabel("module (layer.type)")
     ax.set_ylabel("PFN score ratio LoRA / FFT (unitless)")
     ax.set_title("First step under PFN: a fresh LoRA expert scores below the dense weight everywhere")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the bars, never over them
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -533,7 +559,7 @@ def lr_tilt_figure(table: pd.DataFrame):
 def alpha_tilt_figure(table: pd.DataFrame):
     """Per module: the factor by which doubling (say) alpha moved the first-step LoRA/FFT score ratio."""
     low, high = table.attrs.get("low", 32.0), table.attrs.get("high", 64.0)
-    fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9.5, 4.4), layout="constrained")
     labels = [f"{int(r.layer)}.{plots.short_type(r.module_type)}" for r in table.itertuples()]
     x = np.arange(len(table))
     ax.bar(x - 0.2, table["epd_change"], 0.4, color=plots.expert_color("lora0"), label="EPD")
@@ -544,7 +570,7 @@ def alpha_tilt_figure(table: pd.DataFrame):
     ax.set_xlabel("module (layer.type)")
     ax.set_ylabel("change of LoRA/FFT score ratio (factor)")
     ax.set_title(f"First step, alpha {low:g} → {high:g}: EPD follows LoRA's scale, PFN ignores it")
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the bars, never over them
     ax.grid(axis="y", alpha=0.3)
     return fig
 
