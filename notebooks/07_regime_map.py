@@ -2,12 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
-#     notebook_metadata_filter: language_info
+#     notebook_metadata_filter: language_info,-language_info.version,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -61,6 +60,9 @@ classroom_seeds = 2
 classroom_steps = 80
 runs_dir = "../runs"       # <runs_dir>/07_regime_map.json: this notebook's numbers
 figures_dir = "../runs/figures"  # PNG figures (the committed ../figures change only on purpose)
+train_dir = None           # unused here (nothing is written besides the numbers and figures); the suite passes it
+progress = True            # progress lines while training (the suite turns them off)
+headless = False           # True: the classroom app shown as a picture (the suite's headless runs)
 
 # %%
 from pathlib import Path

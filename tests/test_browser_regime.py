@@ -18,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 from test_browser import (
@@ -47,7 +48,7 @@ def lab(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser_regime")
     root = folder / "notebooks"
     root.mkdir()
-    nb = nbformat.read(ROOT / "notebooks" / f"{NOTEBOOK}.ipynb", as_version=4)
+    nb = jupytext.read(ROOT / "notebooks" / f"{NOTEBOOK}.py")  # the committed form; the .ipynb is local
     values = {**SMALL, "runs_dir": str(folder / "runs"), "figures_dir": str(folder / "runs" / "figures")}
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
     source = "# Parameters for the browser test\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
