@@ -79,7 +79,9 @@ own_runs = nb.train_dir / "08_what_the_router_did"   # this page's runs keep the
 # batch 4, 64 tokens) it trains the 20 steps plus, at each of the `probe_steps` probes, one copy of the
 # model per branch for `horizon` steps: the real rule and each of the 4 other rules, 2 x 5 x 3 = 30 steps
 # more. At the 1.2-1.4 s per SmolLM2 step that `00_quickstart` shows on two idle CPU cores, that is one to
-# two minutes; a busy machine is several times slower. The cell prints the time it took. A finished run
+# two minutes of training; copying the model per branch, the shadow records of 210 modules and the
+# evaluation come on top, and a busy machine is several times slower (docs/analysis.md has one measured
+# run). The cell prints the time it took. A finished run
 # in `own_runs` with its shadow tables is read back, not retrained.
 
 # %%
