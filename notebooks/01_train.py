@@ -79,6 +79,7 @@ save_model = False          # write the merged final model to the run directory
 keep_checkpoint = False     # keep checkpoint.pt once the run has finished
 log_grad_norms = True
 log_routing = True
+log_tensorboard = False     # also write TensorBoard events to the run directory's tensorboard/ folder
 window = 5                  # rolling window (steps) of the stability summary
 spike_k = 3.0               # a spike: loss > rolling mean + spike_k * rolling std
 

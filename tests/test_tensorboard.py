@@ -61,3 +61,19 @@ def test_a_run_directory_exports_every_step_and_decision(tmp_path):
 def test_a_missing_run_directory_is_a_clear_error(tmp_path, capsys):
     assert tensorboard.main([str(tmp_path / "nothing"), str(tmp_path / "tb")]) == 2
     assert "not a run directory" in capsys.readouterr().out
+
+
+def test_the_runner_writes_tensorboard_events_when_asked_and_it_does_not_change_the_run(tmp_path):
+    from molf.lab import train
+
+    config = train.TrainConfig(model="tiny", task="fact", method="molf", steps=3, batch_size=2, seq_len=32,
+                               eval_limit=0, save_model=False, progress=False, out_dir=str(tmp_path / "run"),
+                               log_tensorboard=True)
+    train.run(config)
+    acc = _events(tmp_path / "run" / "tensorboard")
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2]
+    assert any(tag.startswith("routing/win_share/") for tag in acc.Tags()["scalars"])
+    again = train.run(train.TrainConfig(**{**config.__dict__, "log_tensorboard": False}))
+    assert again.model is None  # the finished run is reused: TensorBoard is how a run is shown, not what it is
+    with pytest.raises(ValueError, match="log_tensorboard must be True or False"):
+        train.TrainConfig(**{**config.__dict__, "log_tensorboard": "yes"}).resolved()

@@ -12,6 +12,7 @@ A run directory holds
     steps.csv          step, loss, lr, grad_norm (before clipping), step_time_s
     grad_norms.csv     step, module, expert, grad_norm: every adapted linear module, every expert
     routing.jsonl      (molf, molf_e) one line per step: winners and every expert's score, full precision
+    tensorboard/       (log_tensorboard=True) the same steps and routing statistics as TensorBoard events
     routing_winners.csv.gz  (molf, molf_e) who won, per step and module, without the scores: a few KB,
                        the record of the routing that is committed with a grid run (``molf.lab.runs``)
     metrics.json       task metrics after training, times, tokens per second, peak memory, parameter
@@ -144,6 +145,8 @@ class TrainConfig:
     keep_checkpoint: bool = False      # keep checkpoint.pt once the run has finished
     log_grad_norms: bool = True
     log_routing: bool = True
+    log_tensorboard: bool = False      # also write loss, lr, grad norm and routing statistics as TensorBoard
+                                       # events to out_dir/tensorboard (needs the tensorboard package)
     device: str = "cpu"                # "cpu", "cuda", "auto"
     dtype: str = "float32"             # "float32" or "bfloat16": the weights' dtype
     autocast: bool = False             # bf16 autocast of forward and loss (weights stay in dtype)
@@ -241,7 +244,7 @@ def _validate(c: TrainConfig) -> None:
     _check.integer("eval_batch_size", c.eval_batch_size)
     _check.integer("save_every", c.save_every, minimum=0)
     _check.integer("seed", c.seed, minimum=0)
-    for name in ("save_model", "keep_checkpoint", "log_grad_norms", "log_routing", "progress"):
+    for name in ("save_model", "keep_checkpoint", "log_grad_norms", "log_routing", "log_tensorboard", "progress"):
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
     if not isinstance(c.model, str) or not c.model:
@@ -661,6 +664,9 @@ class Session(Callback):
         logs = RunLogs(self.out, c, self.experts)
         own = ([AdaLoraBudget()] if c.method == "adalora" else []) + [logs, self]
         own += ([ProgressBar(self)] if c.progress else []) + [PeriodicCheckpoint(self, logs)]
+        if c.log_tensorboard:
+            from .tensorboard import TensorBoardCallback
+            own.append(TensorBoardCallback(self.out / "tensorboard"))
         try:
             return fit(self.model, self.optimizer, self.batches, steps=end, start_step=self.step,
                        scheduler=self.scheduler, max_grad_norm=c.max_grad_norm, callbacks=own + list(callbacks),
@@ -780,7 +786,8 @@ def _config_json(c: TrainConfig) -> str:
 # Config fields that say where and how a run is written or shown, not what it computes: two configs
 # that differ only in these are the same run (a relative or absolute out_dir, a progress bar, ...).
 # Gradient checkpointing recomputes the same activations: only memory and time change.
-NOT_RUN_IDENTITY = ("out_dir", "progress", "save_every", "keep_checkpoint", "save_model", "gradient_checkpointing")
+NOT_RUN_IDENTITY = ("out_dir", "progress", "save_every", "keep_checkpoint", "save_model", "gradient_checkpointing",
+                    "log_tensorboard")
 # Fields added after runs were already written: a saved config without one ran with its default.
 _LATER_FIELDS = {"source": "local", "metric_variant": "ours", "autocast": False, "optimizer_impl": "auto"}
 
