@@ -21,6 +21,7 @@ Looking inside
     html_app     the router explorer as one self-contained HTML file (no kernel)
     teaching     why an expert wins: every score in its factors, and a classroom app
     shadow       shadow routers: what other rules would have picked, and what that would have cost
+    router_report  the figures and tables of notebook 08 (shadow routers and weight updates per method)
     weights      what the updates did to the weights (spectra, intruder dimensions, update audit)
     importer     the reference implementation's routing log as a run directory
     tensorboard  routing statistics as TensorBoard events
