@@ -139,6 +139,17 @@ else:
     print(f"{method} does not route: no routing map")
 
 # %%
+losses = data.steps["loss"]
+metric_name = data.metrics["primary_metric"]
+metric_value = (data.metrics["metrics"] or {}).get(metric_name)
+nb.takeaway(f"**In this run** ({method} on {task}, {len(losses)} steps): the training loss went from "
+            f"{losses.iloc[0]:.3f} to {losses.iloc[-1]:.3f} nats/token"
+            + (f", and {metric_name} after training is **{metric_value:.3f}**" if metric_value is not None else "")
+            + "." + ("" if routed else f" {method} has one optimizer: nothing is routed."))
+if routed:
+    nb.takeaway(analysis.takeaway(data))
+
+# %%
 m = data.metrics
 results = {
     "notebook": nb.name, "run_dir": str(data.path), "config": data.config, "steps": m["steps"],

@@ -242,6 +242,12 @@ print(f"{len(lessons)} settings in the page")
 # ## Numbers
 
 # %%
+nb.takeaway(f"**In this run** ({settings.label()}, {steps} steps, module `{module.removeprefix('model.')}` at "
+            f"step {shown_step}): {teaching.why(table, 'epd').rstrip('.')}. Over the whole run the LoRA expert won "
+            f"**{lesson.win_share('lora0'):.0%}** of the module decisions.")
+
+
+# %%
 def rows(frame, columns):
     return frame[columns].to_dict(orient="records")
 
