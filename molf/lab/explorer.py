@@ -205,12 +205,7 @@ class RouterExplorer:
         fig = self.frame(step, layer, module_type, mode)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / f"{self.run_dir.name}_step{step}_layer{layer}_{module_type}"
-        png, table = stem.with_suffix(".png"), stem.with_suffix(".csv")
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        self.frame_table(step).to_csv(table, index=False)
-        return png, table
+        return _write_frame(fig, self.frame_table(step), folder / f"{self.run_dir.name}_step{step}_layer{layer}_{module_type}")
 
     def _step_index(self, step: int) -> int:
         si = int(np.searchsorted(self.steps, step))
@@ -434,12 +429,7 @@ class CompareExplorer:
         fig = self.frame(step, layer, module_type, mode)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / f"compare_{self.run_dir.name}_step{step}"
-        png, table = stem.with_suffix(".png"), stem.with_suffix(".csv")
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        self.frame_table(step).to_csv(table, index=False)
-        return png, table
+        return _write_frame(fig, self.frame_table(step), folder / f"compare_{self.run_dir.name}_step{step}")
 
     def render_defaults(self) -> tuple[int, str]:
         return self.a.render_defaults()
@@ -454,6 +444,15 @@ class CompareExplorer:
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget())
+
+
+def _write_frame(fig, table, stem: Path) -> tuple[Path, Path]:
+    """``fig`` as ``<stem>.png`` and ``table`` as ``<stem>.csv`` (the "save this frame" button's files)."""
+    png, csv = stem.with_suffix(".png"), stem.with_suffix(".csv")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    table.to_csv(csv, index=False)
+    return png, csv
 
 
 def _show(fig):
