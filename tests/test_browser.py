@@ -15,6 +15,7 @@ them the test is skipped, or fails when ``MOLF_REQUIRE_BROWSER=1`` (CI sets it).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -100,14 +101,10 @@ def _lab_settings(folder: Path) -> dict:
             "JUPYTERLAB_WORKSPACES_DIR": str(folder / "workspaces")}
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A JupyterLab server on 127.0.0.1 over a tiny copy of the notebook: yields (base url, token, folder)."""
-    _browser_or_skip()
-    folder = tmp_path_factory.mktemp("browser")
-    root = folder / "notebooks"
-    root.mkdir()
-    _tiny_notebook(root)
+@contextlib.contextmanager
+def serve_lab(folder: Path, root: Path):
+    """A JupyterLab server on 127.0.0.1 over ``root`` (settings, workspaces and its log in ``folder``):
+    yields (base url, token), shut down afterwards."""
     port, token = _free_port(), secrets.token_hex(16)
     jupyter = Path(sys.executable).with_name("jupyter")
     env = {**os.environ, **_lab_settings(folder), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -131,10 +128,22 @@ def lab(tmp_path_factory):
                     raise RuntimeError(f"JupyterLab not up after {SERVER_START_S} s:\n"
                                        f"{(folder / 'lab.log').read_text()}") from None
                 time.sleep(0.5)
-        yield base, token, folder
+        yield base, token
     finally:
         _shut_down(server, base, token)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server on 127.0.0.1 over a tiny copy of the notebook: yields (base url, token, folder)."""
+    _browser_or_skip()
+    folder = tmp_path_factory.mktemp("browser")
+    root = folder / "notebooks"
+    root.mkdir()
+    _tiny_notebook(root)
+    with serve_lab(folder, root) as (base, token):
+        yield base, token, folder
 
 
 def _shut_down(server: subprocess.Popen, base: str, token: str) -> None:

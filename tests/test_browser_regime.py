@@ -10,12 +10,7 @@ Debian's ``chromium`` and ``playwright`` (a failure when ``MOLF_REQUIRE_BROWSER=
 """
 from __future__ import annotations
 
-import os
-import secrets
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import jupytext
@@ -27,9 +22,7 @@ from test_browser import (
     NEW_FIGURE,
     PANEL,
     _browser_or_skip,
-    _free_port,
-    _lab_settings,
-    _shut_down,
+    serve_lab,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,31 +47,8 @@ def lab(tmp_path_factory):
     source = "# Parameters for the browser test\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
     nbformat.write(nb, root / f"{NOTEBOOK}.ipynb")
-    port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, **_lab_settings(folder), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    log = (folder / "lab.log").open("w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("jupyter")), "lab", "--allow-root", "--no-browser", "--ip", "127.0.0.1",
-         f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={root}", "--LabApp.news_url=", "--ServerApp.shutdown_no_activity_timeout=600"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited ({server.returncode}):\n{(folder / 'lab.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"JupyterLab not up:\n{(folder / 'lab.log').read_text()}") from None
-                time.sleep(0.5)
+    with serve_lab(folder, root) as (base, token):
         yield base, token, folder
-    finally:
-        _shut_down(server, base, token)
-        log.close()
 
 
 def _redraw(pg, action, what: str) -> float:
