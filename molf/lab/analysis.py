@@ -7,6 +7,7 @@ dict or number; nothing here draws (``molf.lab.plots`` draws them). A routing ta
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -298,3 +299,55 @@ def takeaway(data, expert: str | None = None) -> str:
     return (f"**In this run** ({steps} steps): the {name} won **{share:.0%}** of all module decisions; "
             f"most in {top} (**{by_type.max():.0%}** of their steps, mean over layers) and least in {low} "
             f"(**{by_type.min():.0%}**). The mean switch rate is {switches:.3f} per step: {settled}.")
+
+
+@dataclass(frozen=True)
+class RoutingGrid:
+    """A routed run's decisions as [step, layer, module type] arrays (what the explorers draw).
+
+    winner      index into ``experts`` of the cell's winner (the lowest index when several won, as the
+                router breaks ties), -1 where no expert won
+    score       [..., expert] every expert's score (NaN: not recorded)
+    won         1 where ``expert`` (the tracked one) won, else 0
+    cumulative  the tracked expert's share of steps won so far
+    """
+
+    steps: np.ndarray
+    layers: list
+    types: list
+    experts: list
+    expert: str
+    modules: dict            # (layer, module type) -> module name
+    winner: np.ndarray
+    score: np.ndarray
+    won: np.ndarray
+    cumulative: np.ndarray
+
+
+def routing_grid(data, expert: str | None = None) -> RoutingGrid:
+    """``data``'s routing (a RunData or its routing table) as a ``RoutingGrid``; ``expert`` is the tracked
+    expert (default: ``default_expert``)."""
+    routing = routing_of(data)
+    experts = experts_of(routing)
+    expert = expert or default_expert(routing)
+    steps = np.sort(routing["step"].unique())
+    layers = sorted(int(x) for x in routing["layer"].unique())
+    types = type_order(routing["module_type"])
+    modules = (routing[["module", "layer", "module_type"]].drop_duplicates("module")
+               .set_index(["layer", "module_type"])["module"].to_dict())
+    shape = (len(steps), len(layers), len(types))
+    s = routing["step"].map({x: i for i, x in enumerate(steps)}).to_numpy()
+    l = routing["layer"].map({x: i for i, x in enumerate(layers)}).to_numpy()
+    t = routing["module_type"].map({x: i for i, x in enumerate(types)}).to_numpy()
+    e = routing["expert"].map({x: i for i, x in enumerate(experts)}).to_numpy()
+    score = np.full(shape + (len(experts),), np.nan)
+    score[s, l, t, e] = routing["score"].to_numpy(dtype=float)
+    won_any = routing["won"].to_numpy(dtype=bool)
+    winner = np.full(shape, -1, dtype=int)
+    order = np.argsort(-e[won_any], kind="stable")  # the lowest winning index written last, so it stays
+    winner[s[won_any][order], l[won_any][order], t[won_any][order]] = e[won_any][order]
+    won = np.zeros(shape, dtype=float)
+    tracked = won_any & (e == experts.index(expert))
+    won[s[tracked], l[tracked], t[tracked]] = 1.0
+    cumulative = np.cumsum(won, axis=0) / np.arange(1, len(steps) + 1)[:, None, None]
+    return RoutingGrid(steps, layers, types, experts, expert, modules, winner, score, won, cumulative)

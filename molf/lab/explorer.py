@@ -54,35 +54,11 @@ class RouterExplorer:
     def __init__(self, run_dir, expert: str | None = None):
         self.run_dir = Path(run_dir)
         self.data = runs.load(self.run_dir)
-        routing = analysis.routing_of(self.data)
-        self.expert = expert or analysis.default_expert(self.data)
-        self.experts = analysis.experts_of(self.data)
-        self.steps = np.sort(routing["step"].unique())
-        self.layers = sorted(int(l) for l in routing["layer"].unique())
-        self.types = analysis.type_order(routing["module_type"])
-        self.modules = (routing[["module", "layer", "module_type"]].drop_duplicates("module")
-                        .set_index(["layer", "module_type"])["module"].to_dict())
+        grid = analysis.routing_grid(self.data, expert)
+        self.expert, self.experts, self.steps, self.layers, self.types, self.modules = (
+            grid.expert, grid.experts, grid.steps, grid.layers, grid.types, grid.modules)
         # [step, layer, type] arrays: index of the (first) winning expert, and the tracked expert's wins.
-        shape = (len(self.steps), len(self.layers), len(self.types))
-        self.winner = np.full(shape, -1, dtype=int)
-        self.won = np.zeros(shape, dtype=float)
-        self.score = np.full(shape + (len(self.experts),), np.nan)
-        step_index = {s: i for i, s in enumerate(self.steps)}
-        layer_index = {l: i for i, l in enumerate(self.layers)}
-        type_index = {t: i for i, t in enumerate(self.types)}
-        expert_index = {e: i for i, e in enumerate(self.experts)}
-        s = routing["step"].map(step_index).to_numpy()
-        l = routing["layer"].map(layer_index).to_numpy()
-        t = routing["module_type"].map(type_index).to_numpy()
-        e = routing["expert"].map(expert_index).to_numpy()
-        self.score[s, l, t, e] = routing["score"].to_numpy(dtype=float)
-        won = routing["won"].to_numpy(dtype=bool)
-        # lowest-index winner per cell (the FFT expert first, as the router breaks ties)
-        order = np.argsort(-e[won], kind="stable")
-        self.winner[s[won][order], l[won][order], t[won][order]] = e[won][order]
-        tracked = won & (e == expert_index[self.expert])
-        self.won[s[tracked], l[tracked], t[tracked]] = 1.0
-        self.cumulative = np.cumsum(self.won, axis=0) / np.arange(1, len(self.steps) + 1)[:, None, None]
+        self.winner, self.score, self.won, self.cumulative = grid.winner, grid.score, grid.won, grid.cumulative
         self._widgets = None
 
     # ------------------------------------------------------------------ pictures

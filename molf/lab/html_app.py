@@ -49,40 +49,20 @@ def frames(routing: pd.DataFrame, every: int = 1) -> dict:
     where not recorded) and the tracked expert's cumulative win share per [step][layer][type]."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be an integer >= 1 (keep every N-th step) or 'auto', got {every!r}")
-    experts = analysis.experts_of(routing)
-    tracked = "fft" if "fft" in experts else experts[-1]
-    steps = np.sort(routing["step"].unique())
-    layers = sorted(int(x) for x in routing["layer"].unique())
-    types = analysis.type_order(routing["module_type"])
-    shape = (len(steps), len(layers), len(types))
-    s = np.searchsorted(steps, routing["step"].to_numpy())
-    l = np.searchsorted(layers, routing["layer"].to_numpy())
-    t = routing["module_type"].map({x: i for i, x in enumerate(types)}).to_numpy()
-    e = routing["expert"].map({x: i for i, x in enumerate(experts)}).to_numpy()
-    score = np.full(shape + (len(experts),), np.nan)
-    score[s, l, t, e] = routing["score"].to_numpy(dtype=float)
-    won = routing["won"].to_numpy(dtype=bool)
-    winner = np.full(shape, -1)
-    order = np.argsort(-e[won], kind="stable")  # the lowest winning index last, so it stays: FFT first
-    winner[s[won][order], l[won][order], t[won][order]] = e[won][order]
-    tracked_won = np.zeros(shape)
-    hit = won & (e == experts.index(tracked))
-    tracked_won[s[hit], l[hit], t[hit]] = 1.0
-    cumulative = np.cumsum(tracked_won, axis=0) / np.arange(1, len(steps) + 1)[:, None, None]
+    grid = analysis.routing_grid(routing)
+    steps, layers, types, experts, modules = grid.steps, grid.layers, grid.types, grid.experts, grid.modules
     keep = sorted(set(range(0, len(steps), every)) | {len(steps) - 1})
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_score = np.log10(score[keep])
+        log_score = np.log10(grid.score[keep])
     log_score = np.where(np.isfinite(log_score), np.round(log_score, 3), np.nan)
-    modules = (routing[["module", "layer", "module_type"]].drop_duplicates("module")
-               .set_index(["layer", "module_type"])["module"].to_dict())
     return {
         "steps": [int(x) for x in steps[keep]], "layers": layers, "types": types, "experts": experts,
-        "tracked": tracked, "colors": [plots.expert_color(x) for x in experts],
+        "tracked": grid.expert, "colors": [plots.expert_color(x) for x in experts],
         "modules": [[modules.get((layer, kind), "") for kind in types] for layer in layers],
-        "winner": winner[keep].tolist(),
+        "winner": grid.winner[keep].tolist(),
         "log_score": [[[[None if math.isnan(v) else float(v) for v in cell] for cell in row] for row in frame]
                       for frame in log_score],
-        "cumulative": np.round(cumulative[keep], 3).tolist(),
+        "cumulative": np.round(grid.cumulative[keep], 3).tolist(),
     }
 
 
