@@ -37,7 +37,11 @@ being the ratio of its two nearest lrs, at most this many times per (task, metho
 method "alpha_rule": "match_lora_scale" (adalora: the lora_alpha that gives peft's AdaLoRA, which scales
 by alpha / its initial rank, the initial scale alpha / sqrt(r) of LoRA here) and "runs_of":
 "<table>/<label>" (the cells of this method are that table's runs of that label, trained once for
-both: an ablation's baseline that is the main table's method at its picked lr).
+both: an ablation's baseline that is the main table's method at its picked lr), and "select_metric"
+({task: metric}: the validation metric the lr is picked on, e.g. {"fact": "edit_score"}; default the
+task's primary metric, which on fact saturates at 1.0). When a task's scored (test) split holds some of
+its validation items (fact with "test_split" "train"), the lr picks are not held out: the grid says so
+before it trains (scored_validation_items).
 Every test evaluation writes test_predictions.jsonl (one record per item: id, prediction, correct, task
 fields; molf.lab.tasks.evaluate(..., return_items=True)) beside test_metrics.json; the CSVs carry each
 run's trainable_params, last_quarter_drop (how much the training loss still fell in the last quarter, relative
@@ -268,12 +272,30 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# "train-validation": the trained rows less the validation ones (fact: every trained edit that the lr
+# pick does not look at, so the picks are held out and the score keeps 163 of the 182 edits)
+TEST_SPLITS = (*tasks.SPLITS, "train-validation")
+
+
 def test_split(spec: dict, task: str) -> str:
     """The split a task's test evaluation reads: the spec's "test_split" ({task: split}), else "test"."""
     split = (spec or {}).get("test_split", {}).get(task, "test")
-    if split not in tasks.SPLITS:
-        raise ValueError(f"test_split {split!r} of task {task!r} is not one of {tasks.SPLITS}")
+    if split not in TEST_SPLITS:
+        raise ValueError(f"test_split {split!r} of task {task!r} is not one of {TEST_SPLITS}")
     return split
+
+
+def test_rows(spec: dict, task: str, limit=None) -> list[dict]:
+    """The rows a task's test evaluation scores: its ``test_split``, the first ``limit`` of them."""
+    spec = spec or {}
+    split = test_split(spec, task)
+    load = lambda name, n=None: tasks.load(task, name, source=spec.get("source", "local"), limit=n,
+                                           variant=spec.get("metric_variant", "ours"))
+    if split != "train-validation":
+        return load(split, limit)
+    held = {str(tasks.item_id(r, i)) for i, r in enumerate(load("validation"))}
+    rows = [r for i, r in enumerate(load("train")) if str(tasks.item_id(r, i)) not in held]
+    return rows[:limit] if limit else rows
 
 
 def test_limit(spec: dict, task: str, limit):
@@ -304,10 +326,10 @@ def test_metrics(run_dir: Path, task: str, limit, spec: dict | None = None) -> d
         raise FileNotFoundError(f"{run_dir} has no saved model to test (pruned?): delete {run_dir} and rerun "
                                 f"the grid to train it again")
     spec = spec or {}
-    variant, source = spec.get("metric_variant", "ours"), spec.get("source", "local")
+    variant = spec.get("metric_variant", "ours")
     model, tokenizer = _load_tested_model(run_dir, spec)
     split = test_split(spec, task)
-    rows = tasks.load(task, split, source=source, limit=test_limit(spec, task, limit), variant=variant)
+    rows = test_rows(spec, task, test_limit(spec, task, limit))
     metrics, items = tasks.evaluate(task, model, tokenizer, rows, batch_size=spec.get("eval_batch_size", 16),
                                     variant=variant, return_items=True)
     predictions.write_text("".join(json.dumps(item) + "\n" for item in items))
@@ -383,12 +405,50 @@ def last_quarter_share(losses) -> float | None:
 TIEBREAK_METRIC = "logprob_margin"  # breaks ties of the validation score when picking an lr (pick_lrs)
 
 
-def finished_row(out: Path, results: Path, model, task, label, lr, seed, topk: int | None) -> dict | None:
+def select_metric(spec: dict, task: str) -> str | None:
+    """The validation metric ``task``'s lr is picked on: the spec's "select_metric" ({task: metric}), else
+    None (the run's primary metric)."""
+    chosen = (spec or {}).get("select_metric", {})
+    if not isinstance(chosen, dict):
+        raise ValueError(f"select_metric must map a task to a metric name, e.g. {{\"fact\": \"edit_score\"}}; "
+                         f"got {chosen!r}")
+    if set(chosen) - set(spec.get("tasks", ())):
+        raise ValueError(f"select_metric names tasks {sorted(set(chosen) - set(spec.get('tasks', ())))} that are "
+                         f"not in the spec's tasks {spec.get('tasks')}")
+    metric = chosen.get(task)
+    if metric is not None and not isinstance(metric, str):
+        raise ValueError(f"select_metric of task {task!r} must be a metric name (a string), got {metric!r}")
+    return metric
+
+
+def validation_score(metrics: dict, metric: str | None, where: Path) -> float:
+    """A finished run's score to pick its lr on: ``metric`` from its validation metrics, else its primary."""
+    if metric is None:
+        return analysis.primary_score(metrics)
+    if metric not in metrics["metrics"]:
+        raise ValueError(f"{where}: select_metric {metric!r} is not one of this run's validation metrics "
+                         f"{sorted(metrics['metrics'])}")
+    return float(metrics["metrics"][metric])
+
+
+def scored_validation_items(spec: dict, task: str) -> int:
+    """How many of ``task``'s validation items its test evaluation also scores (ids in both the validation
+    split and the spec's test split): more than 0 means the lr picks are not held out from the score."""
+    if spec.get("source", "local") != "local":
+        return 0  # the hub rules: fact's validation is a subset of "train" as well; not counted offline
+    ids = lambda rows: {str(tasks.item_id(r, i)) for i, r in enumerate(rows)}
+    validation = tasks.load(task, "validation", variant=spec.get("metric_variant", "ours"))
+    return len(ids(validation) & ids(test_rows(spec, task)))
+
+
+def finished_row(out: Path, results: Path, model, task, label, lr, seed, topk: int | None,
+                 metric: str | None = None) -> dict | None:
     if not (out / "metrics.json").is_file():
         return None
     m = json.loads((out / "metrics.json").read_text())
     return {"model": model, "task": task, "method": label, "lr": lr, "seed": seed,
-            "dir": str(out.relative_to(results)), "val_score": analysis.primary_score(m),
+            "dir": str(out.relative_to(results)), "val_score": validation_score(m, metric, out),
+            "val_metric": metric or m["primary_metric"],
             "val_tiebreak": m["metrics"].get(TIEBREAK_METRIC, float("nan")),
             "primary_metric": m["primary_metric"], "metric_variant": m.get("metric_variant", "ours"),
             "final_loss": m["final_loss"], "train_time_s": m["train_time_s"],
@@ -599,11 +659,26 @@ def finished_picks(spec: dict, table: str, results: Path) -> tuple[dict, set, di
     extended: dict = {}
     while True:
         rows = [finished_row(run_dir(spec, table, model, task, label, lr, seed, results), results, model, task,
-                             label, lr, seed, kw.get("topk"))
+                             label, lr, seed, kw.get("topk"), select_metric(spec, task))
                 for model, task, label, _, lr, seed, kw in sweep_cells(spec, extended)]
         picked, complete = pick_lrs(pd.DataFrame([r for r in rows if r]), spec, extended)
         if not extend_sweeps(spec, picked, complete, extended):
             return picked, complete, extended
+
+
+def print_picks(spec: dict, table: str, results: Path) -> None:
+    """Print each (task, method)'s lr pick from the finished sweep runs alone, and on which metric."""
+    picked, complete, extended = finished_picks(spec, table, results)
+    if not picked:
+        print(f"no finished sweep runs of {table} under {results}")
+        return
+    for (model, task, label), lr in sorted(picked.items()):
+        metric = select_metric(spec, task) or tasks.primary_metric(task, spec.get("metric_variant", "ours"))
+        added = extended.get((model, task, label), [])
+        state = ("complete" if (model, task, label) in complete
+                 else "not complete" + (f" (the edge rule adds {', '.join(f'{x:g}' for x in added)})" if added else ""))
+        where = f"{model} {task}" if "models" in spec else task
+        print(f"{where:6s} {label:18s} lr {lr:<8g} picked on validation {metric}; sweep {state}")
 
 
 def plan(spec: dict, table: str, results: Path, train_tasks: set, measure_steps: int = 2,
@@ -715,8 +790,18 @@ def main(argv=None) -> int:
                              "peak) instead of a matrix multiply measured here")
     parser.add_argument("--utilisation", type=float, default=0.4,
                         help="--plan: the share of the FLOP rate a training step achieves (default 0.4)")
+    parser.add_argument("--picks", action="store_true",
+                        help="train nothing: print each (task, method)'s lr pick from the finished sweep runs")
+    parser.add_argument("--select-metric", action="append", default=[], metavar="TASK=METRIC",
+                        help="pick that task's lr on this validation metric (overrides the spec's "
+                             "\"select_metric\"; e.g. fact=edit_score)")
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
+    for item in args.select_metric:
+        task, sep, metric = item.partition("=")
+        if not sep or not task or not metric:
+            raise ValueError(f"--select-metric {item!r}: expected TASK=METRIC, e.g. fact=edit_score")
+        spec["select_metric"] = {**spec.get("select_metric", {}), task: metric}
     results = (args.results or ROOT / spec.get("results", "results")).resolve()
     table = args.spec.stem
     if args.tasks and set(args.tasks) - set(spec["tasks"]):
@@ -726,6 +811,13 @@ def main(argv=None) -> int:
     if args.plan:
         print_plan(spec, table, results, train_tasks, args)
         return 0
+    if args.picks:
+        print_picks(spec, table, results)
+        return 0
+    for task in spec["tasks"]:
+        if shared := scored_validation_items(spec, task):
+            print(f"note: {shared} of {task}'s validation items are also scored on its test split "
+                  f"{test_split(spec, task)!r}: the lr picks are not held out", flush=True)
     started = time.time()
     stopped = False  # the budget ran out: start no more cells, still collect the finished ones
     multi = "models" in spec  # the CSVs get a model column
@@ -756,7 +848,7 @@ def main(argv=None) -> int:
                 check_reusable(config, out)  # same config and data, else an error naming what differs
                 if (out / "routing.jsonl").is_file() and not (out / runs.WINNERS_FILE).is_file():
                     runs.write_winners(out)  # a run trained before the runner wrote this record
-            row = finished_row(out, results, model, task, label, lr, seed, config.topk)
+            row = finished_row(out, results, model, task, label, lr, seed, config.topk, select_metric(spec, task))
             if row:
                 rows.append(row)
         return rows

@@ -467,3 +467,51 @@ def test_the_experiment_scripts_run_as_modules_without_editing_sys_path():
     done = subprocess.run([sys.executable, "-m", "experiments.report", "--help"], cwd=ROOT, capture_output=True,
                           text=True, env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0 and "--confirm" in done.stdout, done.stderr
+
+
+def _fake_sweep(tmp_path, spec, scores):
+    """Finished sweep runs with only their metrics.json: {lr: (efficacy, edit_score, margin)} of lora."""
+    results = tmp_path / "results"
+    for lr, (efficacy, edit, margin) in scores.items():
+        out = grid.run_dir(spec, "tbl", "tiny", "fact", "lora", lr, 0, results)
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({
+            "primary_metric": "efficacy", "final_loss": 0.1, "train_time_s": 1.0, "trainable_params": 10,
+            "metrics": {"efficacy": efficacy, "edit_score": edit, "logprob_margin": margin}}))
+    return results
+
+
+def test_select_metric_picks_the_lr_on_a_score_that_does_not_saturate(tmp_path, capsys):
+    spec = {**SPEC, "seeds": [0], "methods": {"lora": {"lrs": [1e-3, 5e-4], "ranks": [4]}}}
+    # efficacy saturates at 1.0 for both; the margin breaks the tie towards 1e-3; the edit score says 5e-4
+    results = _fake_sweep(tmp_path, spec, {1e-3: (1.0, 0.2, 5.0), 5e-4: (1.0, 0.4, 3.0)})
+    assert grid.finished_picks(spec, "tbl", results)[0]["tiny", "fact", "lora"] == 1e-3
+    chosen = {**spec, "select_metric": {"fact": "edit_score"}}
+    assert grid.finished_picks(chosen, "tbl", results)[0]["tiny", "fact", "lora"] == 5e-4
+    # --picks trains nothing and says the pick and the metric; --select-metric overrides the spec
+    path = write_spec(tmp_path, spec)
+    assert grid.main([str(path), "--results", str(results), "--picks", "--select-metric", "fact=edit_score"]) == 0
+    out = capsys.readouterr().out
+    assert "lora" in out and "lr 0.0005" in out and "validation edit_score" in out and "complete" in out
+    # a metric the runs do not record, a task not in the spec, a malformed flag: clear errors
+    with pytest.raises(ValueError, match=r"select_metric 'edit' is not one of .*'edit_score'"):
+        grid.finished_picks({**spec, "select_metric": {"fact": "edit"}}, "tbl", results)
+    with pytest.raises(ValueError, match=r"select_metric names tasks \['sql'\]"):
+        grid.select_metric({**spec, "select_metric": {"sql": "accuracy"}}, "fact")
+    with pytest.raises(ValueError, match="expected TASK=METRIC"):
+        grid.main([str(path), "--results", str(results), "--picks", "--select-metric", "edit_score"])
+
+
+def test_scored_validation_items_counts_the_validation_edits_a_test_split_also_scores():
+    spec = {**SPEC, "tasks": ["fact"]}
+    # fact trains on every record: scoring "train" scores all 19 validation edits; its "test" split none
+    assert grid.scored_validation_items({**spec, "test_split": {"fact": "train"}}, "fact") == 19
+    assert grid.scored_validation_items(spec, "fact") == 0
+    # "train-validation": every trained edit but the validation ones, scored; the picks stay held out
+    held_out = {**spec, "test_split": {"fact": "train-validation"}}
+    assert grid.scored_validation_items(held_out, "fact") == 0
+    rows = grid.test_rows(held_out, "fact")
+    assert len(rows) == 182 - 19 and not any(r["case_id"] % 10 == 1 for r in rows)
+    assert len(grid.test_rows(held_out, "fact", limit=5)) == 5
+    with pytest.raises(ValueError, match=r"test_split 'val' of task 'fact' is not one of .*'train-validation'"):
+        grid.test_rows({**spec, "test_split": {"fact": "val"}}, "fact")
