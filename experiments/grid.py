@@ -4,6 +4,7 @@
     python -m experiments.grid experiments/main.json --tasks fact --budget-min 60
     python -m experiments.grid experiments/main.json --report   # only aggregate what exists
     python -m experiments.grid experiments/paper_table2.json --plan   # every cell and its estimated cost
+    python -m experiments.grid experiments/main_v2.json --picks --select-metric fact=edit_score   # lr picks only
 (from the repository root: ``-m`` imports this checkout's molf, whatever copy is installed.)
 
 Protocol (the paper's, scaled down): every (task, method, lr, seed) cell trains with the same data,
@@ -666,9 +667,11 @@ def finished_picks(spec: dict, table: str, results: Path) -> tuple[dict, set, di
             return picked, complete, extended
 
 
-def print_picks(spec: dict, table: str, results: Path) -> None:
-    """Print each (task, method)'s lr pick from the finished sweep runs alone, and on which metric."""
+def print_picks(spec: dict, table: str, results: Path, only_tasks=None) -> None:
+    """Print each (task, method)'s lr pick from the finished sweep runs alone, and on which metric
+    (``only_tasks``: these tasks' picks only, as --tasks)."""
     picked, complete, extended = finished_picks(spec, table, results)
+    picked = {k: v for k, v in picked.items() if only_tasks is None or k[1] in only_tasks}
     if not picked:
         print(f"no finished sweep runs of {table} under {results}")
         return
@@ -812,7 +815,7 @@ def main(argv=None) -> int:
         print_plan(spec, table, results, train_tasks, args)
         return 0
     if args.picks:
-        print_picks(spec, table, results)
+        print_picks(spec, table, results, train_tasks)
         return 0
     for task in spec["tasks"]:
         if shared := scored_validation_items(spec, task):
