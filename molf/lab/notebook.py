@@ -23,13 +23,16 @@ import hashlib
 import json
 import math
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from tqdm.auto import tqdm
 
 from . import plots
+from .engine import Callback
 
 # The settings every training run of the suite's notebooks shares, read from the parameters cell.
 COMMON = ("model", "task", "steps", "batch_size", "seq_len", "eval_limit", "seed", "device", "source",
@@ -78,9 +81,8 @@ def expected_time(config, train_dir=None) -> tuple[float | None, str]:
     0 when its finished run exists (reused); else the median warm step time (steps after the first two)
     of the recorded runs under ``train_dir`` (default: the run's folder) with the same model, method, batch,
     sequence length, device, dtype, ranks and top-k, times ``steps``; else ``None`` (no recorded run of that
-    shape: the progress line measures it after the first steps)."""
+    shape: ``train`` then measures it on the first steps, ``MeasuredTime``)."""
     import csv
-    import statistics
     out = Path(config.out_dir)
     if (out / "metrics.json").is_file():
         return 0.0, f"its finished run {out.name} is reused"
@@ -99,7 +101,7 @@ def expected_time(config, train_dir=None) -> tuple[float | None, str]:
         times.extend(rows[2:] if len(rows) > 2 else rows)
         used.append(cfg_path.parent.name)
     if not times:
-        return None, "no recorded run of this shape yet: the progress line measures the step time as it goes"
+        return None, "no recorded run of this shape yet"
     per_step = statistics.median(times)
     return per_step * config.steps, (f"{config.steps} steps x {per_step:.2f} s, the median warm step of "
                                      f"{len(used)} recorded run(s) of this shape, plus loading and evaluation")
@@ -109,15 +111,40 @@ def _shape(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def say_expected_time(config, train_dir=None) -> None:
-    """Print ``expected_time`` as one line, before a cell trains."""
+def say_expected_time(config, train_dir=None) -> float | None:
+    """Print ``expected_time`` as one line, before a cell trains; return its seconds (None: unknown)."""
     seconds, how = expected_time(config, train_dir)
     if seconds == 0:
         print(f"expected: a few seconds ({how})", flush=True)
     elif seconds is None:
-        print(f"expected: unknown ({how})", flush=True)
+        print(f"expected: measured after the first {1 + MeasuredTime.timed_steps} steps ({how})", flush=True)
     else:
         print(f"expected: about {_duration(seconds)} of training ({how})", flush=True)
+    return seconds
+
+
+class MeasuredTime(Callback):
+    """The expected time of a run with no recorded run of its shape, measured: after the first steps of
+    training (the first is a warm-up and not timed; then ``timed_steps`` are), one line says how long the
+    rest will take, ``steps left x their median time``. It prints above the progress bar, where the
+    reader is looking, and only once."""
+
+    timed_steps = 2
+
+    def __init__(self, say=None):
+        self.say = say or tqdm.write
+        self.times: list[float] = []
+
+    def on_step(self, loop) -> None:
+        if loop.steps_done == 1 or len(self.times) >= self.timed_steps:
+            return
+        self.times.append(loop.seconds)
+        if len(self.times) == self.timed_steps:
+            per_step = statistics.median(self.times)
+            left = loop.steps - loop.step - 1
+            first = loop.step + 2 - self.timed_steps  # 1-based number of the first timed step
+            self.say(f"expected: about {_duration(left * per_step)} more training ({left} steps x "
+                     f"{per_step:.2f} s, measured on steps {first}-{loop.step + 1})")
 
 
 def _duration(seconds: float) -> str:
@@ -135,7 +162,7 @@ def train(train_dir, live_every: int | None = None, **kwargs):
     from .train import MOLF_METHODS, run
     config = run_config(train_dir, **kwargs)
     finished = (Path(config.out_dir) / "metrics.json").is_file()
-    say_expected_time(config, train_dir)
+    expected = say_expected_time(config, train_dir)
     began = time.perf_counter()
     if live_every and not finished and config.method in MOLF_METHODS:
         from . import explorer
@@ -144,7 +171,7 @@ def train(train_dir, live_every: int | None = None, **kwargs):
         if result is None:
             raise KeyboardInterrupt(f"training of {config.out_dir} was interrupted; run the cell again to resume")
     else:
-        result = run(config)
+        result = run(config, callbacks=[MeasuredTime()] if expected is None else [])
     data = runs.load(result.out_dir)
     m = data.metrics
     score = analysis.primary_score(m)

@@ -741,12 +741,13 @@ class Session(Callback):
             self.lock.release()
 
 
-def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenizer=None) -> Run:
+def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenizer=None, callbacks=()) -> Run:
     """Train, merge, save and evaluate one run; resume from ``out_dir/checkpoint.pt`` if present.
 
     ``model``/``tokenizer`` may be passed in (e.g. already loaded) instead of ``config.model``.
-    ``stop_after=N`` trains N steps and leaves the run resumable. Another runner on the same ``out_dir``
-    is refused (``RunDirectoryInUse``).
+    ``stop_after=N`` trains N steps and leaves the run resumable. ``callbacks`` (``engine.Callback``) run
+    after the run's own, as in ``Session.fit``. Another runner on the same ``out_dir`` is refused
+    (``RunDirectoryInUse``).
     """
     c = config.resolved()
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
@@ -756,7 +757,7 @@ def run(config: TrainConfig, stop_after: int | None = None, model=None, tokenize
         if finished is not None:
             return finished
         session = Session(c, model, tokenizer, lock=lock)
-        session.fit(stop_after)
+        session.fit(stop_after, callbacks=callbacks)
         if not session.finished_training:  # a resumable chunk: checkpoint and stop here
             session.save_checkpoint()
             return Run(c, session.out, {"completed_steps": session.step, "total_steps": session.total_steps},
