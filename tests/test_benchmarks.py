@@ -1,4 +1,4 @@
-"""Both benchmarks run (``--quick``: tiny model) and print a table that parses, with sane numbers.
+"""The benchmarks run (``--quick``: tiny model) and print a table that parses, with sane numbers.
 
 Timings are only checked to be positive numbers: performance is measured, never asserted here.
 """
@@ -60,3 +60,11 @@ def test_bench_train_step_quick():
     assert "target MoLF step <= 1.15 x (fft step + lora fwd/bwd):" in out
     assert "MoLF step excess over fft:" in out and "extra LoRA FLOPs" in out
     assert "target molf_e peak memory <= 1.1 x lora (r=128):" in out
+
+
+def test_bench_kernel_memory_tiny():
+    rows = parse_table(run("bench_kernel_memory.py", "--models", "tiny", "--steps", "2"))
+    assert [r["model"] for r in rows] == ["tiny"]
+    r = {k: float(v) for k, v in rows[0].items() if k != "model"}
+    assert 0 < r["after imports"] <= r["peak"] and r["after nb.free()"] <= r["peak"]
+    assert r["after nb.free()"] <= r["after the runs"] + 50   # freeing never costs memory (50 MB: page noise)
