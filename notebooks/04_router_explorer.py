@@ -86,7 +86,7 @@ live_result = None
 if live:
     live_config = nb.run_config(method="molf", **{**nb.common, "steps": live_steps}, **nb.molf_hp,
                                    save_every=0)
-    notebook.say_expected_time(live_config)
+    notebook.say_expected_time(live_config, live=True)
     live_result, fig = explorer.live(live_config, chunk=live_chunk)
     nb.save(fig, "live_final")
 

@@ -275,6 +275,8 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
     text = panel.inner_text()
     for bad in ("Box(children=", "Error displaying widget", "Traceback", "PosixPath("):
         assert bad not in text, f"the notebook shows {bad!r}"
+    # the training cells said their expected time (recorded, or measured on the first steps)
+    assert "expected: about" in text, "no expected time shown"
     # real controls: slider with play button, two dropdowns, the two mode buttons
     assert pg.locator(f"{APP} .widget-button", has_text="Play").count() == 1
     assert pg.locator(f"{APP} .widget-button", has_text="save this frame").count() == 1

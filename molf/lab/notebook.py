@@ -111,11 +111,14 @@ def _shape(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def say_expected_time(config, train_dir=None) -> float | None:
-    """Print ``expected_time`` as one line, before a cell trains; return its seconds (None: unknown)."""
+def say_expected_time(config, train_dir=None, live: bool = False) -> float | None:
+    """Print ``expected_time`` as one line, before a cell trains; return its seconds (None: unknown, then
+    measured: by ``MeasuredTime``, or for a ``live`` run by the live explorer's progress line)."""
     seconds, how = expected_time(config, train_dir)
     if seconds == 0:
         print(f"expected: a few seconds ({how})", flush=True)
+    elif seconds is None and live:
+        print(f"expected: the time left shows in the progress line after the first frame ({how})", flush=True)
     elif seconds is None:
         print(f"expected: measured after the first {1 + MeasuredTime.timed_steps} steps ({how})", flush=True)
     else:
@@ -162,9 +165,10 @@ def train(train_dir, live_every: int | None = None, **kwargs):
     from .train import MOLF_METHODS, run
     config = run_config(train_dir, **kwargs)
     finished = (Path(config.out_dir) / "metrics.json").is_file()
-    expected = say_expected_time(config, train_dir)
+    live = bool(live_every and not finished and config.method in MOLF_METHODS)
+    expected = say_expected_time(config, train_dir, live=live)
     began = time.perf_counter()
-    if live_every and not finished and config.method in MOLF_METHODS:
+    if live:
         from . import explorer
         result, fig = explorer.live(config, every=live_every)
         plt.close(fig)
