@@ -31,13 +31,14 @@ class RoutingLogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         """A fresh run starts an empty log; a run resumed from a checkpoint at step N keeps the records of
-        steps before N and drops the later ones (they are trained again), so no step is logged twice."""
+        steps before N and drops the later ones (they are trained again), so no step is logged twice; a last
+        line cut off by a crash is dropped with them. A log that is not a routing log raises, naming its line."""
         if not state.is_world_process_zero:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if state.global_step > 0 and self.path.exists():
-            kept = [r for r in routing_log.read(self.path) if r.step < state.global_step]
+            kept = [r for r in routing_log.read(self.path, drop_torn_tail=True) if r.step < state.global_step]
         self.path.write_text("".join(r.to_json() for r in kept))
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):

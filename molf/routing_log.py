@@ -83,7 +83,30 @@ def append(path: str | Path, record: RoutingRecord) -> None:
         f.write(record.to_json())
 
 
-def read(path: str | Path) -> list[RoutingRecord]:
-    """Every record of the log at ``path``, in file order."""
-    with open(path) as f:
-        return [RoutingRecord.from_json(line) for line in f if line.strip()]
+def read(path: str | Path, drop_torn_tail: bool = False) -> list[RoutingRecord]:
+    """Every record of the log at ``path``, in file order. A line that is not a record raises a
+    ``ValueError`` naming the file and line. A last line without its newline is a record whose write was cut
+    off (a crash mid-step): an error, or with ``drop_torn_tail`` left out (a resume trains that step again).
+    ``molf.lab.runs.read_routing_records`` checks more (step order, the same experts on every line)."""
+    path = Path(path)
+    text = path.read_text()
+    lines = text.split("\n")
+    tail = lines.pop()                     # "" when the file ends with its newline
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            records.append(_record(path, number, line))
+    if tail.strip() and not drop_torn_tail:
+        raise ValueError(f"{path}, line {len(lines) + 1}: the last line has no newline (a write cut off by a "
+                         f"crash?); resume with drop_torn_tail=True to leave it out: {tail[:120]!r}")
+    return records
+
+
+def _record(path: Path, number: int, line: str) -> RoutingRecord:
+    try:
+        record = RoutingRecord.from_json(line)
+    except (ValueError, AttributeError, TypeError) as error:   # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}, line {number}: not a routing-log record ({error}): {line[:120]!r}") from None
+    if isinstance(record.step, bool) or not isinstance(record.step, int) or record.step < 0:
+        raise ValueError(f"{path}, line {number}: step must be an integer >= 0, got {record.step!r}")
+    return record

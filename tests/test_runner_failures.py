@@ -191,10 +191,27 @@ def test_trainer_resumed_from_a_checkpoint_logs_every_step_once(tmp_path):
 
     trainer(4).train()                     # steps 0..3, checkpoints at 2 and 4
     assert [r.step for r in routing_log.read(log)] == [0, 1, 2, 3]
+    with log.open("a") as f:               # a crash cut the next record off mid-write
+        f.write('{"step": 4, "lr": 0.001, "winn')
     trainer(4).train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))  # redoes steps 2, 3
     assert [r.step for r in routing_log.read(log)] == [0, 1, 2, 3]
     table = runs.read_routing(log)
     assert table.groupby(["step", "module"])["won"].sum().eq(1).all()
+
+
+def test_the_core_routing_log_reader_names_the_bad_line_and_drops_a_torn_tail_only_when_asked(tmp_path):
+    log = tmp_path / "routing.jsonl"
+    good = '{"step": 0, "lr": 0.1, "winners": {"m": ["fft"]}, "scores": {"m": {"fft": 1.0, "lora0": 0.5}}}\n'
+    log.write_text(good + '{"step": 1, "lr": 0.1, "winners": {"m": ["fft"]}, "sco')
+    with pytest.raises(ValueError, match=r"routing.jsonl, line 2: the last line has no newline"):
+        routing_log.read(log)
+    assert [r.step for r in routing_log.read(log, drop_torn_tail=True)] == [0]
+    for bad, why in [("not json\n", "not a routing-log record"), ('{"step": 1}\n', "missing"),
+                     ('{"step": -1, "winners": {}, "scores": {}}\n', "step must be an integer >= 0"),
+                     ('[1, 2]\n', "not a routing-log record")]:
+        log.write_text(good + bad)
+        with pytest.raises(ValueError, match=rf"routing.jsonl, line 2: .*{why}"):
+            routing_log.read(log, drop_torn_tail=True)   # a whole bad line is never dropped
 
 
 # ---------------------------------------------------------------------------- the single-run command line
