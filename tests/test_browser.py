@@ -76,18 +76,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tiny_notebook(folder: Path) -> Path:
-    """The notebook (from its committed .py) as an .ipynb in ``folder``, with tiny parameters in a cell after
-    its parameters cell (as papermill injects them), runs and figures under ``folder``."""
-    nb = jupytext.read(ROOT / "notebooks" / f"{NOTEBOOK}.py")
-    runs_dir = folder / "runs"
-    values = {**TINY, "runs_dir": str(runs_dir), "figures_dir": str(runs_dir / "figures")}
+def notebook_with_parameters(folder: Path, name: str, values: dict) -> Path:
+    """Notebook ``name`` (from its committed .py) as an .ipynb in ``folder``, with ``values`` in a cell after
+    its parameters cell, as papermill injects them."""
+    nb = jupytext.read(ROOT / "notebooks" / f"{name}.py")   # the committed form; the .ipynb is local
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
     source = "# Parameters for the browser test\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
-    path = folder / f"{NOTEBOOK}.ipynb"
+    path = folder / f"{name}.ipynb"
     nbformat.write(nb, path)
     return path
+
+
+def _tiny_notebook(folder: Path) -> Path:
+    """The explorer notebook with tiny parameters, its runs and figures under ``folder``."""
+    runs_dir = folder / "runs"
+    return notebook_with_parameters(folder, NOTEBOOK, {**TINY, "runs_dir": str(runs_dir),
+                                                       "figures_dir": str(runs_dir / "figures")})
 
 
 def _lab_settings(folder: Path) -> dict:

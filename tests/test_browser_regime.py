@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import jupytext
-import nbformat
 import pytest
 from test_browser import (
     CHROMIUM,
@@ -22,6 +20,7 @@ from test_browser import (
     NEW_FIGURE,
     PANEL,
     _browser_or_skip,
+    notebook_with_parameters,
     serve_lab,
 )
 
@@ -41,12 +40,8 @@ def lab(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser_regime")
     root = folder / "notebooks"
     root.mkdir()
-    nb = jupytext.read(ROOT / "notebooks" / f"{NOTEBOOK}.py")  # the committed form; the .ipynb is local
-    values = {**SMALL, "runs_dir": str(folder / "runs"), "figures_dir": str(folder / "runs" / "figures")}
-    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
-    source = "# Parameters for the browser test\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
-    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
-    nbformat.write(nb, root / f"{NOTEBOOK}.ipynb")
+    notebook_with_parameters(root, NOTEBOOK, {**SMALL, "runs_dir": str(folder / "runs"),
+                                              "figures_dir": str(folder / "runs" / "figures")})
     with serve_lab(folder, root) as (base, token):
         yield base, token, folder
 
