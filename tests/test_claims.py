@@ -132,6 +132,29 @@ def test_dense_vs_routed_claim_reads_the_ablation_table(tmp_path):
     assert claims[5].startswith("claim 5: reproduced") and "molf_k1 0.800 vs molf_dense_k2 0.400" in claims[5]
 
 
+def test_claim_5_of_ablations_v3_compares_the_tuned_dense_runs_on_the_edit_score(tmp_path):
+    results = fake_results(tmp_path, {("fact", "fft"): [correct_share(0.5)]})
+    table = "ablations_v3"
+    rows = []
+    # both at the efficacy ceiling (every edit learned); routed flips fewer neighbours: edit score 0.8 vs 0.5
+    for method, edit in [("molf_k1", 0.8), ("molf_dense_k2", 0.5)]:
+        for seed in range(3):
+            folder = results / "runs" / table / "fact" / method / f"lr0.001_s{seed}"
+            folder.mkdir(parents=True)
+            (folder / "test_predictions.jsonl").write_text("".join(
+                json.dumps({"id": f"fact-{i}", "prediction": "new", "correct": 1,
+                            "edit_score": float(i < edit * N)}) + "\n" for i in range(N)))
+            rows.append({"model": "m", "task": "fact", "method": method, "lr": 0.001, "seed": seed,
+                         "test_score": 1.0, "dir": str(folder.relative_to(results))})
+    pd.DataFrame(rows).to_csv(results / f"{table}.csv", index=False)
+    claim5 = lines_of(report.claims_section(results, "tbl", table))[5]
+    assert claim5.startswith("claim 5: reproduced") and "molf_k1 0.800 vs molf_dense_k2 0.500" in claim5
+    assert claim5.endswith("(on the per-item edit score)")
+    # ablations_v2 compares efficacy: the same runs there would sit at the ceiling
+    assert report.ABLATION_FIELD.get("ablations_v2", "correct") == "correct"
+    assert ("molf_e_equal_scale", "molf_e_k1") in report.ablation_pairs(table)
+
+
 def test_fact_scores_beyond_efficacy_are_compared_paired_and_tell_methods_apart(tmp_path):
     # both methods learn every edit (efficacy 1.0: at the ceiling), FFT leaves more neighbours alone
     outcomes = {("fact", "fft"): [[1] * N] * 2, ("fact", "lora"): [[1] * N] * 2}
