@@ -183,3 +183,25 @@ def test_an_unreadable_record_before_the_checkpoint_names_file_and_line(tmp_path
     path.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
     with pytest.raises(ValueError, match=r"routing.jsonl, line 2"):
         run(config)
+
+
+def test_each_step_is_on_disk_when_the_next_callback_runs(tmp_path):
+    """A reader of the run directory (another process, a live view) sees every finished step: the logs are
+    handed to the OS after each step, not only at checkpoints (save_every=0: there are none here)."""
+    from molf.lab.engine import Callback
+
+    seen = []
+
+    class Reader(Callback):
+        def on_step(self, loop):
+            out = tmp_path / "run"
+            rows = (out / "steps.csv").read_text().splitlines()[1:]
+            routing = (out / "routing.jsonl").read_text().splitlines()
+            seen.append((loop.step, len(rows), len(routing)))
+
+    session = Session(cfg(tmp_path, save_every=0))
+    try:
+        session.fit(callbacks=[Reader()])
+    finally:
+        session.close()
+    assert seen == [(step, step + 1, step + 1) for step in range(TINY["steps"])]

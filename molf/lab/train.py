@@ -449,7 +449,9 @@ def micro_batches(features: list[dict], order: list[int], batch_size: int, grad_
 
 
 class RunLogs(Callback):
-    """steps.csv, grad_norms.csv and routing.jsonl, one row (or record) per step, appended as it trains."""
+    """steps.csv, grad_norms.csv and routing.jsonl, one row (or record) per step, appended as it trains and
+    handed to the OS after every step (a reader sees every finished step; a crash loses at most the step it
+    was in, which a resume trains again)."""
 
     def __init__(self, out: Path, config: TrainConfig, experts: dict):
         self.out, self.config = out, config
@@ -483,6 +485,7 @@ class RunLogs(Callback):
         if self.routing:
             self.routing.write(RoutingRecord.from_optimizer(loop.optimizer, loop.step, lr=loop.lr).to_json())
         self.steps.writerow([loop.step, loop.loss, loop.lr, loop.grad_norm, loop.seconds])
+        self.flush()
 
     def flush(self):
         for f in self.files.values():
