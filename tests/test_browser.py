@@ -282,6 +282,9 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
         assert bad not in text, f"the notebook shows {bad!r}"
     # the training cells said their expected time (recorded, or measured on the first steps)
     assert "expected: about" in text, "no expected time shown"
+    said = panel.locator(".jp-OutputArea-output", has_text="expected: about").first
+    said.scroll_into_view_if_needed()
+    said.screenshot(path=str(shots / "expected_time.png"))
     # real controls: slider with play button, two dropdowns, the two mode buttons
     assert pg.locator(f"{APP} .widget-button", has_text="Play").count() == 1
     assert pg.locator(f"{APP} .widget-button", has_text="save this frame").count() == 1
@@ -348,7 +351,7 @@ def _check_explorer(pg, base: str, token: str, shots: Path) -> None:
         sys.path.insert(0, str(ROOT / "docs"))
         from screenshots import shrink
         Path(copy_to).mkdir(parents=True, exist_ok=True)
-        for name in ("explorer", "compare"):
+        for name in ("explorer", "compare", "expected_time"):
             target = Path(copy_to) / f"lab_{name}.png"
             target.write_bytes((shots / f"{name}.png").read_bytes())
             shrink(target)
