@@ -30,13 +30,6 @@ import _common as C  # noqa: E402
 METHODS = ("fft", "lora", "molf")
 
 
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
-
-
 def one(model: str, steps: int) -> dict:
     """One kernel's life in this process; return its resident memory at each stage (MB)."""
     C.setup_threads(2)
@@ -47,13 +40,13 @@ def one(model: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         nb = notebook.setup("bench_memory", {"runs_dir": tmp, "figures_dir": tmp, "progress": False,
                                              "headless": True})
-        imports = _status_mb("VmRSS")
+        imports = C.rss_bytes() / 2**20
         for method in METHODS:
             nb.train(model=model, task="fact", method=method, steps=steps, batch_size=4, seq_len=64,
                      eval_limit=4)
-        after_runs = _status_mb("VmRSS")
+        after_runs = C.rss_bytes() / 2**20
         after_free = nb.free()
-        peak = _status_mb("VmHWM")
+        peak = C.peak_bytes() / 2**20
     return {"model": model, "steps": steps, "imports": imports, "peak": peak, "after runs": after_runs,
             "after free": after_free, "ratio": after_free / imports}
 
