@@ -286,6 +286,10 @@ def test_split(spec: dict, task: str) -> str:
     return split
 
 
+def _item_ids(rows) -> set[str]:
+    return {str(tasks.item_id(r, i)) for i, r in enumerate(rows)}
+
+
 def test_rows(spec: dict, task: str, limit=None) -> list[dict]:
     """The rows a task's test evaluation scores: its ``test_split``, the first ``limit`` of them."""
     spec = spec or {}
@@ -294,7 +298,7 @@ def test_rows(spec: dict, task: str, limit=None) -> list[dict]:
                                            variant=spec.get("metric_variant", "ours"))
     if split != "train-validation":
         return load(split, limit)
-    held = {str(tasks.item_id(r, i)) for i, r in enumerate(load("validation"))}
+    held = _item_ids(load("validation"))
     rows = [r for i, r in enumerate(load("train")) if str(tasks.item_id(r, i)) not in held]
     return rows[:limit] if limit else rows
 
@@ -437,9 +441,8 @@ def scored_validation_items(spec: dict, task: str) -> int:
     split and the spec's test split): more than 0 means the lr picks are not held out from the score."""
     if spec.get("source", "local") != "local":
         return 0  # the hub rules: fact's validation is a subset of "train" as well; not counted offline
-    ids = lambda rows: {str(tasks.item_id(r, i)) for i, r in enumerate(rows)}
     validation = tasks.load(task, "validation", variant=spec.get("metric_variant", "ours"))
-    return len(ids(validation) & ids(test_rows(spec, task)))
+    return len(_item_ids(validation) & _item_ids(test_rows(spec, task)))
 
 
 def finished_row(out: Path, results: Path, model, task, label, lr, seed, topk: int | None,
