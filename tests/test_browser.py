@@ -76,10 +76,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def notebook_with_parameters(folder: Path, name: str, values: dict) -> Path:
-    """Notebook ``name`` (from its committed .py) as an .ipynb in ``folder``, with ``values`` in a cell after
-    its parameters cell, as papermill injects them."""
+def notebook_with_parameters(folder: Path, name: str, values: dict, runs_dir: Path) -> Path:
+    """Notebook ``name`` (from its committed .py) as an .ipynb in ``folder``, with ``values`` and its runs and
+    figures under ``runs_dir`` in a cell after its parameters cell, as papermill injects them."""
     nb = jupytext.read(ROOT / "notebooks" / f"{name}.py")   # the committed form; the .ipynb is local
+    values = {**values, "runs_dir": str(runs_dir), "figures_dir": str(runs_dir / "figures")}
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
     source = "# Parameters for the browser test\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
@@ -88,11 +89,16 @@ def notebook_with_parameters(folder: Path, name: str, values: dict) -> Path:
     return path
 
 
-def _tiny_notebook(folder: Path) -> Path:
-    """The explorer notebook with tiny parameters, its runs and figures under ``folder``."""
-    runs_dir = folder / "runs"
-    return notebook_with_parameters(folder, NOTEBOOK, {**TINY, "runs_dir": str(runs_dir),
-                                                       "figures_dir": str(runs_dir / "figures")})
+@contextlib.contextmanager
+def lab_over(folder: Path, name: str, values: dict, runs_dir: Path):
+    """A JupyterLab server (``serve_lab``) over ``folder/notebooks``, which holds notebook ``name`` with
+    ``values`` injected (``notebook_with_parameters``): yields (base url, token)."""
+    _browser_or_skip()
+    root = folder / "notebooks"
+    root.mkdir()
+    notebook_with_parameters(root, name, values, runs_dir)
+    with serve_lab(folder, root) as (base, token):
+        yield base, token
 
 
 def _lab_settings(folder: Path) -> dict:
@@ -142,12 +148,8 @@ def serve_lab(folder: Path, root: Path):
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server on 127.0.0.1 over a tiny copy of the notebook: yields (base url, token, folder)."""
-    _browser_or_skip()
     folder = tmp_path_factory.mktemp("browser")
-    root = folder / "notebooks"
-    root.mkdir()
-    _tiny_notebook(root)
-    with serve_lab(folder, root) as (base, token):
+    with lab_over(folder, NOTEBOOK, TINY, runs_dir=folder / "notebooks" / "runs") as (base, token):
         yield base, token, folder
 
 

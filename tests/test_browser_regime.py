@@ -20,8 +20,7 @@ from test_browser import (
     NEW_FIGURE,
     PANEL,
     _browser_or_skip,
-    notebook_with_parameters,
-    serve_lab,
+    lab_over,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,13 +35,8 @@ FIGURE = f"{APP} .widget-output img"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    _browser_or_skip()
     folder = tmp_path_factory.mktemp("browser_regime")
-    root = folder / "notebooks"
-    root.mkdir()
-    notebook_with_parameters(root, NOTEBOOK, {**SMALL, "runs_dir": str(folder / "runs"),
-                                              "figures_dir": str(folder / "runs" / "figures")})
-    with serve_lab(folder, root) as (base, token):
+    with lab_over(folder, NOTEBOOK, SMALL, runs_dir=folder / "runs") as (base, token):
         yield base, token, folder
 
 
