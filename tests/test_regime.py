@@ -231,3 +231,20 @@ def test_transformer_lines_pick_each_lr_on_validation():
     # LoRA's 3e-2 has the lower test loss but the worse validation loss: 1e-2 is picked
     assert line.startswith("tiny LM, shift rank 1: LoRA beats FFT: reproduced — FFT 0.425 vs LoRA 0.225")
     assert "lr FFT 0.003, LoRA 0.01" in line
+
+
+def test_classroom_widget_retrains_and_redraws_on_a_slider():
+    import matplotlib.pyplot as plt
+
+    room = R.Classroom(seeds=1, steps=10, examples=64)
+    box = room.widget()
+    controls = room._widgets
+    assert box is room.widget()
+    first_seconds = room.result["seconds"]
+    assert "wins this cell" in controls["info"].value
+    open_figures = len(plt.get_fignums())               # every redraw closes the figure it showed
+    controls["lr_ratio"].value = 10.0                    # a slider change retrains every method
+    assert room.values["lr_ratio"] == 10.0
+    assert "lr_lora/lr_fft = 10" in room.frame().axes[1].get_title()
+    assert room.result["seconds"] != first_seconds
+    assert len(plt.get_fignums()) == open_figures + 1   # only the frame() this test drew is open

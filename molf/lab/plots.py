@@ -68,6 +68,16 @@ def save(fig, path, dpi: int = 100) -> Path:
     return path
 
 
+def show_in(out, fig) -> None:
+    """Replace what the ipywidgets ``Output`` ``out`` shows with ``fig``, then close ``fig`` (so pyplot
+    does not draw it a second time below the cell): the redraw of every live widget view."""
+    from IPython.display import display
+    with out:
+        out.clear_output(wait=True)
+        display(fig)
+    plt.close(fig)
+
+
 def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 

@@ -642,12 +642,7 @@ class Classroom:
         def redraw(*_):
             self.step, self.layer, self.module_type = view["step"].value, view["layer"].value, view["module_type"].value
             info.value = self.summary()
-            fig = self.frame()
-            with out:
-                out.clear_output(wait=True)
-                from IPython.display import display
-                display(fig)
-            plt.close(fig)
+            plots.show_in(out, self.frame())
 
         def retrain(*_):
             self.retrain(**{k: c.value for k, c in controls.items()})

@@ -65,8 +65,8 @@ class Classroom:
     def widget(self):
         """Sliders (retrain on release) and the picture."""
         import ipywidgets as w
-        import matplotlib.pyplot as plt
-        from IPython.display import display
+
+        from .. import plots
 
         if self._widgets is not None:
             return self._widgets["box"]
@@ -93,11 +93,7 @@ class Classroom:
             info.value = (f"<b>{LABELS[best]}</b> wins this cell; MoLF {r['losses']['molf'] * 1e3:.2f} vs best "
                           f"{r['losses'][best] * 1e3:.2f} (x1e3), FFT share {r['fft_share']:.0%}; retrained in "
                           f"{r['seconds']:.1f} s")
-            fig = self.frame()
-            with out:
-                out.clear_output(wait=True)
-                display(fig)
-            plt.close(fig)
+            plots.show_in(out, self.frame())
 
         def retrain(*_):
             self.retrain(**{k: c.value for k, c in controls.items()})
