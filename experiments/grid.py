@@ -23,6 +23,13 @@ sweep is complete, the other "seeds" run at the picked lr only (the paper's prot
 cost). Merged models are deleted once their test score is cached or they can no longer be picked
 (--keep-models keeps them).
 
+Parallel: several processes may run the same command at once, e.g. two of one thread each on a 2-core
+machine (``OMP_NUM_THREADS=1``). A cell that another process is training or testing holds its run
+directory's lock (molf.lab.train.RunLock); a process that reaches it says so and goes on to the next, so
+the processes split the cells. A process does not wait: the extra seeds start only once a sweep is
+complete, and each process's CSVs hold what had finished when it wrote them. When all have stopped, run
+the command again (or --report) for the whole table.
+
 Spec keys: "model" (one) or "models" (a list: every model is its own set of cells, the CSVs get a
 "model" column and runs go to runs/<table>/<model>/...), "tasks", "methods" ({label: {"lrs": [...],
 "method": ..., other TrainConfig options}}), "seeds", "select_seeds", "batch_size", "seq_len", "eval_limit",
@@ -77,7 +84,7 @@ import pandas as pd
 import torch
 
 from molf.lab import analysis, models, retention, runs, tasks
-from molf.lab.train import TrainConfig, build, check_reusable, run
+from molf.lab.train import RunDirectoryInUse, RunLock, TrainConfig, build, check_reusable, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -317,12 +324,30 @@ def test_metrics(run_dir: Path, task: str, limit, spec: dict | None = None) -> d
     "retention_n" in test_metrics.json, one record per probe item in retention_predictions.jsonl. A
     cached score without "retention" gets it added when its model is still there (the task metrics are
     not recomputed), else is returned as it is."""
+    if (metrics := _cached_test_metrics(run_dir)) is not None:
+        return metrics
+    with RunLock(run_dir):  # one tester at a time: another grid process gets RunDirectoryInUse
+        if (metrics := _cached_test_metrics(run_dir)) is not None:  # tested meanwhile by another process
+            return metrics
+        return _evaluate_test(run_dir, task, limit, spec)
+
+
+def _cached_test_metrics(run_dir: Path) -> dict | None:
+    """The cached test score when nothing is left to evaluate for it, else None."""
     cache, predictions = run_dir / "test_metrics.json", run_dir / "test_predictions.jsonl"
     has_model = (run_dir / "model").is_dir()
     if cache.is_file() and (predictions.is_file() or not has_model):
         metrics = json.loads(cache.read_text())
         if "retention" in metrics or not has_model:
             return metrics
+    return None
+
+
+def _evaluate_test(run_dir: Path, task: str, limit, spec: dict | None) -> dict:
+    cache, predictions = run_dir / "test_metrics.json", run_dir / "test_predictions.jsonl"
+    has_model = (run_dir / "model").is_dir()
+    if cache.is_file() and (predictions.is_file() or not has_model):  # a score without retention: add it
+        metrics = json.loads(cache.read_text())
         model, tokenizer = _load_tested_model(run_dir, spec or {})
         metrics.update(_retention(run_dir, model, tokenizer, spec or {}))
         cache.write_text(json.dumps(metrics, indent=2))
@@ -844,12 +869,16 @@ def main(argv=None) -> int:
                 else:
                     what = f"{model} {task}" if multi else task
                     print(f"[{table}] {what} {label} lr={lr:g} seed={seed}", flush=True)
-                    run(config)
-                    if picked_cells or picked_for_sure(spec, model, task, label, extended):
-                        test_metrics(out, task, spec.get("test_limit"), spec)
-                        if not args.keep_models and (out / "model").is_dir():
-                            shutil.rmtree(out / "model")
-                        print(f"[{table}] tested {out.relative_to(results)}", flush=True)
+                    try:
+                        run(config)
+                        if picked_cells or picked_for_sure(spec, model, task, label, extended):
+                            test_metrics(out, task, spec.get("test_limit"), spec)
+                            if not args.keep_models and (out / "model").is_dir():
+                                shutil.rmtree(out / "model")
+                            print(f"[{table}] tested {out.relative_to(results)}", flush=True)
+                    except RunDirectoryInUse:
+                        print(f"[{table}] skipped {out.relative_to(results)}: another process holds it", flush=True)
+                        continue
             if (out / "metrics.json").is_file():
                 check_reusable(config, out)  # same config and data, else an error naming what differs
                 if (out / "routing.jsonl").is_file() and not (out / runs.WINNERS_FILE).is_file():
@@ -885,7 +914,12 @@ def main(argv=None) -> int:
     for (model, task, label), lr in sorted(picked.items()):
         chosen = val[(val.model == model) & (val.task == task) & (val.method == label) & (val.lr == lr)]
         for _, r in chosen.iterrows():
-            metrics = test_metrics(results / r.dir, r.task, spec.get("test_limit"), spec)
+            try:
+                metrics = test_metrics(results / r.dir, r.task, spec.get("test_limit"), spec)
+            except RunDirectoryInUse:
+                print(f"[{table}] left out {r.dir}: another process is testing it; rerun --report when it is done",
+                      flush=True)
+                continue
             test_rows.append({"model": r.model, "task": r.task, "method": r.method, "lr": r.lr, "seed": r.seed,
                               "dir": r.dir, "test_score": metrics[r.primary_metric], "val_score": r.val_score,
                               "primary_metric": r.primary_metric, "metric_variant": r.metric_variant,
@@ -903,6 +937,9 @@ def main(argv=None) -> int:
             dropped = key in complete and r.lr != picked[key]
             if (tested or dropped) and (folder / "model").is_dir():
                 shutil.rmtree(folder / "model")
+    if not test_rows:  # every pick is being tested by another process
+        print("no test scores yet; rerun --report when the other processes are done", flush=True)
+        return 0
     test = pd.DataFrame(test_rows)
     test.drop(columns=drop).to_csv(results / f"{table}.csv", index=False)
     summary = (test.groupby(keys)

@@ -515,3 +515,43 @@ def test_scored_validation_items_counts_the_validation_edits_a_test_split_also_s
     assert len(grid.test_rows(held_out, "fact", limit=5)) == 5
     with pytest.raises(ValueError, match=r"test_split 'val' of task 'fact' is not one of .*'train-validation'"):
         grid.test_rows({**spec, "test_split": {"fact": "val"}}, "fact")
+
+
+def test_a_cell_another_process_holds_is_skipped_and_the_next_run_collects_it(tmp_path, capsys):
+    """Two grid processes on one table split the cells: a run directory's lock (held by the other
+    process while it trains or tests that cell) makes this one skip it and go on."""
+    from molf.lab.train import RunLock
+
+    results, spec = tmp_path / "results", write_spec(tmp_path)
+    busy = grid.run_dir(SPEC, "tbl", "tiny", "fact", "lora", 1e-3, 0, results)
+    busy.mkdir(parents=True)
+    with RunLock(busy):  # "another process" trains lora lr=1e-3 seed 0
+        assert grid.main([str(spec), "--results", str(results), "--sweep-only"]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipped {busy.relative_to(results)}: another process holds it" in printed
+    assert not (busy / "metrics.json").exists()
+    val = pd.read_csv(results / "tbl_validation.csv")
+    assert sorted(zip(val.method, val.lr)) == [("lora", 1e-6), ("molf", 1e-4)]  # the others trained
+    # the next run trains the skipped cell and completes the table
+    assert grid.main([str(spec), "--results", str(results)]) == 0
+    assert (busy / "metrics.json").is_file()
+    assert len(pd.read_csv(results / "tbl_validation.csv")) == 5  # 3 sweep cells + seed 1 of both picks
+
+
+def test_a_run_another_process_is_testing_is_left_out_then_tested_once(tmp_path, capsys):
+    from molf.lab.train import RunDirectoryInUse, RunLock
+
+    results, spec = tmp_path / "results", write_spec(tmp_path)
+    assert grid.main([str(spec), "--results", str(results), "--sweep-only", "--keep-models"]) == 0
+    picked = grid.run_dir(SPEC, "tbl", "tiny", "fact", "molf", 1e-4, 0, results)
+    (picked / "test_metrics.json").unlink()  # as if it had not been tested yet
+    with RunLock(picked):
+        with pytest.raises(RunDirectoryInUse):
+            grid.test_metrics(picked, "fact", SPEC["test_limit"], SPEC)
+        capsys.readouterr()
+        assert grid.main([str(spec), "--results", str(results), "--report"]) == 0
+        assert f"left out {picked.relative_to(results)}: another process is testing it" in capsys.readouterr().out
+        assert "molf" not in set(pd.read_csv(results / "tbl.csv").method)
+    assert grid.main([str(spec), "--results", str(results), "--report"]) == 0
+    assert (picked / "test_metrics.json").is_file()
+    assert "molf" in set(pd.read_csv(results / "tbl.csv").method)
