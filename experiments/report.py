@@ -1,7 +1,7 @@
 """Print the evidence tables of docs/evidence.md as Markdown, from the CSVs under results/.
 
     python -m experiments.report        # after experiments/grid.py (main, ablations) and experiments/figures.py
-    python -m experiments.report --results results/v2 --table main_v2 --ablations ablations_v2 \
+    python -m experiments.report --results results/v2 --table main_v2 --ablations ablations_v3 \
         --confirm results/v3/confirm_v3.csv --brief --readme README.md
                                         # the README's evidence block: claims lines, the pre-registered
                                         # fact confirmation and the main table

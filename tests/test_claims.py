@@ -226,10 +226,10 @@ def test_the_readmes_evidence_block_is_what_the_report_prints_from_the_committed
     from scripts import ROOT
     readme = (ROOT / "README.md").read_text()
     block = readme.split(report.README_BEGIN)[1].split(report.README_END)[0]
-    printed = report.brief(ROOT / "results" / "v2", "main_v2", "ablations_v2", ROOT / "results" / "v3" / "confirm_v3.csv")
+    printed = report.brief(ROOT / "results" / "v2", "main_v2", "ablations_v3", ROOT / "results" / "v3" / "confirm_v3.csv")
     assert block.strip() == printed.strip(), (
         "README.md's evidence block is stale: rerun python -m experiments.report --results results/v2 --table main_v2 "
-        "--ablations ablations_v2 --confirm results/v3/confirm_v3.csv --brief --readme README.md")
+        "--ablations ablations_v3 --confirm results/v3/confirm_v3.csv --brief --readme README.md")
 
 
 def test_a_claim_over_every_task_stays_incomplete_while_a_planned_task_has_no_runs(tmp_path):
