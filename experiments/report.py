@@ -205,7 +205,7 @@ def _compare(test, results, table, task, a, b, margin: float | None = None, fiel
         verdict = "inconclusive"
     text = f"{task}: {c.line(a, b)}, {seeds} seeds → {verdict}" + (" (both at the ceiling)" if at_ceiling else "")
     so_far = _so_far(test, task, (a, b), seeds) if provisional else ""
-    if so_far and verdict != "inconclusive":  # the numbers so far, but no verdict yet
+    if so_far:  # the numbers so far, but no verdict yet; said even when they lean nowhere
         return "inconclusive", text + so_far
     return verdict, text
 

@@ -111,6 +111,18 @@ def test_an_unfinished_table_shows_its_numbers_but_gives_no_verdict_yet(tmp_path
     assert lines_of(report.claims_section(results, "tbl"))[1].startswith("claim 1: reproduced")
 
 
+def test_an_unfinished_comparison_that_leans_nowhere_still_says_it_is_unfinished(tmp_path):
+    outcomes = {("fact", "fft"): [correct_share(0.52)], ("fact", "lora"): [correct_share(0.5)]}
+    results = fake_results(tmp_path, outcomes)
+    csv = pd.read_csv(results / "tbl.csv")
+    csv.assign(sweep_complete=True, seeds_planned=5).to_csv(results / "tbl.csv", index=False)
+    claim = lines_of(report.claims_section(results, "tbl"))[1]
+    assert claim.startswith("claim 1: inconclusive")
+    assert "1 seeds → inconclusive so far, preliminary (1 of 5 seeds)" in claim
+    csv.assign(sweep_complete=True, seeds_planned=1).to_csv(results / "tbl.csv", index=False)
+    assert "preliminary" not in lines_of(report.claims_section(results, "tbl"))[1]
+
+
 def test_runs_without_predictions_get_no_verdict(tmp_path):
     outcomes = {("fact", "fft"): [correct_share(0.9)], ("fact", "lora"): [correct_share(0.1)]}
     claims = lines_of(report.claims_section(fake_results(tmp_path, outcomes, with_predictions=False), "tbl"))
