@@ -327,8 +327,6 @@ def test_metrics(run_dir: Path, task: str, limit, spec: dict | None = None) -> d
     if (metrics := _cached_test_metrics(run_dir)) is not None:
         return metrics
     with RunLock(run_dir):  # one tester at a time: another grid process gets RunDirectoryInUse
-        if (metrics := _cached_test_metrics(run_dir)) is not None:  # tested meanwhile by another process
-            return metrics
         return _evaluate_test(run_dir, task, limit, spec)
 
 
@@ -344,15 +342,17 @@ def _cached_test_metrics(run_dir: Path) -> dict | None:
 
 
 def _evaluate_test(run_dir: Path, task: str, limit, spec: dict | None) -> dict:
+    """``test_metrics``' evaluation, under the run directory's lock."""
+    if (metrics := _cached_test_metrics(run_dir)) is not None:  # tested meanwhile by another process
+        return metrics
     cache, predictions = run_dir / "test_metrics.json", run_dir / "test_predictions.jsonl"
-    has_model = (run_dir / "model").is_dir()
-    if cache.is_file() and (predictions.is_file() or not has_model):  # a score without retention: add it
+    if cache.is_file() and predictions.is_file():  # a score without retention, its model still there: add it
         metrics = json.loads(cache.read_text())
         model, tokenizer = _load_tested_model(run_dir, spec or {})
         metrics.update(_retention(run_dir, model, tokenizer, spec or {}))
         cache.write_text(json.dumps(metrics, indent=2))
         return metrics
-    if not has_model:
+    if not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"{run_dir} has no saved model to test (pruned?): delete {run_dir} and rerun "
                                 f"the grid to train it again")
     spec = spec or {}
